@@ -7,6 +7,7 @@
 Exit 0 when the service answers, 1 otherwise (the reason on stderr). The
 services script runs this before any Python package is installed.
 """
+
 import socket
 import struct
 import sys

@@ -1,0 +1,31 @@
+"""outbox-bridge: a transactional outbox and inbox for PostgreSQL, Kafka and Celery.
+
+``publish`` writes a message in your transaction; ``celery -A outbox_bridge
+worker`` delivers it to Kafka.
+"""
+
+from .celery import app
+from .errors import (
+    DeliveryFailed,
+    InvalidHeaders,
+    InvalidMessage,
+    InvalidTopic,
+    MessageTooLarge,
+    NotSerializable,
+)
+from .message import Message
+from .publish import publish, send
+
+__all__ = [
+    "DeliveryFailed",
+    "InvalidHeaders",
+    "InvalidMessage",
+    "InvalidTopic",
+    "Message",
+    "MessageTooLarge",
+    "NotSerializable",
+    "app",
+    "publish",
+    "send",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""The ``outbox-bridge`` command (also ``celery outbox-bridge``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+import click
+
+from . import ops
+from .config import get_settings
+from .migrate import migrate as run_migrations
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """outbox-bridge: transactional outbox and inbox for PostgreSQL, Kafka and Celery."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the schema migrations (idempotent)."""
+    applied = run_migrations(get_settings())
+    click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(as_json: bool) -> None:
+    """Counts per state, oldest pending age and blocked keys."""
+    data = ops.status(get_settings())
+    out = data["outbox"]
+    lines = ["outbox: " + ", ".join(f"{k} {v}" for k, v in out["counts"].items())]
+    age = out["oldest_pending_seconds"]
+    lines.append(f"  oldest pending: {'-' if age is None else f'{age:.1f}s'}")
+    for b in out["blocked_keys"]:
+        lines.append(
+            f"  blocked key {b['topic']}/{b['key']}: head {b['state']} after {b['attempts']}"
+            f" attempts, {b['waiting']} waiting ({b['last_error']})"
+        )
+    _emit(data, as_json, "\n".join(lines))
+
+
+@main.group()
+def dead() -> None:
+    """List, retry or purge dead messages."""
+
+
+def _filters(f):
+    f = click.option("--topic", help="Only this topic.")(f)
+    f = click.option("--key", help="Only this key.")(f)
+    f = click.option("--id", "ids", multiple=True, help="Only this row id or message id.")(f)
+    return f
+
+
+@dead.command("list")
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_list(topic, key, ids, as_json) -> None:
+    """Dead messages with their last error."""
+    rows = ops.dead_list(get_settings(), topic, key, ids)
+    text = "\n".join(
+        f"{r['id']} {r['message_id']} {r['topic']}/{r['key']} attempts={r['attempts']}"
+        f" dead_at={r['dead_at']:%Y-%m-%d %H:%M:%S} {r['last_error']}"
+        for r in rows
+    )
+    _emit(rows, as_json, text or "no dead messages")
+
+
+@dead.command("retry")
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_retry(topic, key, ids, as_json) -> None:
+    """Send dead messages again, in their original order."""
+    count = ops.dead_retry(get_settings(), topic, key, ids)
+    _emit({"retried": count}, as_json, f"retried {count} dead messages")
+
+
+@dead.command("purge")
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_purge(topic, key, ids, as_json) -> None:
+    """Delete dead messages for good (unblocks their keys)."""
+    count = ops.dead_purge(get_settings(), topic, key, ids)
+    _emit({"purged": count}, as_json, f"purged {count} dead messages")
+
+
+@main.command()
+def watch() -> None:
+    """Run the outbox LISTEN watcher in the foreground (Ctrl-C stops it)."""
+    from .celery import app
+    from .watcher import Watcher
+
+    logging.getLogger().setLevel(logging.INFO)
+    app.loader.import_default_modules()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Watcher(app, get_settings()).run(stop)
+
+
+celery_command = main

@@ -1,0 +1,107 @@
+"""Settings, read from the Celery app's config with environment overrides.
+
+Every setting is a Celery config key prefixed ``outbox_bridge_`` (set it in
+``celeryconfig.py``); the deploy knobs can also come from the environment
+variables named in ``ENV``. Defaults match ``scripts/services``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:55432/outbox_bridge"
+DEFAULT_KAFKA_BOOTSTRAP_SERVERS = "127.0.0.1:9092"
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+# setting name -> environment variable that overrides it
+ENV = {
+    "database_url": "OUTBOX_BRIDGE_DATABASE_URL",
+    "kafka_bootstrap_servers": "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS",
+    "schema": "OUTBOX_BRIDGE_SCHEMA",
+    "watcher": "OUTBOX_BRIDGE_WATCHER",
+    "producer_config": "OUTBOX_BRIDGE_PRODUCER_CONFIG",
+    "before_produce": "OUTBOX_BRIDGE_BEFORE_PRODUCE",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All knobs of outbox-bridge; see the README's configuration reference."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    kafka_bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS
+    schema: str = "outbox_bridge"
+    # Largest message (value + key + headers) that publish() accepts.
+    max_message_bytes: int = 1_000_000
+    # Rows are spread over shards by a hash of (topic, key); one task owns a shard.
+    shards: int = 16
+    batch_size: int = 2000
+    lease_seconds: float = 30.0
+    # Celery retry settings of the outbox retry task.
+    max_retries: int = 5
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    retry_jitter: bool = True
+    # Circuit breaker while Kafka is unreachable: pause grows up to the max.
+    pause_seconds: float = 1.0
+    pause_max_seconds: float = 30.0
+    # Watcher: fallback look for work while idle (NOTIFY is the normal path).
+    poll_interval: float = 1.0
+    watcher: bool = True
+    send_retries: int = 3
+    # librdkafka settings on top of outbox-bridge's producer defaults
+    producer_config: dict[str, Any] = field(default_factory=dict)
+    # dotted path of a callable(row) run before each row is produced; raising fails the row
+    before_produce: str | None = None
+
+    @classmethod
+    def from_conf(cls, conf: Any = None, environ: dict[str, str] | None = None) -> Settings:
+        """Build settings from a Celery config mapping and the environment."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f"outbox_bridge_{f.name}"
+            if conf is not None and conf.get(key) is not None:
+                values[f.name] = conf.get(key)
+            env = ENV.get(f.name)
+            if env and environ.get(env):
+                values[f.name] = _parse(f.name, environ[env])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.shards < 1 or self.batch_size < 1:
+            raise ValueError("outbox_bridge_shards and outbox_bridge_batch_size must be >= 1")
+        if not self.schema:
+            raise ValueError("outbox_bridge_schema must not be empty")
+
+
+def _parse(name: str, raw: str) -> Any:
+    if name == "watcher":
+        return raw.strip().lower() not in ("0", "false", "no", "off")
+    if name == "producer_config":
+        return json.loads(raw)
+    return raw
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The settings of the outbox-bridge Celery app, read once per process."""
+    global _current
+    if _current is None:
+        from .celery import app
+
+        _current = Settings.from_conf(app.conf)
+    return _current
+
+
+def reset_settings() -> None:
+    """Forget cached settings (after the app's config changed)."""
+    global _current
+    _current = None

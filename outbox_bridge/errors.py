@@ -1,0 +1,29 @@
+"""Exceptions raised by outbox-bridge."""
+
+
+class OutboxBridgeError(Exception):
+    """Base class of outbox-bridge's own errors."""
+
+
+class InvalidMessage(OutboxBridgeError, ValueError):
+    """A message given to publish() or send() cannot be written as it is."""
+
+
+class InvalidTopic(InvalidMessage):
+    """The topic name is empty or not a legal Kafka topic name."""
+
+
+class InvalidHeaders(InvalidMessage):
+    """A header name is not a string, or a header value is not str or bytes."""
+
+
+class NotSerializable(InvalidMessage):
+    """The value cannot be serialized (not JSON-serializable, by default)."""
+
+
+class MessageTooLarge(InvalidMessage):
+    """Value, key and headers together exceed ``outbox_bridge_max_message_bytes``."""
+
+
+class DeliveryFailed(OutboxBridgeError):
+    """Kafka refused some messages on their own; the retry task retries them."""

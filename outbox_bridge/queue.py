@@ -1,0 +1,263 @@
+"""The durable queue that the outbox (and the inbox) are built on.
+
+Rows live in a PostgreSQL table and carry a shard, a hash of (topic, key). A
+task owns a whole shard at a time through a claim, a row in ``claims`` with a
+token and a lease, so the hot path never rewrites a row just to claim it, and
+the rows of one key are handled by one task, in id order. A row that fails on
+its own becomes ``retrying``: it gets a token and lease of its own, and holds
+back the later rows of its key until it is done or dead. PostgreSQL is the
+source of truth: a lost task or a crashed worker costs at most one lease.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .db import channel, q
+
+# Oldest pending rows of one shard whose key has no held (retrying/dead) head.
+_FETCH = """
+SELECT o.id, o.message_id, o.topic, o.key, o.value, o.headers
+FROM {table} o
+WHERE o.shard = %(shard)s AND o.state = 'pending'
+  AND NOT EXISTS (
+      SELECT 1 FROM {table} h
+      WHERE h.shard = %(shard)s AND h.state <> 'pending' AND h.topic = o.topic AND h.key = o.key)
+ORDER BY o.id
+LIMIT %(limit)s
+"""
+
+# Shards with pending rows (a loose index scan, one probe per shard), less
+# those whose pending rows are all held back by their keys.
+_READY_SHARDS = """
+WITH RECURSIVE s(shard) AS (
+    (SELECT shard FROM {table} WHERE state = 'pending' ORDER BY shard LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.shard FROM {table} t
+            WHERE t.state = 'pending' AND t.shard > s.shard ORDER BY t.shard LIMIT 1)
+    FROM s WHERE s.shard IS NOT NULL
+)
+SELECT s.shard FROM s
+LEFT JOIN {claims} c ON c.queue = %(queue)s AND c.shard = s.shard
+WHERE s.shard IS NOT NULL
+  AND (c.idle_above IS NULL OR EXISTS (
+      SELECT 1 FROM {table} o WHERE o.shard = s.shard AND o.state = 'pending' AND o.id > c.idle_above))
+"""
+
+_CLAIM = """
+UPDATE {claims} c SET token = gen_random_uuid(), lease_until = now() + %(lease)s * interval '1s'
+WHERE (c.queue, c.shard) IN (
+    SELECT queue, shard FROM {claims}
+    WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND lease_until < now()
+    FOR UPDATE SKIP LOCKED)
+RETURNING c.shard, c.token
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One queued message, as fetched for delivery."""
+
+    id: int
+    message_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list
+
+
+def _row(r: tuple) -> Row:
+    # bytea arrives as memoryview; the Kafka client wants bytes
+    key, value = r[3], r[4]
+    return Row(
+        r[0],
+        r[1],
+        r[2],
+        None if key is None else bytes(key),
+        None if value is None else bytes(value),
+        r[5],
+    )
+
+
+@dataclass(frozen=True)
+class Queue:
+    """One durable queue: a table of rows and its claims (see the module doc)."""
+
+    name: str
+    table: str
+    schema: str
+
+    def _q(self, template: str):
+        return q(template.replace("{table}", "{" + self.table + "}"), self.schema)
+
+    @property
+    def channel(self) -> str:
+        return channel(self.schema, self.name)
+
+    # -- the watcher's side -------------------------------------------------
+    def ready_shards(self, cur) -> list[int]:
+        cur.execute(self._q(_READY_SHARDS), {"queue": self.name})
+        return [r[0] for r in cur.fetchall()]
+
+    def claim(self, cur, shards: Sequence[int], lease: float) -> list[tuple[int, uuid.UUID]]:
+        """Claim the given shards that nobody holds; (shard, token) of each claimed."""
+        if not shards:
+            return []
+        cur.execute(
+            self._q(
+                "INSERT INTO {claims} (queue, shard) SELECT %s, unnest(%s::int[])"
+                " ON CONFLICT DO NOTHING"
+            ),
+            (self.name, list(shards)),
+        )
+        cur.execute(self._q(_CLAIM), {"queue": self.name, "shards": list(shards), "lease": lease})
+        return [(r[0], r[1]) for r in cur.fetchall()]
+
+    def set_idle(self, cur, idle: bool) -> None:
+        """Whether commits should NOTIFY (only while no dispatch is under way)."""
+        cur.execute(
+            self._q("UPDATE {wakeup} SET idle = %s WHERE queue = %s AND idle <> %s"),
+            (idle, self.name, idle),
+        )
+
+    def expired_retries(self, cur, lease: float, limit: int = 1000) -> list[tuple[int, Any, int]]:
+        """Take over retrying rows whose retry task was lost: (id, new token, attempts)."""
+        cur.execute(
+            self._q(
+                "UPDATE {table} SET claim_token = gen_random_uuid(),"
+                " lease_until = now() + %s * interval '1s'"
+                " WHERE id IN (SELECT id FROM {table} WHERE state = 'retrying'"
+                " AND lease_until < now() ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, claim_token, attempts"
+            ),
+            (lease, limit),
+        )
+        return cur.fetchall()
+
+    def forget_held(self, cur) -> None:
+        """Look at every shard again (a safety net for rows that committed late)."""
+        cur.execute(
+            self._q(
+                "UPDATE {claims} SET idle_above = NULL WHERE queue = %s AND idle_above IS NOT NULL"
+            ),
+            (self.name,),
+        )
+
+    # -- the shard task's side ----------------------------------------------
+    def renew(self, cur, shard: int, token: uuid.UUID, lease: float) -> bool:
+        """Extend our claim; False if it is no longer ours (a stale task)."""
+        cur.execute(
+            self._q(
+                "UPDATE {claims} SET lease_until = now() + %s * interval '1s'"
+                " WHERE queue = %s AND shard = %s AND token = %s"
+            ),
+            (lease, self.name, shard, token),
+        )
+        return cur.rowcount == 1
+
+    def fetch(self, cur, shard: int, limit: int) -> list[Row]:
+        cur.execute(self._q(_FETCH), {"shard": shard, "limit": limit})
+        return [_row(r) for r in cur.fetchall()]
+
+    def release(
+        self, cur, shard: int, token: uuid.UUID, pause: float = 0.0, unreachable: bool = False
+    ) -> None:
+        """Give the shard back; with ``pause``, nobody re-claims it before then."""
+        cur.execute(
+            self._q(
+                "UPDATE {claims} SET token = NULL,"
+                " lease_until = now() + %s * interval '1s',"
+                " pauses = CASE WHEN %s THEN pauses + 1 ELSE 0 END"
+                " WHERE queue = %s AND shard = %s AND token = %s"
+            ),
+            (pause, unreachable, self.name, shard, token),
+        )
+        cur.execute("SELECT pg_notify(%s, 'released')", (self.channel,))
+
+    def pauses(self, cur, shard: int) -> int:
+        cur.execute(
+            self._q("SELECT pauses FROM {claims} WHERE queue = %s AND shard = %s"),
+            (self.name, shard),
+        )
+        row = cur.fetchone()
+        return row[0] if row else 0
+
+    def wake_shards(self, cur, shards: Iterable[int]) -> None:
+        """Let the watcher claim these shards now (a held key was released)."""
+        cur.execute(
+            self._q(
+                "UPDATE {claims} SET lease_until = '-infinity', idle_above = NULL"
+                " WHERE queue = %s AND shard = ANY(%s) AND token IS NULL"
+            ),
+            (self.name, list(set(shards))),
+        )
+        cur.execute("SELECT pg_notify(%s, 'unblocked')", (self.channel,))
+
+    # -- completing, retrying, burying ---------------------------------------
+    def complete(self, cur, ids: Sequence[int]) -> None:
+        if ids:
+            cur.execute(self._q("DELETE FROM {table} WHERE id = ANY(%s)"), (list(ids),))
+
+    def hold(self, cur, failures: dict[int, str], token: uuid.UUID, lease: float) -> None:
+        """First failure of these rows: they become retrying heads owned by ``token``."""
+        if not failures:
+            return
+        cur.execute(
+            self._q(
+                "UPDATE {table} o SET state = 'retrying', attempts = o.attempts + 1,"
+                " last_error = f.error, failed_at = now(), claim_token = %s,"
+                " lease_until = now() + %s * interval '1s'"
+                " FROM unnest(%s::bigint[], %s::text[]) AS f(id, error) WHERE o.id = f.id"
+            ),
+            (token, lease, list(failures), list(failures.values())),
+        )
+
+    def fetch_held(self, cur, ids: Sequence[int], token: uuid.UUID) -> list[tuple[Row, int]]:
+        """Retrying rows still owned by ``token``, locked, with their attempts."""
+        cur.execute(
+            self._q(
+                "SELECT id, message_id, topic, key, value, headers, attempts, shard FROM {table}"
+                " WHERE id = ANY(%s) AND state = 'retrying' AND claim_token = %s"
+                " ORDER BY id FOR UPDATE"
+            ),
+            (list(ids), token),
+        )
+        return [(_row(r[:6]), r[6], r[7]) for r in cur.fetchall()]
+
+    def retry_failed(self, cur, failures: dict[int, str], token: uuid.UUID, lease: float) -> None:
+        """Another failed attempt of retrying rows; the lease covers the next countdown."""
+        if not failures:
+            return
+        cur.execute(
+            self._q(
+                "UPDATE {table} o SET attempts = o.attempts + 1, last_error = f.error,"
+                " failed_at = now(), lease_until = now() + %s * interval '1s'"
+                " FROM unnest(%s::bigint[], %s::text[]) AS f(id, error)"
+                " WHERE o.id = f.id AND o.claim_token = %s"
+            ),
+            (lease, list(failures), list(failures.values()), token),
+        )
+
+    def extend_held(self, cur, ids: Sequence[int], token: uuid.UUID, lease: float) -> None:
+        cur.execute(
+            self._q(
+                "UPDATE {table} SET lease_until = now() + %s * interval '1s'"
+                " WHERE id = ANY(%s) AND claim_token = %s"
+            ),
+            (lease, list(ids), token),
+        )
+
+    def bury(self, cur, ids: Sequence[int], token: Any, error: str | None) -> int:
+        """Retrying rows of ``token`` become dead (idempotent); returns how many."""
+        cur.execute(
+            self._q(
+                "UPDATE {table} SET state = 'dead', dead_at = now(),"
+                " last_error = coalesce(last_error, %s), claim_token = NULL"
+                " WHERE id = ANY(%s) AND state = 'retrying' AND claim_token = %s"
+            ),
+            (error, list(ids), token),
+        )
+        return cur.rowcount
