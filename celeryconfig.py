@@ -7,6 +7,8 @@ the environment variables in the README override the deploy knobs.
 import os
 
 broker_url = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+# The queue of outbox-bridge's tasks (and of the worker, unless -Q says otherwise).
+task_default_queue = os.environ.get("OUTBOX_BRIDGE_CELERY_QUEUE", "celery")
 
 # JSON only: Celery messages carry row ids, never payloads or pickles.
 task_serializer = "json"

@@ -1,8 +1,9 @@
 """Settings, read from the Celery app's config with environment overrides.
 
 Every setting is a Celery config key prefixed ``outbox_bridge_`` (set it in
-``celeryconfig.py``); the deploy knobs can also come from the environment
-variables named in ``ENV``. Defaults match ``scripts/services``.
+``celeryconfig.py``), and an environment variable ``OUTBOX_BRIDGE_<NAME>``
+overrides it (``OUTBOX_BRIDGE_MAX_RETRIES=3``). Defaults match
+``scripts/services``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,6 @@ from typing import Any
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:55432/outbox_bridge"
 DEFAULT_KAFKA_BOOTSTRAP_SERVERS = "127.0.0.1:9092"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-# setting name -> environment variable that overrides it
-ENV = {
-    "database_url": "OUTBOX_BRIDGE_DATABASE_URL",
-    "kafka_bootstrap_servers": "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS",
-    "schema": "OUTBOX_BRIDGE_SCHEMA",
-    "watcher": "OUTBOX_BRIDGE_WATCHER",
-    "producer_config": "OUTBOX_BRIDGE_PRODUCER_CONFIG",
-    "before_produce": "OUTBOX_BRIDGE_BEFORE_PRODUCE",
-}
 
 
 @dataclass(frozen=True)
@@ -66,9 +57,9 @@ class Settings:
             key = f"outbox_bridge_{f.name}"
             if conf is not None and conf.get(key) is not None:
                 values[f.name] = conf.get(key)
-            env = ENV.get(f.name)
-            if env and environ.get(env):
-                values[f.name] = _parse(f.name, environ[env])
+            raw = environ.get(f"OUTBOX_BRIDGE_{f.name.upper()}")
+            if raw:
+                values[f.name] = _parse(f.name, f.type, raw)
         settings = cls(**values)
         settings.validate()
         return settings
@@ -80,11 +71,18 @@ class Settings:
             raise ValueError("outbox_bridge_schema must not be empty")
 
 
-def _parse(name: str, raw: str) -> Any:
-    if name == "watcher":
-        return raw.strip().lower() not in ("0", "false", "no", "off")
-    if name == "producer_config":
-        return json.loads(raw)
+def _parse(name: str, kind: str, raw: str) -> Any:
+    try:
+        if kind == "bool":
+            return raw.strip().lower() not in ("0", "false", "no", "off")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("dict"):
+            return json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"OUTBOX_BRIDGE_{name.upper()}={raw!r}: not a valid {kind}") from exc
     return raw
 
 
