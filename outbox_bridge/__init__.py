@@ -14,7 +14,7 @@ from .errors import (
     NotSerializable,
 )
 from .message import Message
-from .publish import publish, send
+from .outbox import publish, send
 
 __all__ = [
     "DeliveryFailed",

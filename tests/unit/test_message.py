@@ -1,0 +1,71 @@
+"""Input checks of publish(): each kind of bad input names its problem."""
+
+import uuid
+
+import pytest
+
+from outbox_bridge.errors import InvalidHeaders, InvalidTopic, NotSerializable
+from outbox_bridge.message import (
+    JSONSerializer,
+    check_topic,
+    encode_headers,
+    encode_key,
+    kafka_headers,
+)
+
+
+@pytest.mark.parametrize("topic", ["", None, 7, ".", "..", "has space", "x" * 250, "ü"])
+def test_illegal_topics_are_refused(topic):
+    with pytest.raises(InvalidTopic) as exc:
+        check_topic(topic)
+    assert isinstance(exc.value, ValueError)
+
+
+@pytest.mark.parametrize("topic", ["orders", "a.b-c_d", "x" * 249])
+def test_legal_topics_pass(topic):
+    assert check_topic(topic) == topic
+
+
+def test_json_serializer_and_bytes_passthrough():
+    s = JSONSerializer()
+    assert s.dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}'.encode()
+    assert s.dumps(b"\x00raw") == b"\x00raw"
+    with pytest.raises(NotSerializable, match="object is not JSON-serializable"):
+        s.dumps(object())
+    with pytest.raises(NotSerializable, match="set"):
+        s.dumps({1, 2})
+
+
+def test_headers_round_trip_and_message_id_first():
+    stored = encode_headers({"type": "A", "raw": b"\x01", "none": None})
+    message_id = uuid.uuid4()
+    assert kafka_headers(stored, message_id) == [
+        ("message_id", str(message_id).encode()),
+        ("type", b"A"),
+        ("raw", b"\x01"),
+        ("none", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers, problem",
+    [
+        ({1: "x"}, "header names must be non-empty strings"),
+        ({"": "x"}, "header names must be non-empty strings"),
+        ({"n": 5}, "header 'n' must be str, bytes or None"),
+        ([("a",)], "mapping or (name, value) pairs"),
+        ({"message_id": "x"}, "is set by outbox-bridge"),
+    ],
+)
+def test_bad_headers_name_the_problem(headers, problem):
+    with pytest.raises(InvalidHeaders) as exc:
+        encode_headers(headers)
+    assert problem in str(exc.value)
+
+
+def test_keys():
+    assert encode_key("k") == b"k"
+    assert encode_key(b"k") == b"k"
+    assert encode_key(None) is None
+    with pytest.raises(InvalidHeaders, match="key must be"):
+        encode_key(5)
