@@ -163,17 +163,29 @@ class Queue:
         return [_row(r) for r in cur.fetchall()]
 
     def release(
-        self, cur, shard: int, token: uuid.UUID, pause: float = 0.0, unreachable: bool = False
+        self,
+        cur,
+        shard: int,
+        token: uuid.UUID,
+        pause: float = 0.0,
+        unreachable: bool = False,
+        all_held: bool = False,
     ) -> None:
-        """Give the shard back; with ``pause``, nobody re-claims it before then."""
+        """Give the shard back; with ``pause``, nobody re-claims it before then.
+
+        ``all_held``: every pending row is held back by its key, so the shard
+        is skipped until a newer row arrives or a key is released.
+        """
         cur.execute(
             self._q(
                 "UPDATE {claims} SET token = NULL,"
                 " lease_until = now() + %s * interval '1s',"
-                " pauses = CASE WHEN %s THEN pauses + 1 ELSE 0 END"
+                " pauses = CASE WHEN %s THEN pauses + 1 ELSE 0 END,"
+                " idle_above = CASE WHEN %s THEN (SELECT max(id) FROM {table}"
+                "   WHERE shard = %s AND state = 'pending') END"
                 " WHERE queue = %s AND shard = %s AND token = %s"
             ),
-            (pause, unreachable, self.name, shard, token),
+            (pause, unreachable, all_held, shard, self.name, shard, token),
         )
         cur.execute("SELECT pg_notify(%s, 'released')", (self.channel,))
 

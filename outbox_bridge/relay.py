@@ -151,6 +151,20 @@ def publish(self: Task, shard: int, token: str) -> dict:
     except TRANSIENT_ERRORS:
         _drop_connection()
         raise
+    except Exception:
+        # a bug must not hold the shard for a whole lease; the error still shows in Flower
+        _release_quietly(queue, shard, token, settings)
+        raise
+
+
+def _release_quietly(queue: Queue, shard: int, token: str, settings: Settings) -> None:
+    try:
+        conn = task_connection(settings)
+        conn.rollback()
+        with conn, conn.cursor() as cur:
+            queue.release(cur, shard, token, settings.pause_seconds)
+    except Exception:  # noqa: BLE001 - the lease still recovers the shard
+        log.exception("could not release shard %d", shard)
 
 
 def enqueue_retry(ids: list[int], token: Any, *, retries: int, countdown: float) -> None:
