@@ -195,6 +195,24 @@ class KafkaReader:
             pytest.fail(f"read {len(self.messages)} of {count} messages in {timeout}s")
         return self.messages
 
+    def read_message_ids(self, expected: set[str], timeout: float) -> set[str]:
+        """Read until every expected message id was seen (duplicates are allowed)."""
+        deadline = time.monotonic() + timeout
+        seen = {self._id(m) for m in self.messages}
+        while not expected <= seen and time.monotonic() < deadline:
+            msg = self.consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                self.messages.append(msg)
+                seen.add(self._id(msg))
+        missing = expected - seen
+        if missing:
+            pytest.fail(f"{len(missing)} of {len(expected)} messages missing after {timeout}s")
+        return seen
+
+    @staticmethod
+    def _id(msg) -> str:
+        return dict(msg.headers() or [])["message_id"].decode()
+
     def drain(self, quiet: float = 2.0) -> list:
         """Read until nothing new arrives for ``quiet`` seconds."""
         last = time.monotonic()
