@@ -111,4 +111,17 @@ def watch() -> None:
     Watcher(app, get_settings()).run(stop)
 
 
+@main.command()
+@click.option("--count", default=300, show_default=True, help="Orders to write.")
+@click.option("--topic", default="demo.orders", show_default=True)
+def demo(count: int, topic: str) -> None:
+    """Write sample orders through the outbox and watch them reach Kafka (needs a worker)."""
+    from .demo import run_demo
+
+    settings = get_settings()
+    run_migrations(settings)
+    if run_demo(settings, count, topic):
+        raise click.ClickException("some messages are still in the outbox: is a worker running?")
+
+
 celery_command = main

@@ -108,10 +108,13 @@ class Queue:
             return []
         cur.execute(
             self._q(
-                "INSERT INTO {claims} (queue, shard) SELECT %s, unnest(%s::int[])"
+                # NOT EXISTS first: a task's open transaction has a new version of
+                # its claim row, and ON CONFLICT alone would wait for that transaction
+                "INSERT INTO {claims} (queue, shard) SELECT %s, s FROM unnest(%s::int[]) s"
+                " WHERE NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.queue = %s AND c.shard = s)"
                 " ON CONFLICT DO NOTHING"
             ),
-            (self.name, list(shards)),
+            (self.name, list(shards), self.name),
         )
         cur.execute(self._q(_CLAIM), {"queue": self.name, "shards": list(shards), "lease": lease})
         return [(r[0], r[1]) for r in cur.fetchall()]
@@ -141,7 +144,9 @@ class Queue:
         """Look at every shard again (a safety net for rows that committed late)."""
         cur.execute(
             self._q(
-                "UPDATE {claims} SET idle_above = NULL WHERE queue = %s AND idle_above IS NOT NULL"
+                "UPDATE {claims} SET idle_above = NULL WHERE (queue, shard) IN ("
+                " SELECT queue, shard FROM {claims} WHERE queue = %s AND idle_above IS NOT NULL"
+                " FOR UPDATE SKIP LOCKED)"
             ),
             (self.name,),
         )
@@ -201,8 +206,10 @@ class Queue:
         """Let the watcher claim these shards now (a held key was released)."""
         cur.execute(
             self._q(
+                # a shard whose task runs now is skipped, not waited for
                 "UPDATE {claims} SET lease_until = '-infinity', idle_above = NULL"
-                " WHERE queue = %s AND shard = ANY(%s) AND token IS NULL"
+                " WHERE (queue, shard) IN (SELECT queue, shard FROM {claims}"
+                " WHERE queue = %s AND shard = ANY(%s) AND token IS NULL FOR UPDATE SKIP LOCKED)"
             ),
             (self.name, list(set(shards))),
         )

@@ -1,0 +1,79 @@
+"""``outbox-bridge demo``: a sample orders service publishing through the outbox."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import click
+from confluent_kafka import Consumer, TopicPartition
+
+from .config import Settings
+from .db import connect, q
+from .outbox import publish
+
+
+def _kafka_total(settings: Settings, topic: str) -> int:
+    """Messages in ``topic`` so far (sum of high watermarks); 0 if it does not exist yet."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "outbox-bridge-demo"}
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return 0
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in meta.partitions
+        )
+    finally:
+        consumer.close()
+
+
+def run_demo(settings: Settings, count: int, topic: str, timeout: float = 120) -> int:
+    """Write ``count`` orders, each with its outbox message; wait until Kafka has them all."""
+    before = _kafka_total(settings, topic)
+    conn = connect(settings, name="outbox-bridge demo")
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("CREATE SCHEMA IF NOT EXISTS demo")
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS demo.orders (id bigserial PRIMARY KEY,"
+                " customer text NOT NULL, total numeric NOT NULL)"
+            )
+        click.echo(f"orders service: writing {count} orders, each with its outbox message")
+        for i in range(count):
+            with conn, conn.cursor() as cur:  # the order and its message: one transaction
+                customer = f"customer-{i % 20}"
+                total = Decimal(10 + i % 90) + Decimal("0.90")
+                cur.execute(
+                    "INSERT INTO demo.orders (customer, total) VALUES (%s, %s) RETURNING id",
+                    (customer, total),
+                )
+                (order_id,) = cur.fetchone()
+                publish(
+                    cur,
+                    topic,
+                    {"order_id": order_id, "customer": customer, "total": str(total)},
+                    key=customer,
+                    headers={"type": "OrderCreated"},
+                )
+        deadline = time.monotonic() + timeout
+        waiting = count
+        while time.monotonic() < deadline:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    q("SELECT count(*) FROM {outbox} WHERE topic = %s", settings.schema), (topic,)
+                )
+                waiting = cur.fetchone()[0]
+            click.echo(f"\r  in the outbox: {waiting:6d}   sent to Kafka: {count - waiting:6d}",
+                       nl=False)
+            if waiting == 0:
+                break
+            time.sleep(0.2)
+        click.echo()
+    finally:
+        conn.close()
+    arrived = _kafka_total(settings, topic) - before
+    click.echo(f"Kafka topic {topic!r} received {arrived} messages ({count} published)")
+    return waiting

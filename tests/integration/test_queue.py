@@ -1,0 +1,89 @@
+"""The durable-queue mechanism against real PostgreSQL (and Kafka where a task runs)."""
+
+import select
+import uuid
+
+import psycopg2
+import pytest
+
+from outbox_bridge import publish
+from outbox_bridge.config import get_settings
+from outbox_bridge.relay import outbox_queue
+from tests.conftest import rows
+
+pytestmark = pytest.mark.postgres
+
+
+def _notified(listener, timeout=1.0) -> bool:
+    if not listener.notifies and select.select([listener], [], [], timeout)[0]:
+        listener.poll()
+    got = bool(listener.notifies)
+    listener.notifies.clear()
+    return got
+
+
+def test_commits_notify_only_while_the_watcher_is_idle(db_url, conn):
+    queue = outbox_queue(get_settings())
+    listener = psycopg2.connect(db_url)
+    listener.autocommit = True
+    listener.cursor().execute(f'LISTEN "{queue.channel}"')
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 1)
+    assert _notified(listener)
+    with conn, conn.cursor() as cur:
+        queue.set_idle(cur, False)
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 2)
+    assert not _notified(listener)
+    with conn, conn.cursor() as cur:
+        queue.set_idle(cur, True)
+        publish(cur, "t", 3)
+    assert _notified(listener)
+    listener.close()
+
+
+def test_a_shard_is_claimed_by_one_watcher_at_a_time(db_url, conn):
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 1, key="a")
+        shards = queue.ready_shards(cur)
+        cur.execute("INSERT INTO outbox_bridge.claims (queue, shard) VALUES ('outbox', %s)", shards)
+    assert len(shards) == 1
+    other = psycopg2.connect(db_url)
+    with conn, conn.cursor() as c1, other, other.cursor() as c2:
+        first = queue.claim(c1, shards, 30)
+        second = queue.claim(c2, shards, 30)  # row locked by c1: skipped, not waited for
+    assert len(first) == 1 and second == []
+    with other, other.cursor() as c2:
+        assert queue.claim(c2, shards, 30) == []  # leased
+    other.close()
+
+
+@pytest.mark.kafka
+def test_a_stale_claim_changes_nothing(db_url, conn, services, topic):
+    from outbox_bridge.relay import publish as publish_task
+
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        publish(cur, topic, 1, key="a")
+        (shard,) = queue.ready_shards(cur)
+        ((_, token),) = queue.claim(cur, [shard], 30)
+    stale = str(uuid.uuid4())
+    assert publish_task(shard, stale)["stale"] is True
+    assert len(rows(db_url)) == 1
+    assert publish_task(shard, str(token))["delivered"] == 1
+    assert rows(db_url) == []
+
+
+def test_burying_needs_the_current_retry_token_and_is_idempotent(db_url, conn):
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 1, key="a")
+        cur.execute("SELECT id FROM outbox_bridge.outbox")
+        (row_id,) = cur.fetchone()
+        token = uuid.uuid4()
+        queue.hold(cur, {row_id: "E: first"}, token, 30)
+        assert queue.bury(cur, [row_id], uuid.uuid4(), "stale") == 0
+        assert queue.bury(cur, [row_id], token, "last") == 1
+        assert queue.bury(cur, [row_id], token, "again") == 0
+    assert [(r[3], r[4], r[5]) for r in rows(db_url)] == [("dead", 1, "E: first")]
