@@ -66,8 +66,9 @@ def run_demo(settings: Settings, count: int, topic: str, timeout: float = 120) -
                     q("SELECT count(*) FROM {outbox} WHERE topic = %s", settings.schema), (topic,)
                 )
                 waiting = cur.fetchone()[0]
-            click.echo(f"\r  in the outbox: {waiting:6d}   sent to Kafka: {count - waiting:6d}",
-                       nl=False)
+            click.echo(
+                f"\r  in the outbox: {waiting:6d}   sent to Kafka: {count - waiting:6d}", nl=False
+            )
             if waiting == 0:
                 break
             time.sleep(0.2)

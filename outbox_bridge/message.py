@@ -88,7 +88,9 @@ def encode_headers(headers: Headers | None) -> list[list[Any]]:
         try:
             name, value = pair
         except (TypeError, ValueError):
-            raise InvalidHeaders(f"headers must be a mapping or (name, value) pairs, got {pair!r}")
+            raise InvalidHeaders(
+                f"headers must be a mapping or (name, value) pairs, got {pair!r}"
+            ) from None
         if not isinstance(name, str) or not name:
             raise InvalidHeaders(f"header names must be non-empty strings, got {name!r}")
         if name == MESSAGE_ID_HEADER:

@@ -44,7 +44,8 @@ SELECT s.shard FROM s
 LEFT JOIN {claims} c ON c.queue = %(queue)s AND c.shard = s.shard
 WHERE s.shard IS NOT NULL
   AND (c.idle_above IS NULL OR EXISTS (
-      SELECT 1 FROM {table} o WHERE o.shard = s.shard AND o.state = 'pending' AND o.id > c.idle_above))
+      SELECT 1 FROM {table} o
+      WHERE o.shard = s.shard AND o.state = 'pending' AND o.id > c.idle_above))
 """
 
 _CLAIM = """

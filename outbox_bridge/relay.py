@@ -184,7 +184,7 @@ class RetryTask(Task):
 
 def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     """Mark the rows of a failed retry task dead (idempotent)."""
-    params = {**dict(zip(("ids", "token"), args or ())), **(kwargs or {})}
+    params = {**dict(zip(("ids", "token"), args or (), strict=False)), **(kwargs or {})}
     ids, token = params.get("ids"), params.get("token")
     if not ids or not token or not isinstance(exc, DeliveryFailed):
         return 0  # other errors: the lease runs out and the watcher re-drives the rows

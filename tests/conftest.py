@@ -7,6 +7,7 @@ Without either, service tests fail under ``CI=true`` and skip otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -25,7 +26,11 @@ from outbox_bridge.config import Settings, reset_settings
 from outbox_bridge.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV_NAMES = ("OUTBOX_BRIDGE_DATABASE_URL", "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS", "CELERY_BROKER_URL")
+ENV_NAMES = (
+    "OUTBOX_BRIDGE_DATABASE_URL",
+    "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS",
+    "CELERY_BROKER_URL",
+)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = 0.1):
@@ -286,10 +291,8 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(10)
         for pid in children:  # pool processes left behind by a killed parent
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -183,8 +183,9 @@ def test_a_worker_killed_mid_batch_loses_nothing(start_worker, db_url, topic, ka
     wait_for(lambda: rows(db_url) == [], 60, "every row to be deleted")
 
 
-def test_watcher_survives_a_postgres_restart_and_catches_up(start_worker, db_url, topic,
-                                                          kafka_reader):
+def test_watcher_survives_a_postgres_restart_and_catches_up(
+    start_worker, db_url, topic, kafka_reader
+):
     worker = start_worker()
     reader = kafka_reader(topic)
     commit(db_url, topic, [{"n": 0}])
@@ -209,8 +210,7 @@ def test_rows_committed_while_no_watcher_runs_are_sent_when_it_starts(
     assert len(kafka_reader(topic).read(5, timeout=60)) == 5
 
 
-def test_a_missed_notify_is_caught_by_the_fallback_timer(start_worker, db_url, topic,
-                                                        kafka_reader):
+def test_a_missed_notify_is_caught_by_the_fallback_timer(start_worker, db_url, topic, kafka_reader):
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         cur.execute("ALTER TABLE outbox_bridge.outbox DISABLE TRIGGER outbox_wakeup")
@@ -221,8 +221,9 @@ def test_a_missed_notify_is_caught_by_the_fallback_timer(start_worker, db_url, t
     assert len(kafka_reader(topic).read(1, timeout=10)) == 1
 
 
-def test_rows_committed_out_of_id_order_are_all_delivered(start_worker, db_url, topic,
-                                                         kafka_reader):
+def test_rows_committed_out_of_id_order_are_all_delivered(
+    start_worker, db_url, topic, kafka_reader
+):
     start_worker()
     early = psycopg2.connect(db_url)
     late = psycopg2.connect(db_url)

@@ -56,7 +56,9 @@ def test_nothing_is_written_when_the_transaction_rolls_back(conn, db_url):
         (("t", "x" * 1_000_001), {}, MessageTooLarge, "outbox_bridge_max_message_bytes"),
     ],
 )
-def test_bad_input_raises_a_clear_error_and_writes_nothing(conn, db_url, args, kwargs, error, words):
+def test_bad_input_raises_a_clear_error_and_writes_nothing(
+    conn, db_url, args, kwargs, error, words
+):
     with conn, conn.cursor() as cur:
         with pytest.raises(error, match=words) as exc:
             publish(cur, *args, **kwargs)
@@ -105,8 +107,11 @@ def test_send_retries_transient_errors_then_gives_up(db_url, monkeypatch):
     assert len(calls) == 3 and len(rows(db_url)) == 1
 
     calls.clear()
-    monkeypatch.setattr(pub, "connect", lambda s, **kw: real_connect(
-        s.__class__(database_url=_dead_url(db_url)), **kw))
+    monkeypatch.setattr(
+        pub,
+        "connect",
+        lambda s, **kw: real_connect(s.__class__(database_url=_dead_url(db_url)), **kw),
+    )
     with pytest.raises(psycopg2.OperationalError):
         send("orders", {"id": 2}, retries=1)
     assert len(rows(db_url)) == 1
