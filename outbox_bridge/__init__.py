@@ -25,7 +25,17 @@ __all__ = [
     "MessageTooLarge",
     "NotSerializable",
     "app",
+    "outbox_handler",
     "publish",
     "send",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # imported on use: it brings the Celery tasks, which read the settings
+    if name == "outbox_handler":
+        from .handlers import outbox_handler
+
+        return outbox_handler
+    raise AttributeError(f"module 'outbox_bridge' has no attribute {name!r}")

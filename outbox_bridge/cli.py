@@ -38,19 +38,34 @@ def migrate() -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(as_json: bool) -> None:
-    """Counts per state, oldest pending age and blocked keys."""
-    data = ops.status(get_settings())
-    out = data["outbox"]
-    lines = ["outbox: " + ", ".join(f"{k} {v}" for k, v in out["counts"].items())]
-    age = out["oldest_pending_seconds"]
-    lines.append(f"  oldest pending: {'-' if age is None else f'{age:.1f}s'}")
-    for b in out["blocked_keys"]:
+@click.option("--no-kafka", is_flag=True, help="Skip the consumer lag (no Kafka request).")
+def status(as_json: bool, no_kafka: bool) -> None:
+    """Counts per state, oldest pending age, blocked keys and consumer lag."""
+    data = ops.status(get_settings(), kafka=not no_kafka)
+    _emit(data, as_json, "\n".join(_status_lines(data)))
+
+
+def _status_lines(data: dict) -> list[str]:
+    def queue_lines(name: str, q: dict) -> list[str]:
+        lines = [f"{name}: " + ", ".join(f"{k} {v}" for k, v in q["counts"].items())]
+        age = q.get("oldest_pending_seconds")
+        lines.append(f"  oldest pending: {'-' if age is None else f'{age:.1f}s'}")
+        for b in q.get("blocked_keys", []):
+            lines.append(
+                f"  blocked key {b['topic']}/{b['key']}: head {b['state']} after"
+                f" {b['attempts']} attempts, {b['waiting']} waiting ({b['last_error']})"
+            )
+        return lines
+
+    lines = queue_lines("outbox", data["outbox"])
+    for handler, entry in data["inbox"]["handlers"].items():
+        lines += queue_lines(f"inbox {handler}", entry)
+    for p in data["inbox"].get("consumer_lag", []):
         lines.append(
-            f"  blocked key {b['topic']}/{b['key']}: head {b['state']} after {b['attempts']}"
-            f" attempts, {b['waiting']} waiting ({b['last_error']})"
+            f"consumer lag {p['topic']}[{p['partition']}]: {p['lag']}"
+            f" (committed {p['committed']}, end {p['end']})"
         )
-    _emit(data, as_json, "\n".join(lines))
+    return lines
 
 
 @main.group()
@@ -62,17 +77,19 @@ def _filters(f):
     f = click.option("--topic", help="Only this topic.")(f)
     f = click.option("--key", help="Only this key.")(f)
     f = click.option("--id", "ids", multiple=True, help="Only this row id or message id.")(f)
+    f = click.option("--handler", help="Only deliveries to this handler (task name).")(f)
     return f
 
 
 @dead.command("list")
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def dead_list(topic, key, ids, as_json) -> None:
-    """Dead messages with their last error."""
-    rows = ops.dead_list(get_settings(), topic, key, ids)
+def dead_list(topic, key, ids, handler, as_json) -> None:
+    """Dead outbox messages and inbox deliveries, with their last error."""
+    rows = ops.dead_list(get_settings(), topic, key, ids, handler)
     text = "\n".join(
-        f"{r['id']} {r['message_id']} {r['topic']}/{r['key']} attempts={r['attempts']}"
+        f"{r['queue']} {r['id']} {r['message_id']} {r['topic']}/{r['key']}"
+        f" attempts={r['attempts']}"
         f" dead_at={r['dead_at']:%Y-%m-%d %H:%M:%S} {r['last_error']}"
         for r in rows
     )
@@ -82,18 +99,18 @@ def dead_list(topic, key, ids, as_json) -> None:
 @dead.command("retry")
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def dead_retry(topic, key, ids, as_json) -> None:
-    """Send dead messages again, in their original order."""
-    count = ops.dead_retry(get_settings(), topic, key, ids)
+def dead_retry(topic, key, ids, handler, as_json) -> None:
+    """Send dead messages (and re-run dead deliveries) again, in their original order."""
+    count = ops.dead_retry(get_settings(), topic, key, ids, handler)
     _emit({"retried": count}, as_json, f"retried {count} dead messages")
 
 
 @dead.command("purge")
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def dead_purge(topic, key, ids, as_json) -> None:
-    """Delete dead messages for good (unblocks their keys)."""
-    count = ops.dead_purge(get_settings(), topic, key, ids)
+def dead_purge(topic, key, ids, handler, as_json) -> None:
+    """Delete dead messages and deliveries for good (unblocks their keys)."""
+    count = ops.dead_purge(get_settings(), topic, key, ids, handler)
     _emit({"purged": count}, as_json, f"purged {count} dead messages")
 
 
@@ -122,6 +139,24 @@ def demo(count: int, topic: str) -> None:
     run_migrations(settings)
     if run_demo(settings, count, topic):
         raise click.ClickException("some messages are still in the outbox: is a worker running?")
+
+
+@main.command()
+def consume() -> None:
+    """Run the Kafka inbox consumer in the foreground (Ctrl-C stops it)."""
+    from .celery import app
+    from .handlers import handler_topics
+    from .inbox import InboxConsumer
+
+    logging.getLogger().setLevel(logging.INFO)
+    app.loader.import_default_modules()
+    topics = handler_topics()
+    if not topics:
+        raise click.ClickException("no @outbox_handler found in the app's imports / include")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    InboxConsumer(get_settings(), topics).run(stop)
 
 
 celery_command = main

@@ -42,6 +42,10 @@ class Settings:
     # Watcher: fallback look for work while idle (NOTIFY is the normal path).
     poll_interval: float = 1.0
     watcher: bool = True
+    # Inbox: the Kafka consumer in the worker, its group, librdkafka overrides.
+    consumer: bool = True
+    consumer_group: str = "outbox-bridge"
+    consumer_config: dict[str, Any] = field(default_factory=dict)
     send_retries: int = 3
     # librdkafka settings on top of outbox-bridge's producer defaults
     producer_config: dict[str, Any] = field(default_factory=dict)

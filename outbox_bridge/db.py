@@ -49,6 +49,8 @@ def _compose(template: str, schema: str) -> sql.Composed:
         claims=sql.Identifier(schema, "claims"),
         wakeup=sql.Identifier(schema, "wakeup"),
         migrations=sql.Identifier(schema, "migrations"),
+        inbox=sql.Identifier(schema, "inbox"),
+        deliveries=sql.Identifier(schema, "deliveries"),
     )
 
 

@@ -1,56 +1,130 @@
-"""What the ``status`` and ``dead`` commands read and change."""
+"""What the ``status`` and ``dead`` commands read and change, for the outbox
+and for the inbox's deliveries (one queue per handler)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from confluent_kafka import Consumer, TopicPartition
+
 from .config import Settings
 from .db import connect, q
 from .queue import Queue
 
+_HELD = "state IN ('retrying', 'dead')"
 
-def status(settings: Settings) -> dict[str, Any]:
-    """Counts per state, oldest pending age, and the keys held back by a failed head."""
+
+def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
+    """Counts per state, oldest pending age, keys held back by a failed head, consumer lag."""
     conn = connect(settings, name="outbox-bridge status")
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(q("SELECT state, count(*) FROM {outbox} GROUP BY state", settings.schema))
-            counts = {"pending": 0, "retrying": 0, "dead": 0}
-            counts.update(dict(cur.fetchall()))
-            cur.execute(
-                q(
-                    "SELECT extract(epoch FROM now() - min(created_at)) FROM {outbox}"
-                    " WHERE state = 'pending'",
-                    settings.schema,
-                )
-            )
-            oldest = cur.fetchone()[0]
-            cur.execute(
-                q(
-                    "SELECT h.topic, convert_from(h.key, 'UTF8'), h.state, h.attempts,"
-                    " h.last_error, (SELECT count(*) FROM {outbox} w WHERE w.shard = h.shard"
-                    "  AND w.topic = h.topic AND w.key = h.key AND w.state = 'pending')"
-                    " FROM {outbox} h WHERE h.state <> 'pending' AND h.key IS NOT NULL"
-                    " ORDER BY h.id LIMIT 100",
-                    settings.schema,
-                )
-            )
-            blocked = [
-                {"topic": t, "key": k, "state": s, "attempts": a, "last_error": e, "waiting": w}
-                for t, k, s, a, e, w in cur.fetchall()
-            ]
+            out = {"outbox": _outbox_status(cur, settings.schema)}
+            out["inbox"] = _inbox_status(cur, settings.schema)
+            cur.execute(q("SELECT DISTINCT topic FROM {deliveries}", settings.schema))
+            topics = [r[0] for r in cur.fetchall()]
     finally:
         conn.close()
+    if kafka:
+        out["inbox"]["consumer_lag"] = consumer_lag(settings, topics)
+    return out
+
+
+def _outbox_status(cur, schema: str) -> dict[str, Any]:
+    cur.execute(q("SELECT state, count(*) FROM {outbox} GROUP BY state", schema))
+    counts = {"pending": 0, "retrying": 0, "dead": 0, **dict(cur.fetchall())}
+    cur.execute(
+        q(
+            "SELECT extract(epoch FROM now() - min(created_at)) FROM {outbox}"
+            " WHERE state = 'pending'",
+            schema,
+        )
+    )
+    oldest = cur.fetchone()[0]
+    cur.execute(
+        q(
+            "SELECT h.topic, convert_from(h.key, 'UTF8'), h.state, h.attempts, h.last_error,"
+            " (SELECT count(*) FROM {outbox} w WHERE w.shard = h.shard AND w.topic = h.topic"
+            "  AND w.key = h.key AND w.state = 'pending')"
+            f" FROM {{outbox}} h WHERE h.{_HELD} AND h.key IS NOT NULL ORDER BY h.id LIMIT 100",
+            schema,
+        )
+    )
+    blocked = [
+        {"topic": t, "key": k, "state": s, "attempts": a, "last_error": e, "waiting": w}
+        for t, k, s, a, e, w in cur.fetchall()
+    ]
     return {
-        "outbox": {
-            "counts": counts,
-            "oldest_pending_seconds": None if oldest is None else float(oldest),
-            "blocked_keys": blocked,
-        }
+        "counts": counts,
+        "oldest_pending_seconds": None if oldest is None else float(oldest),
+        "blocked_keys": blocked,
     }
 
 
-def _filters(topic: str | None, key: str | None, ids: tuple[str, ...]) -> tuple[str, list]:
+def _inbox_status(cur, schema: str) -> dict[str, Any]:
+    cur.execute(
+        q(
+            "SELECT handler, state, count(*),"
+            " extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))"
+            " FROM {deliveries} GROUP BY handler, state ORDER BY handler",
+            schema,
+        )
+    )
+    handlers: dict[str, Any] = {}
+    for handler, state, count, oldest in cur.fetchall():
+        entry = handlers.setdefault(
+            handler,
+            {"counts": {"pending": 0, "retrying": 0, "dead": 0, "done": 0},
+             "oldest_pending_seconds": None},
+        )  # fmt: skip
+        entry["counts"][state] = count
+        if oldest is not None:
+            entry["oldest_pending_seconds"] = float(oldest)
+    cur.execute(
+        q(
+            "SELECT h.handler, h.topic, convert_from(h.key, 'UTF8'), h.state, h.attempts,"
+            " h.last_error, (SELECT count(*) FROM {deliveries} w WHERE w.handler = h.handler"
+            "  AND w.shard = h.shard AND w.topic = h.topic AND w.key = h.key"
+            "  AND w.state = 'pending')"
+            f" FROM {{deliveries}} h WHERE h.{_HELD} AND h.key IS NOT NULL"
+            " ORDER BY h.id LIMIT 100",
+            schema,
+        )
+    )
+    for handler, t, k, s, a, e, w in cur.fetchall():
+        handlers[handler].setdefault("blocked_keys", []).append(
+            {"topic": t, "key": k, "state": s, "attempts": a, "last_error": e, "waiting": w}
+        )
+    return {"handlers": handlers}
+
+
+def consumer_lag(settings: Settings, topics: list[str]) -> list[dict[str, Any]]:
+    """Per partition: the consumer group's committed offset, the end offset and the lag."""
+    if not topics:
+        return []
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers,
+         "group.id": settings.consumer_group, "enable.auto.commit": False}
+    )  # fmt: skip
+    try:
+        meta = consumer.list_topics(timeout=10).topics
+        partitions = [
+            TopicPartition(t, p) for t in sorted(topics) if t in meta for p in meta[t].partitions
+        ]
+        lag = []
+        for tp in consumer.committed(partitions, timeout=10):
+            _low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            committed = tp.offset if tp.offset >= 0 else None
+            lag.append(
+                {"topic": tp.topic, "partition": tp.partition, "committed": committed,
+                 "end": high, "lag": high - (committed or 0)}
+            )  # fmt: skip
+        return lag
+    finally:
+        consumer.close()
+
+
+def _where(topic, key, ids, handler) -> tuple[str, list]:
     where, params = ["state = 'dead'"], []
     if topic:
         where.append("topic = %s")
@@ -61,68 +135,75 @@ def _filters(topic: str | None, key: str | None, ids: tuple[str, ...]) -> tuple[
     if ids:
         where.append("(id::text = ANY(%s) OR message_id::text = ANY(%s))")
         params += [list(ids), list(ids)]
+    if handler:
+        where.append("handler = %s")
+        params.append(handler)
     return " AND ".join(where), params
 
 
-def dead_list(settings: Settings, topic=None, key=None, ids=(), limit: int = 1000) -> list[dict]:
-    where, params = _filters(topic, key, ids)
+def _tables(handler: str | None, outbox: bool) -> list[str]:
+    """The outbox unless a handler is named; the deliveries always."""
+    return (["outbox"] if outbox and not handler else []) + ["deliveries"]
+
+
+def dead_list(
+    settings: Settings, topic=None, key=None, ids=(), handler=None, limit: int = 1000
+) -> list[dict]:
+    """Dead outbox rows and dead deliveries (``queue`` says which), oldest first."""
+    found: list[dict] = []
     conn = connect(settings, name="outbox-bridge dead")
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(
-                q(
-                    "SELECT id, message_id, topic, convert_from(key, 'UTF8'), attempts,"
-                    " last_error, created_at, failed_at, dead_at FROM {outbox}"
-                    f" WHERE {where} ORDER BY id LIMIT %s",
-                    settings.schema,
-                ),
-                params + [limit],
-            )
-            cols = [d.name for d in cur.description]
-            rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            for table in _tables(handler, True):
+                where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
+                queue = "'outbox'" if table == "outbox" else "handler"
+                cur.execute(
+                    q(
+                        f"SELECT {queue} AS queue, id, message_id, topic,"
+                        " convert_from(key, 'UTF8') AS key, attempts, last_error, created_at,"
+                        f" failed_at, dead_at FROM {{{table}}} WHERE {where} ORDER BY id LIMIT %s",
+                        settings.schema,
+                    ),
+                    params + [limit],
+                )
+                cols = [d.name for d in cur.description]
+                found += [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     finally:
         conn.close()
-    for row in rows:
-        row["key"] = row.pop("convert_from")
-    return rows
+    return found
 
 
-def dead_retry(settings: Settings, topic=None, key=None, ids=()) -> int:
+def dead_retry(settings: Settings, topic=None, key=None, ids=(), handler=None) -> int:
     """Dead rows become pending again, keeping their ids, so per-key order holds."""
-    where, params = _filters(topic, key, ids)
-    queue = Queue("outbox", "outbox", settings.schema)
+    return _change(settings, topic, key, ids, handler, retry=True)
+
+
+def dead_purge(settings: Settings, topic=None, key=None, ids=(), handler=None) -> int:
+    """Delete dead rows for good; their keys flow again."""
+    return _change(settings, topic, key, ids, handler, retry=False)
+
+
+def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
+    total = 0
     conn = connect(settings, name="outbox-bridge dead")
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(
-                q(
-                    "UPDATE {outbox} SET state = 'pending', attempts = 0, claim_token = NULL,"
-                    f" lease_until = NULL, dead_at = NULL WHERE {where} RETURNING shard",
-                    settings.schema,
-                ),
-                params,
-            )
-            shards = [r[0] for r in cur.fetchall()]
-            if shards:
-                queue.wake_shards(cur, shards)
+            for table in _tables(handler, True):
+                where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
+                queue_of = "'outbox'" if table == "outbox" else "'inbox:' || handler"
+                action = (
+                    f"UPDATE {{{table}}} SET state = 'pending', attempts = 0, claim_token = NULL,"
+                    f" lease_until = NULL, dead_at = NULL WHERE {where}"
+                    if retry
+                    else f"DELETE FROM {{{table}}} WHERE {where}"
+                )
+                cur.execute(q(f"{action} RETURNING {queue_of}, shard", settings.schema), params)
+                woken: dict[str, set[int]] = {}
+                for queue, shard in cur.fetchall():
+                    woken.setdefault(queue, set()).add(shard)
+                    total += 1
+                for queue, shards in woken.items():
+                    Queue(queue, table, settings.schema).wake_shards(cur, shards)
     finally:
         conn.close()
-    return len(shards)
-
-
-def dead_purge(settings: Settings, topic=None, key=None, ids=()) -> int:
-    where, params = _filters(topic, key, ids)
-    queue = Queue("outbox", "outbox", settings.schema)
-    conn = connect(settings, name="outbox-bridge dead")
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                q(f"DELETE FROM {{outbox}} WHERE {where} RETURNING shard", settings.schema),
-                params,
-            )
-            shards = [r[0] for r in cur.fetchall()]
-            if shards:
-                queue.wake_shards(cur, shards)
-    finally:
-        conn.close()
-    return len(shards)
+    return total

@@ -18,14 +18,17 @@ from typing import Any
 
 from .db import channel, q
 
+# {scope_X}: "AND X.handler = %(scope)s" for an inbox handler's queue, else "".
+
 # Oldest pending rows of one shard whose key has no held (retrying/dead) head.
 _FETCH = """
-SELECT o.id, o.message_id, o.topic, o.key, o.value, o.headers
+SELECT {columns}
 FROM {table} o
-WHERE o.shard = %(shard)s AND o.state = 'pending'
+WHERE o.shard = %(shard)s AND o.state = 'pending' {scope_o}
   AND NOT EXISTS (
       SELECT 1 FROM {table} h
-      WHERE h.shard = %(shard)s AND h.state <> 'pending' AND h.topic = o.topic AND h.key = o.key)
+      WHERE h.shard = %(shard)s AND h.state IN ('retrying', 'dead') {scope_h}
+        AND h.topic = o.topic AND h.key = o.key)
 ORDER BY o.id
 LIMIT %(limit)s
 """
@@ -34,10 +37,10 @@ LIMIT %(limit)s
 # those whose pending rows are all held back by their keys.
 _READY_SHARDS = """
 WITH RECURSIVE s(shard) AS (
-    (SELECT shard FROM {table} WHERE state = 'pending' ORDER BY shard LIMIT 1)
+    (SELECT t.shard FROM {table} t WHERE t.state = 'pending' {scope_t} ORDER BY t.shard LIMIT 1)
     UNION ALL
     SELECT (SELECT t.shard FROM {table} t
-            WHERE t.state = 'pending' AND t.shard > s.shard ORDER BY t.shard LIMIT 1)
+            WHERE t.state = 'pending' {scope_t} AND t.shard > s.shard ORDER BY t.shard LIMIT 1)
     FROM s WHERE s.shard IS NOT NULL
 )
 SELECT s.shard FROM s
@@ -45,7 +48,7 @@ LEFT JOIN {claims} c ON c.queue = %(queue)s AND c.shard = s.shard
 WHERE s.shard IS NOT NULL
   AND (c.idle_above IS NULL OR EXISTS (
       SELECT 1 FROM {table} o
-      WHERE o.shard = s.shard AND o.state = 'pending' AND o.id > c.idle_above))
+      WHERE o.shard = s.shard AND o.state = 'pending' {scope_o} AND o.id > c.idle_above))
 """
 
 _CLAIM = """
@@ -56,6 +59,8 @@ WHERE (c.queue, c.shard) IN (
     FOR UPDATE SKIP LOCKED)
 RETURNING c.shard, c.token
 """
+
+_OUTBOX_COLUMNS = "o.id, o.message_id, o.topic, o.key, o.value, o.headers"
 
 
 @dataclass(frozen=True)
@@ -85,22 +90,36 @@ def _row(r: tuple) -> Row:
 
 @dataclass(frozen=True)
 class Queue:
-    """One durable queue: a table of rows and its claims (see the module doc)."""
+    """One durable queue: a table of rows and its claims (see the module doc).
+
+    ``scope`` narrows a shared table to one consumer of it: the inbox's
+    deliveries table holds one queue per handler (``handler = scope``).
+    ``done`` is what completing a row does: delete it, or mark it done.
+    """
 
     name: str
     table: str
     schema: str
+    scope: str | None = None
+    done: str = "delete"
 
     def _q(self, template: str):
-        return q(template.replace("{table}", "{" + self.table + "}"), self.schema)
+        template = template.replace("{table}", "{" + self.table + "}")
+        for alias in ("o", "h", "t"):
+            fragment = f"AND {alias}.handler = %(scope)s" if self.scope else ""
+            template = template.replace("{scope_" + alias + "}", fragment)
+        return q(template, self.schema)
+
+    def _params(self, **params: Any) -> dict[str, Any]:
+        return {"queue": self.name, "scope": self.scope, **params}
 
     @property
     def channel(self) -> str:
-        return channel(self.schema, self.name)
+        return channel(self.schema, self.name.split(":")[0])
 
     # -- the watcher's side -------------------------------------------------
     def ready_shards(self, cur) -> list[int]:
-        cur.execute(self._q(_READY_SHARDS), {"queue": self.name})
+        cur.execute(self._q(_READY_SHARDS), self._params())
         return [r[0] for r in cur.fetchall()]
 
     def claim(self, cur, shards: Sequence[int], lease: float) -> list[tuple[int, uuid.UUID]]:
@@ -132,12 +151,12 @@ class Queue:
         cur.execute(
             self._q(
                 "UPDATE {table} SET claim_token = gen_random_uuid(),"
-                " lease_until = now() + %s * interval '1s'"
-                " WHERE id IN (SELECT id FROM {table} WHERE state = 'retrying'"
-                " AND lease_until < now() ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " lease_until = now() + %(lease)s * interval '1s'"
+                " WHERE id IN (SELECT o.id FROM {table} o WHERE o.state = 'retrying' {scope_o}"
+                " AND o.lease_until < now() ORDER BY o.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 " RETURNING id, claim_token, attempts"
             ),
-            (lease, limit),
+            self._params(lease=lease, limit=limit),
         )
         return cur.fetchall()
 
@@ -165,8 +184,19 @@ class Queue:
         return cur.rowcount == 1
 
     def fetch(self, cur, shard: int, limit: int) -> list[Row]:
-        cur.execute(self._q(_FETCH), {"shard": shard, "limit": limit})
+        """The next rows of the shard, in order, skipping keys held by a failed head."""
+        cur.execute(
+            self._q(_FETCH.replace("{columns}", _OUTBOX_COLUMNS)),
+            self._params(shard=shard, limit=limit),
+        )
         return [_row(r) for r in cur.fetchall()]
+
+    def fetch_ids(self, cur, shard: int, limit: int) -> list[int]:
+        """Like ``fetch``, ids only."""
+        cur.execute(
+            self._q(_FETCH.replace("{columns}", "o.id")), self._params(shard=shard, limit=limit)
+        )
+        return [r[0] for r in cur.fetchall()]
 
     def release(
         self,
@@ -185,13 +215,15 @@ class Queue:
         cur.execute(
             self._q(
                 "UPDATE {claims} SET token = NULL,"
-                " lease_until = now() + %s * interval '1s',"
-                " pauses = CASE WHEN %s THEN pauses + 1 ELSE 0 END,"
-                " idle_above = CASE WHEN %s THEN (SELECT max(id) FROM {table}"
-                "   WHERE shard = %s AND state = 'pending') END"
-                " WHERE queue = %s AND shard = %s AND token = %s"
+                " lease_until = now() + %(pause)s * interval '1s',"
+                " pauses = CASE WHEN %(unreachable)s THEN pauses + 1 ELSE 0 END,"
+                " idle_above = CASE WHEN %(all_held)s THEN (SELECT max(o.id) FROM {table} o"
+                "   WHERE o.shard = %(shard)s AND o.state = 'pending' {scope_o}) END"
+                " WHERE queue = %(queue)s AND shard = %(shard)s AND token = %(token)s"
             ),
-            (pause, unreachable, all_held, shard, self.name, shard, token),
+            self._params(
+                pause=pause, unreachable=unreachable, all_held=all_held, shard=shard, token=token
+            ),
         )
         cur.execute("SELECT pg_notify(%s, 'released')", (self.channel,))
 
@@ -218,8 +250,18 @@ class Queue:
 
     # -- completing, retrying, burying ---------------------------------------
     def complete(self, cur, ids: Sequence[int]) -> None:
-        if ids:
+        if not ids:
+            return
+        if self.done == "delete":
             cur.execute(self._q("DELETE FROM {table} WHERE id = ANY(%s)"), (list(ids),))
+        else:
+            cur.execute(
+                self._q(
+                    "UPDATE {table} SET state = 'done', done_at = now(), claim_token = NULL"
+                    " WHERE id = ANY(%s)"
+                ),
+                (list(ids),),
+            )
 
     def hold(self, cur, failures: dict[int, str], token: uuid.UUID, lease: float) -> None:
         """First failure of these rows: they become retrying heads owned by ``token``."""
@@ -236,16 +278,27 @@ class Queue:
         )
 
     def fetch_held(self, cur, ids: Sequence[int], token: uuid.UUID) -> list[tuple[Row, int]]:
-        """Retrying rows still owned by ``token``, locked, with their attempts."""
+        """Retrying rows still owned by ``token``, locked, with their attempts and shard."""
         cur.execute(
             self._q(
-                "SELECT id, message_id, topic, key, value, headers, attempts, shard FROM {table}"
-                " WHERE id = ANY(%s) AND state = 'retrying' AND claim_token = %s"
-                " ORDER BY id FOR UPDATE"
+                f"SELECT {_OUTBOX_COLUMNS}, o.attempts, o.shard FROM {{table}} o"
+                " WHERE o.id = ANY(%s) AND o.state = 'retrying' AND o.claim_token = %s"
+                " ORDER BY o.id FOR UPDATE"
             ),
             (list(ids), token),
         )
         return [(_row(r[:6]), r[6], r[7]) for r in cur.fetchall()]
+
+    def take_held(self, cur, ids: Sequence[int], token: Any) -> list[int]:
+        """Ids of retrying rows still owned by ``token``, locked, in order."""
+        cur.execute(
+            self._q(
+                "SELECT id FROM {table} WHERE id = ANY(%s) AND state = 'retrying'"
+                " AND claim_token = %s ORDER BY id FOR UPDATE"
+            ),
+            (list(ids), token),
+        )
+        return [r[0] for r in cur.fetchall()]
 
     def retry_failed(self, cur, failures: dict[int, str], token: uuid.UUID, lease: float) -> None:
         """Another failed attempt of retrying rows; the lease covers the next countdown."""

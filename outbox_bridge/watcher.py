@@ -1,10 +1,11 @@
-"""The LISTEN watcher: turns commits into Celery publish tasks.
+"""The LISTEN watcher: turns committed work into Celery tasks.
 
-Commits wake it through NOTIFY while it is idle (the trigger skips NOTIFY while
-it is dispatching, which keeps NOTIFY's global commit lock off the busy path).
-NOTIFY is only a hint: it also looks for work when it starts, after each
-reconnect, whenever a task gives its shard back, and on a fallback timer.
-Several watchers may run at once: claims are taken with SKIP LOCKED.
+Commits to the outbox wake it through NOTIFY while it is idle (the trigger
+skips NOTIFY while it is dispatching, which keeps NOTIFY's global commit lock
+off the busy path); the inbox consumer notifies once per batch. NOTIFY is only
+a hint: it also looks for work when it starts, after each reconnect, whenever
+a task gives its shard back, and on a fallback timer. Several watchers may run
+at once: claims are taken with SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import logging
 import select
 import threading
 import time
+from dataclasses import dataclass
+from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 from .config import Settings
 from .db import TRANSIENT_ERRORS, connect
@@ -23,19 +26,55 @@ from .queue import Queue
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Source:
+    """One queue the watcher dispatches, and the Celery tasks that serve it."""
+
+    queue: Queue
+    task: Task  # gets (shard, token) for the outbox, (ids, token, shard) for a handler
+    retry_task: Task  # gets (ids, token)
+    max_retries: int
+    batch_size: int = 0  # > 0: send the ids of the claimed shard's next rows (handlers)
+
+    def send(self, cur, shard: int, token: Any) -> bool:
+        if not self.batch_size:
+            self.task.apply_async((shard, str(token)))
+            return True
+        ids = self.queue.fetch_ids(cur, shard, self.batch_size)
+        if not ids:
+            self.queue.release(cur, shard, token, all_held=True)
+            return False
+        self.task.apply_async((ids, str(token), shard))
+        return True
+
+
+def sources(app: Celery, settings: Settings) -> list[Source]:
+    """The outbox, and one queue per registered ``@outbox_handler``."""
+    from .handlers import handlers, inbox_queue
+    from .relay import PUBLISH_TASK, RETRY_TASK, outbox_queue
+
+    found = [
+        Source(outbox_queue(settings), app.tasks[PUBLISH_TASK], app.tasks[RETRY_TASK],
+               settings.max_retries)
+    ]  # fmt: skip
+    for spec in handlers():
+        found.append(
+            Source(inbox_queue(settings, spec.task.name), spec.task, spec.task,
+                   spec.task.max_retries if spec.task.max_retries is not None else 10**9,
+                   batch_size=settings.batch_size)
+        )  # fmt: skip
+    return found
+
+
 class Watcher:
-    """Dispatches claimed outbox shards, and re-drives lost retries, as Celery tasks."""
+    """Dispatches claimed shards, and re-drives lost retries, as Celery tasks."""
 
     def __init__(self, app: Celery, settings: Settings):
-        from .relay import PUBLISH_TASK, RETRY_TASK, backoff, outbox_queue
-
         self.app = app
         self.settings = settings
-        self.queue: Queue = outbox_queue(settings)
-        self.publish_task = app.tasks[PUBLISH_TASK]
-        self.retry_task = app.tasks[RETRY_TASK]
-        self._backoff = backoff
-        self.dispatched = 0  # tasks sent, for tests and status
+        self.sources = sources(app, settings)
+        self.outbox = self.sources[0].queue
+        self.dispatched = 0  # tasks sent, for tests and logs
         self._last_retry_scan = 0.0
         self._last_recheck = time.monotonic()
 
@@ -59,8 +98,9 @@ class Watcher:
         conn = connect(self.settings, autocommit=True, name="outbox-bridge watcher")
         try:
             with conn.cursor() as cur:
-                cur.execute("LISTEN " + _quote(self.queue.channel))
-                log.info("watcher listening on %s", self.queue.channel)
+                for name in sorted({s.queue.channel for s in self.sources}):
+                    cur.execute("LISTEN " + _quote(name))
+                log.info("watcher listening for %d queues", len(self.sources))
                 while not stop.is_set():
                     self.dispatch(cur)
                     if not conn.notifies:
@@ -73,48 +113,61 @@ class Watcher:
 
     def dispatch(self, cur) -> int:
         """One look for work: claim ready shards and send their tasks. Returns tasks sent."""
-        sent = self._dispatch_shards(cur)
-        if not sent:
-            self.queue.set_idle(cur, True)
-            # a row committed before the flag flipped sent no NOTIFY: look once more
-            sent = self._dispatch_shards(cur)
+        sent = 0
+        for source in self.sources:
+            shards = source.queue.ready_shards(cur)
+            if source.queue is self.outbox:
+                # NOTIFY only while the outbox has nothing pending
+                self.outbox.set_idle(cur, not shards)
+                if not shards:
+                    # a row committed before the flag flipped sent no NOTIFY: look again
+                    shards = self.outbox.ready_shards(cur)
+                    if shards:
+                        self.outbox.set_idle(cur, False)
+            sent += self._send(cur, source, shards)
         now = time.monotonic()
         if now - self._last_retry_scan >= self.settings.poll_interval:
             self._last_retry_scan = now
-            sent += self._redrive_retries(cur)
+            sent += sum(self._redrive(cur, source) for source in self.sources)
         if now - self._last_recheck >= self.settings.lease_seconds:
             self._last_recheck = now
-            self.queue.forget_held(cur)
+            for source in self.sources:
+                source.queue.forget_held(cur)
         self.dispatched += sent
         return sent
 
-    def _dispatch_shards(self, cur) -> int:
-        shards = self.queue.ready_shards(cur)
+    def _send(self, cur, source: Source, shards: list[int]) -> int:
         if not shards:
             return 0
-        self.queue.set_idle(cur, False)
         sent = 0
-        for shard, token in self.queue.claim(cur, shards, self.settings.lease_seconds):
+        for shard, token in source.queue.claim(cur, shards, self.settings.lease_seconds):
             try:
-                self.publish_task.apply_async((shard, str(token)))
-                sent += 1
-            except Exception as exc:  # noqa: BLE001 - broker away: the lease brings it back
-                log.warning("could not send the publish task of shard %d: %s", shard, exc)
-                self.queue.release(cur, shard, token, self.settings.pause_seconds)
+                sent += source.send(cur, shard, token)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - broker away: retried after a pause
+                log.warning(
+                    "could not send the task of %s shard %d: %s", source.queue.name, shard, exc
+                )
+                source.queue.release(cur, shard, token, self.settings.pause_seconds)
         return sent
 
-    def _redrive_retries(self, cur) -> int:
+    def _redrive(self, cur, source: Source) -> int:
         """Retrying rows whose retry task was lost (lease over): send it again."""
         sent = 0
-        for row_id, token, attempts in self.queue.expired_retries(cur, self.settings.lease_seconds):
-            if attempts > self.settings.max_retries:
-                self.queue.bury(cur, [row_id], token, None)
+        for row_id, token, attempts in source.queue.expired_retries(
+            cur, self.settings.lease_seconds
+        ):
+            if attempts > source.max_retries:
+                source.queue.bury(cur, [row_id], token, None)
                 continue
             try:
-                self.retry_task.apply_async(([row_id], str(token)), retries=attempts)
+                source.retry_task.apply_async(([row_id], str(token)), retries=attempts)
                 sent += 1
             except Exception as exc:  # noqa: BLE001 - retried at the next lease
-                log.warning("could not re-send the retry of outbox row %d: %s", row_id, exc)
+                log.warning(
+                    "could not re-send the retry of %s row %d: %s", source.queue.name, row_id, exc
+                )
         return sent
 
 
@@ -129,11 +182,9 @@ class WatcherThread:
         self.watcher = Watcher(app, settings)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(
-            target=self.watcher.run,
-            args=(self.stop_event,),
-            name="outbox-bridge-watcher",
+            target=self.watcher.run, args=(self.stop_event,), name="outbox-bridge-watcher",
             daemon=True,
-        )
+        )  # fmt: skip
 
     def start(self) -> None:
         self.thread.start()

@@ -32,7 +32,7 @@ CREATE TABLE outbox (
 -- the claim query: oldest pending rows of one shard
 CREATE INDEX outbox_pending ON outbox (shard, id) WHERE state = 'pending';
 -- the few rows that hold their key back (retrying or dead heads)
-CREATE INDEX outbox_held ON outbox (shard, topic, key) WHERE state <> 'pending';
+CREATE INDEX outbox_held ON outbox (shard, topic, key) WHERE state IN ('retrying', 'dead');
 
 -- One row per (queue, shard): who owns the shard, until when.
 CREATE TABLE claims (

@@ -1,0 +1,241 @@
+"""``@outbox_handler``: Celery tasks that handle inbox deliveries effectively once.
+
+A handler task gets delivery ids and a claim token, never payloads. It runs
+each delivery's handler inside one transaction, each in a savepoint, and marks
+the delivery done in that same savepoint: the handler's writes and "done"
+commit together or not at all. A delivery whose handler raises becomes
+``retrying`` and holds back its key for that handler; it is re-driven by the
+same task with Celery's own ``autoretry_for`` / ``retry_backoff`` /
+``max_retries`` of that handler, and is dead after the last retry.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+
+from .celery import app
+from .config import Settings, get_settings
+from .db import TRANSIENT_ERRORS, q
+from .errors import OutboxBridgeError
+from .message import JSONSerializer, Message, Serializer
+from .queue import Queue
+from .relay import _drop_connection, backoff, task_connection
+
+log = logging.getLogger(__name__)
+
+
+class HandlerFailed(OutboxBridgeError):
+    """Some deliveries of a handler task failed; Celery retries them."""
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    topic: str
+    task: Task
+    func: Callable[[Message, Any], None]
+    serializer: Serializer
+
+
+# topic -> handlers, filled as handler modules are imported
+REGISTRY: dict[str, list[HandlerSpec]] = {}
+
+
+def handlers() -> list[HandlerSpec]:
+    return [spec for specs in REGISTRY.values() for spec in specs]
+
+
+def handler_topics() -> dict[str, list[str]]:
+    """topic -> names of the handler tasks subscribed to it."""
+    return {topic: [s.task.name for s in specs] for topic, specs in REGISTRY.items() if specs}
+
+
+def inbox_queue(settings: Settings, handler: str) -> Queue:
+    return Queue(
+        name=f"inbox:{handler}", table="deliveries", schema=settings.schema, scope=handler,
+        done="done",
+    )  # fmt: skip
+
+
+_LOAD = """
+SELECT d.id, d.shard, d.attempts, i.message_id, i.topic, i.key, i.value, i.headers,
+       i."partition", i."offset", i."timestamp"
+FROM {deliveries} d JOIN {inbox} i ON i.message_id = d.message_id
+WHERE d.id = ANY(%s)
+ORDER BY d.id
+"""
+
+
+class HandlerTask(Task):
+    """Base of handler tasks: marks deliveries dead after the last retry."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D102
+        bury_deliveries(self.name, args, kwargs, exc)
+
+
+def bury_deliveries(handler: str, args: Any, kwargs: Any, exc: BaseException) -> int:
+    """Mark the retrying deliveries of a failed handler task dead (idempotent)."""
+    params = {**dict(zip(("ids", "token", "shard"), args or (), strict=False)), **(kwargs or {})}
+    ids, token = params.get("ids"), params.get("token")
+    if not ids or not token or params.get("shard") is not None:
+        return 0  # a shard task's failures were already handed to a retry
+    if not isinstance(exc, HandlerFailed):
+        return 0  # not a handler error: the lease runs out and the watcher re-drives
+    settings = get_settings()
+    conn = task_connection(settings)
+    with conn, conn.cursor() as cur:
+        count = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}")
+    if count:
+        log.error("%d deliveries to %s are dead after their last retry: %s", count, handler, exc)
+    return count
+
+
+def _decode_headers(stored: list) -> list[tuple[str, bytes | None]]:
+    out = []
+    for name, value in stored:
+        if isinstance(value, dict):
+            out.append((name, base64.b64decode(value["b64"])))
+        else:
+            out.append((name, None if value is None else value.encode()))
+    return out
+
+
+def run_deliveries(
+    task: Task, spec: HandlerSpec, ids: list[int], token: str, shard: int | None
+) -> dict:
+    """Handle deliveries ``ids``: a fresh batch of a claimed shard, or held retries."""
+    settings = get_settings()
+    queue = inbox_queue(settings, task.name)
+    conn = task_connection(settings)
+    done: list[int] = []
+    failed: dict[int, str] = {}
+    dead: dict[int, str] = {}
+    retry_token = uuid.uuid4()
+    first_countdown = backoff(settings, 0)
+    try:
+        with conn, conn.cursor() as cur:
+            if shard is not None:
+                if not queue.renew(cur, shard, token, settings.lease_seconds):
+                    return {"stale": True}
+                mine = ids
+            else:
+                mine = queue.take_held(cur, ids, token)
+            cur.execute(q(_LOAD, settings.schema), (list(mine),))
+            loaded = cur.fetchall()
+            held: set[tuple[str, bytes]] = set()
+            shards = {}
+            for row in loaded:
+                delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
+                shards[delivery_id] = row_shard
+                key = None if key is None else bytes(key)
+                if key is not None and (topic, key) in held:
+                    continue  # waits behind its key's failed head
+                try:
+                    value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
+                except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
+                    dead[delivery_id] = f"cannot decode the value: {type(exc).__name__}: {exc}"
+                    if key is not None:
+                        held.add((topic, key))
+                    continue
+                message = Message(
+                    message_id=message_id, topic=topic, key=key, value=value,
+                    headers=_decode_headers(row[7]), partition=row[8], offset=row[9],
+                    timestamp=row[10],
+                )  # fmt: skip
+                cur.execute("SAVEPOINT outbox_bridge_delivery")
+                try:
+                    spec.func(message, cur)
+                    queue.complete(cur, [delivery_id])
+                    cur.execute("RELEASE SAVEPOINT outbox_bridge_delivery")
+                    done.append(delivery_id)
+                except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
+                    cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
+                    failed[delivery_id] = f"{type(exc).__name__}: {exc}"
+                    if key is not None:
+                        held.add((topic, key))
+            if shard is not None:
+                queue.hold(
+                    cur, {**failed, **dead}, retry_token, first_countdown + settings.lease_seconds
+                )
+                queue.bury(cur, list(dead), retry_token, None)
+                queue.release(cur, shard, token)
+            else:
+                countdown = backoff(settings, task.request.retries, jitter=False)
+                queue.retry_failed(
+                    cur, {**failed, **dead}, token, countdown + settings.lease_seconds
+                )
+                queue.bury(cur, list(dead), token, None)
+                if done:
+                    queue.wake_shards(cur, (shards[i] for i in done))
+    except TRANSIENT_ERRORS:
+        _drop_connection()
+        raise
+    result = {"done": len(done), "failed": len(failed), "dead": len(dead)}
+    if shard is not None:
+        if failed:
+            try:
+                task.apply_async(
+                    (list(failed), str(retry_token)), countdown=first_countdown, retries=1
+                )
+            except Exception:  # noqa: BLE001 - the lease brings them back
+                log.exception("could not enqueue the retry of deliveries %s", list(failed)[:10])
+        return result
+    if failed:
+        raise HandlerFailed(next(iter(failed.values())))
+    return result
+
+
+def outbox_handler(
+    topic: str,
+    *,
+    name: str | None = None,
+    serializer: Serializer | None = None,
+    **task_options: Any,
+) -> Callable[[Callable[[Message, Any], None]], Task]:
+    """Declare ``func(message, tx)`` as the handler of every message on ``topic``.
+
+    Returns a real Celery task named ``outbox.<topic>.<function>`` (or
+    ``name``). ``tx`` is a cursor of the transaction that also marks the
+    delivery done, so the handler's writes commit exactly when it succeeds;
+    ``publish(tx, ...)`` in a handler chains messages atomically. Do not commit
+    or roll back ``tx`` yourself. Celery options such as ``max_retries``,
+    ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter`` and ``queue``
+    work as for any task (defaults: ``max_retries=outbox_bridge_max_retries``,
+    ``retry_backoff=True``). Values are decoded as JSON unless ``serializer``
+    says otherwise; a value that cannot be decoded makes the delivery dead.
+    """
+
+    def decorate(func: Callable[[Message, Any], None]) -> Task:
+        task_name = name or f"outbox.{topic}.{func.__name__}"
+        settings = get_settings()
+        options = {
+            "max_retries": settings.max_retries,
+            "retry_backoff": settings.retry_backoff,
+            "retry_backoff_max": settings.retry_backoff_max,
+            "retry_jitter": settings.retry_jitter,
+            **task_options,
+        }
+        spec_box: list[HandlerSpec] = []
+
+        def run(self: Task, ids: list[int], token: str, shard: int | None = None) -> dict:
+            return run_deliveries(self, spec_box[0], ids, token, shard)
+
+        run.__name__ = func.__name__
+        run.__doc__ = func.__doc__
+        task = app.task(
+            bind=True, name=task_name, base=HandlerTask, autoretry_for=(HandlerFailed,),
+            **options,
+        )(run)  # fmt: skip
+        spec = HandlerSpec(topic, task, func, serializer or JSONSerializer())
+        spec_box.append(spec)
+        REGISTRY.setdefault(topic, [])
+        REGISTRY[topic] = [s for s in REGISTRY[topic] if s.task.name != task_name] + [spec]
+        return task
+
+    return decorate

@@ -1,0 +1,211 @@
+"""The Kafka consumer that fills the inbox.
+
+Each polled batch is written to the inbox (duplicates by message id ignored)
+together with one delivery per handler of its topic, in one transaction; the
+Kafka offsets are committed only after that commit. A message whose headers
+are broken still gets its inbox row, with dead deliveries that say why: the
+loop never stops on bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, TopicPartition
+from psycopg2.extras import Json
+
+from .config import Settings
+from .db import TRANSIENT_ERRORS, channel, connect, q
+from .message import MESSAGE_ID_HEADER
+from .outbox import shard_of
+
+log = logging.getLogger(__name__)
+
+# ids of messages from producers that set no message_id header
+_NAMESPACE = uuid.UUID("5f1c3e1e-8a7b-4c1d-9a57-0b0f5e2d7c11")
+
+_INSERT_INBOX = """
+INSERT INTO {inbox} (message_id, topic, "partition", "offset", key, value, headers, "timestamp")
+SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::bigint[], %s::bytea[], %s::bytea[],
+                     %s::jsonb[], %s::timestamptz[])
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id
+"""
+
+_INSERT_DELIVERIES = """
+INSERT INTO {deliveries} (message_id, handler, topic, key, shard, state, last_error, dead_at)
+SELECT m, h, t, k, s, st, e, CASE WHEN st = 'dead' THEN now() END
+FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::int[], %s::text[], %s::text[])
+     AS x(m, h, t, k, s, st, e)
+ON CONFLICT (message_id, handler) DO NOTHING
+"""
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    conf = {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "group.id": settings.consumer_group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "topic.metadata.refresh.interval.ms": 5000,
+    }
+    conf.update(settings.consumer_config)
+    return conf
+
+
+def message_identity(msg: Any) -> tuple[uuid.UUID, str | None]:
+    """The message id (from the header, else derived from its position) and any problem."""
+    derived = uuid.uuid5(_NAMESPACE, f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
+    raw = [v for k, v in (msg.headers() or []) if k == MESSAGE_ID_HEADER]
+    if not raw:
+        return derived, None
+    try:
+        return uuid.UUID(raw[-1].decode("ascii")), None
+    except (AttributeError, UnicodeDecodeError, ValueError):
+        return derived, f"broken headers: {MESSAGE_ID_HEADER} is not a UUID: {raw[-1]!r:.80}"
+
+
+def stored_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for name, value in headers or []:
+        if value is None:
+            out.append([name, None])
+            continue
+        try:
+            out.append([name, value.decode("utf-8")])
+        except UnicodeDecodeError:
+            out.append([name, {"b64": base64.b64encode(value).decode()}])
+    return out
+
+
+def _timestamp(msg: Any) -> datetime | None:
+    kind, millis = msg.timestamp()
+    if kind == TIMESTAMP_NOT_AVAILABLE:
+        return None
+    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+
+
+def store(cur, settings: Settings, messages: list, handlers: dict[str, list[str]]) -> int:
+    """Write a batch to the inbox, with its deliveries; returns how many were new."""
+    ids, problems = {}, {}
+    cols: list[list[Any]] = [[] for _ in range(8)]
+    for msg in messages:
+        message_id, problem = message_identity(msg)
+        if message_id in ids:
+            continue  # the same message twice in one batch
+        ids[message_id] = msg
+        if problem:
+            problems[message_id] = problem
+        for col, value in zip(cols, (
+            message_id, msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+            Json(stored_headers(msg.headers())), _timestamp(msg),
+        ), strict=True):  # fmt: skip
+            col.append(value)
+    cur.execute(q(_INSERT_INBOX, settings.schema), cols)
+    new = [r[0] for r in cur.fetchall()]
+    rows: list[list[Any]] = [[] for _ in range(7)]
+    for message_id in new:
+        msg = ids[message_id]
+        for handler in handlers.get(msg.topic(), ()):
+            problem = problems.get(message_id)
+            for col, value in zip(rows, (
+                message_id, handler, msg.topic(), msg.key(),
+                shard_of(msg.topic(), msg.key(), settings.shards),
+                "dead" if problem else "pending", problem,
+            ), strict=True):  # fmt: skip
+                col.append(value)
+    if rows[0]:
+        cur.execute(q(_INSERT_DELIVERIES, settings.schema), rows)
+        cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
+    return len(new)
+
+
+class InboxConsumer:
+    """Consumes every topic that has a handler into the inbox, until stopped."""
+
+    def __init__(self, settings: Settings, handlers: dict[str, list[str]]):
+        self.settings = settings
+        self.handlers = handlers  # topic -> handler task names
+        self.stored = 0  # new inbox rows written, for tests and logs
+
+    def run(self, stop: threading.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self._consume(stop)
+                return
+            except TRANSIENT_ERRORS as exc:
+                log.warning(
+                    "inbox consumer lost PostgreSQL (%s); restarting in %.1fs",
+                    str(exc).strip(),
+                    delay,
+                )
+            except Exception:
+                log.exception("inbox consumer failed; restarting in %.1fs", delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+
+    def _consume(self, stop: threading.Event) -> None:
+        # made here, in the thread that uses it, after the worker forked
+        consumer = Consumer(consumer_config(self.settings))
+        conn = connect(self.settings, name="outbox-bridge inbox")
+        try:
+            consumer.subscribe(sorted(self.handlers), on_lost=self._on_lost)
+            log.info("inbox consumer subscribed to %s", ", ".join(sorted(self.handlers)))
+            while not stop.is_set():
+                batch = consumer.consume(self.settings.batch_size, timeout=0.5)
+                messages = []
+                for msg in batch:
+                    err = msg.error()
+                    if err is None:
+                        messages.append(msg)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("inbox consumer: %s", err)
+                if not messages:
+                    continue
+                with conn, conn.cursor() as cur:
+                    self.stored += store(cur, self.settings, messages, self.handlers)
+                # only now, after the database commit
+                consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+        finally:
+            conn.close()
+            consumer.close()
+
+    @staticmethod
+    def _on_lost(consumer: Consumer, partitions: list) -> None:
+        # never commit for partitions we lost: their new owner may be ahead
+        log.warning("inbox consumer lost partitions %s", partitions)
+
+
+def _next_offsets(messages: list) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for msg in messages:
+        key = (msg.topic(), msg.partition())
+        last[key] = max(last.get(key, -1), msg.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+class ConsumerThread:
+    """The inbox consumer in a thread of its own (used by the worker bootstep)."""
+
+    def __init__(self, settings: Settings, handlers: dict[str, list[str]]):
+        self.consumer = InboxConsumer(settings, handlers)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(
+            target=self.consumer.run, args=(self.stop_event,), name="outbox-bridge-inbox",
+            daemon=True,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout)
