@@ -6,6 +6,7 @@ worker`` delivers it to Kafka.
 
 from .celery import app
 from .errors import (
+    DecodeError,
     DeliveryFailed,
     InvalidHeaders,
     InvalidMessage,
@@ -17,6 +18,7 @@ from .message import Message
 from .outbox import publish, send
 
 __all__ = [
+    "DecodeError",
     "DeliveryFailed",
     "InvalidHeaders",
     "InvalidMessage",

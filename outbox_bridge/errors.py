@@ -25,5 +25,9 @@ class MessageTooLarge(InvalidMessage):
     """Value, key and headers together exceed ``outbox_bridge_max_message_bytes``."""
 
 
+class DecodeError(OutboxBridgeError, ValueError):
+    """A consumed value cannot be decoded by the handler's serializer."""
+
+
 class DeliveryFailed(OutboxBridgeError):
     """Kafka refused some messages on their own; the retry task retries them."""

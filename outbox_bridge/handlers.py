@@ -23,7 +23,7 @@ from celery import Task
 from .celery import app
 from .config import Settings, get_settings
 from .db import TRANSIENT_ERRORS, q
-from .errors import OutboxBridgeError
+from .errors import DecodeError, OutboxBridgeError
 from .message import JSONSerializer, Message, Serializer
 from .queue import Queue
 from .relay import _drop_connection, backoff, task_connection
@@ -139,7 +139,8 @@ def run_deliveries(
                 try:
                     value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
                 except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
-                    dead[delivery_id] = f"cannot decode the value: {type(exc).__name__}: {exc}"
+                    reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+                    dead[delivery_id] = f"cannot decode the value: {reason}"
                     if key is not None:
                         held.add((topic, key))
                     continue

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+import psycopg2
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, TopicPartition
 from psycopg2.extras import Json
 
@@ -78,10 +79,11 @@ def stored_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> list[l
         if value is None:
             out.append([name, None])
             continue
-        try:
-            out.append([name, value.decode("utf-8")])
-        except UnicodeDecodeError:
+        text = value.decode("utf-8", errors="replace")
+        if "\ufffd" in text or "\x00" in text:  # not UTF-8, or NUL, which jsonb refuses
             out.append([name, {"b64": base64.b64encode(value).decode()}])
+        else:
+            out.append([name, text])
     return out
 
 
@@ -89,11 +91,24 @@ def _timestamp(msg: Any) -> datetime | None:
     kind, millis = msg.timestamp()
     if kind == TIMESTAMP_NOT_AVAILABLE:
         return None
-    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+    try:
+        return datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None  # a producer's absurd timestamp is no reason to refuse the message
 
 
-def store(cur, settings: Settings, messages: list, handlers: dict[str, list[str]]) -> int:
-    """Write a batch to the inbox, with its deliveries; returns how many were new."""
+def store(
+    cur,
+    settings: Settings,
+    messages: list,
+    handlers: dict[str, list[str]],
+    broken: str | None = None,
+) -> int:
+    """Write a batch to the inbox, with its deliveries; returns how many were new.
+
+    ``broken``: the messages could not be stored as they are; store them
+    without headers, with dead deliveries that give this reason.
+    """
     ids, problems = {}, {}
     cols: list[list[Any]] = [[] for _ in range(8)]
     for msg in messages:
@@ -101,11 +116,12 @@ def store(cur, settings: Settings, messages: list, handlers: dict[str, list[str]
         if message_id in ids:
             continue  # the same message twice in one batch
         ids[message_id] = msg
-        if problem:
-            problems[message_id] = problem
+        if problem or broken:
+            problems[message_id] = broken or problem
+        headers = [] if broken else stored_headers(msg.headers())
         for col, value in zip(cols, (
             message_id, msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-            Json(stored_headers(msg.headers())), _timestamp(msg),
+            Json(headers), _timestamp(msg),
         ), strict=True):  # fmt: skip
             col.append(value)
     cur.execute(q(_INSERT_INBOX, settings.schema), cols)
@@ -125,6 +141,25 @@ def store(cur, settings: Settings, messages: list, handlers: dict[str, list[str]
         cur.execute(q(_INSERT_DELIVERIES, settings.schema), rows)
         cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
     return len(new)
+
+
+def store_each(cur, settings: Settings, messages: list, handlers: dict[str, list[str]]) -> int:
+    """The slow path after a batch failed: one message at a time, so that one
+    message the database refuses becomes a dead entry instead of stopping the loop."""
+    stored = 0
+    for msg in messages:
+        cur.execute("SAVEPOINT outbox_bridge_message")
+        try:
+            stored += store(cur, settings, [msg], handlers)
+        except psycopg2.DataError as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_message")
+            reason = f"cannot be stored as it is: {str(exc).splitlines()[0]}"
+            log.warning(
+                "inbox: message %s/%d/%d %s", msg.topic(), msg.partition(), msg.offset(), reason
+            )
+            stored += store(cur, settings, [msg], handlers, broken=reason)
+        cur.execute("RELEASE SAVEPOINT outbox_bridge_message")
+    return stored
 
 
 class InboxConsumer:
@@ -170,8 +205,12 @@ class InboxConsumer:
                         log.warning("inbox consumer: %s", err)
                 if not messages:
                     continue
-                with conn, conn.cursor() as cur:
-                    self.stored += store(cur, self.settings, messages, self.handlers)
+                try:
+                    with conn, conn.cursor() as cur:
+                        self.stored += store(cur, self.settings, messages, self.handlers)
+                except psycopg2.DataError:
+                    with conn, conn.cursor() as cur:
+                        self.stored += store_each(cur, self.settings, messages, self.handlers)
                 # only now, after the database commit
                 consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
         finally:

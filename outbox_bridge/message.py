@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from .errors import InvalidHeaders, InvalidTopic, NotSerializable
+from .errors import DecodeError, InvalidHeaders, InvalidTopic, NotSerializable
 
 # The Kafka header that carries the outbox message id, for deduplication.
 MESSAGE_ID_HEADER = "message_id"
@@ -58,7 +58,10 @@ class JSONSerializer:
             ) from exc
 
     def loads(self, data: bytes) -> Any:
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DecodeError(f"not JSON: {exc}") from exc
 
 
 def check_topic(topic: object) -> str:

@@ -107,6 +107,9 @@ def template_db(services) -> str:
     admin = psycopg2.connect(services["OUTBOX_BRIDGE_DATABASE_URL"])
     admin.autocommit = True
     with admin.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'ob\\_test\\_%'")
+        for (stale,) in cur.fetchall():  # left by an interrupted run
+            cur.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
         cur.execute("DROP DATABASE IF EXISTS ob_template WITH (FORCE)")
         cur.execute("CREATE DATABASE ob_template")
     admin.close()

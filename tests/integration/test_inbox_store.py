@@ -1,0 +1,93 @@
+"""Writing consumed messages to the inbox, against a real PostgreSQL."""
+
+import json
+import uuid
+
+import pytest
+
+from outbox_bridge.config import get_settings
+from outbox_bridge.inbox import message_identity, store, store_each, stored_headers
+
+pytestmark = pytest.mark.postgres
+
+
+class FakeMessage:
+    """Stands in for a consumed Kafka message, to reach what Kafka rarely delivers."""
+
+    def __init__(self, offset, value=b"{}", headers=None, key=b"k", topic="t"):
+        self._offset, self._value, self._headers = offset, value, headers
+        self._key, self._topic = key, topic
+
+    def topic(self):
+        return self._topic
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return self._key
+
+    def value(self):
+        return self._value
+
+    def headers(self):
+        return self._headers
+
+    def timestamp(self):
+        return (1, 1_700_000_000_000)
+
+
+def test_duplicates_are_ignored_and_each_handler_gets_one_delivery(conn):
+    settings = get_settings()
+    mid = uuid.uuid4()
+    header = [("message_id", str(mid).encode())]
+    handlers = {"t": ["h1", "h2"]}
+    with conn, conn.cursor() as cur:
+        assert store(cur, settings, [FakeMessage(0, headers=header)] * 2, handlers) == 1
+        assert store(cur, settings, [FakeMessage(5, headers=header)], handlers) == 0
+        cur.execute("SELECT handler, state FROM outbox_bridge.deliveries ORDER BY handler")
+        assert cur.fetchall() == [("h1", "pending"), ("h2", "pending")]
+
+
+def test_a_message_the_database_refuses_becomes_dead_and_the_rest_is_stored(conn):
+    settings = get_settings()
+    handlers = {"t": ["h"]}
+    refused = FakeMessage(1, headers=[("bad\x00name", b"v")])  # jsonb refuses NUL
+    batch = [FakeMessage(0), refused, FakeMessage(2)]
+    with conn, conn.cursor() as cur, pytest.raises(Exception, match="Unicode"):
+        store(cur, settings, batch, handlers)
+    with conn, conn.cursor() as cur:
+        assert store_each(cur, settings, batch, handlers) == 3
+        cur.execute(
+            'SELECT i."offset", d.state, d.last_error FROM outbox_bridge.deliveries d'
+            " JOIN outbox_bridge.inbox i USING (message_id) ORDER BY 1"
+        )
+        rows = cur.fetchall()
+    assert [r[:2] for r in rows] == [(0, "pending"), (1, "dead"), (2, "pending")]
+    assert rows[1][2].startswith("cannot be stored as it is: unsupported Unicode escape")
+
+
+def test_message_ids_from_headers_or_position():
+    mid = uuid.uuid4()
+    assert message_identity(FakeMessage(0, headers=[("message_id", str(mid).encode())])) == (
+        mid,
+        None,
+    )
+    derived, problem = message_identity(FakeMessage(7))
+    assert problem is None and derived == message_identity(FakeMessage(7))[0]
+    assert derived != message_identity(FakeMessage(8))[0]
+    _, problem = message_identity(FakeMessage(0, headers=[("message_id", b"nope")]))
+    assert problem.startswith("broken headers: message_id is not a UUID")
+
+
+def test_header_values_are_stored_readably_or_as_base64():
+    assert stored_headers([("a", b"text"), ("b", b"\xff"), ("c", b"x\x00"), ("d", None)]) == [
+        ["a", "text"],
+        ["b", {"b64": "/w=="}],
+        ["c", {"b64": "eAA="}],
+        ["d", None],
+    ]
+    assert json.dumps(stored_headers(None)) == "[]"
