@@ -14,9 +14,11 @@ pytestmark = pytest.mark.postgres
 class FakeMessage:
     """Stands in for a consumed Kafka message, to reach what Kafka rarely delivers."""
 
-    def __init__(self, offset, value=b"{}", headers=None, key=b"k", topic="t"):
+    def __init__(
+        self, offset, value=b"{}", headers=None, key=b"k", topic="t", timestamp=1_700_000_000_000
+    ):
         self._offset, self._value, self._headers = offset, value, headers
-        self._key, self._topic = key, topic
+        self._key, self._topic, self._timestamp = key, topic, timestamp
 
     def topic(self):
         return self._topic
@@ -37,7 +39,7 @@ class FakeMessage:
         return self._headers
 
     def timestamp(self):
-        return (1, 1_700_000_000_000)
+        return (1, self._timestamp)
 
 
 def test_duplicates_are_ignored_and_each_handler_gets_one_delivery(conn):
@@ -91,3 +93,10 @@ def test_header_values_are_stored_readably_or_as_base64():
         ["d", None],
     ]
     assert json.dumps(stored_headers(None)) == "[]"
+
+
+def test_a_timestamp_python_cannot_hold_is_stored_as_null(conn):
+    with conn, conn.cursor() as cur:
+        store(cur, get_settings(), [FakeMessage(0, timestamp=300_000_000_000_000)], {"t": ["h"]})
+        cur.execute('SELECT "timestamp" FROM outbox_bridge.inbox')
+        assert cur.fetchall() == [(None,)]
