@@ -132,13 +132,16 @@ def watch() -> None:
 @click.option("--count", default=300, show_default=True, help="Orders to write.")
 @click.option("--topic", default="demo.orders", show_default=True)
 def demo(count: int, topic: str) -> None:
-    """Write sample orders through the outbox and watch them reach Kafka (needs a worker)."""
+    """Sample orders through the outbox, Kafka and a handler (needs a worker that includes
+    outbox_bridge.demo_handlers, as scripts/up starts)."""
     from .demo import run_demo
 
     settings = get_settings()
     run_migrations(settings)
     if run_demo(settings, count, topic):
-        raise click.ClickException("some messages are still in the outbox: is a worker running?")
+        raise click.ClickException(
+            "not every order was shipped: is a worker with outbox_bridge.demo_handlers running?"
+        )
 
 
 @main.command()

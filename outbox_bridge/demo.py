@@ -31,7 +31,8 @@ def _kafka_total(settings: Settings, topic: str) -> int:
 
 
 def run_demo(settings: Settings, count: int, topic: str, timeout: float = 120) -> int:
-    """Write ``count`` orders, each with its outbox message; wait until Kafka has them all."""
+    """Write ``count`` orders, each with its outbox message, and wait until the demo
+    handler has recorded a shipment for each. Returns how many are still missing."""
     before = _kafka_total(settings, topic)
     conn = connect(settings, name="outbox-bridge demo")
     try:
@@ -41,6 +42,12 @@ def run_demo(settings: Settings, count: int, topic: str, timeout: float = 120) -
                 "CREATE TABLE IF NOT EXISTS demo.orders (id bigserial PRIMARY KEY,"
                 " customer text NOT NULL, total numeric NOT NULL)"
             )
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS demo.shipments (order_id bigint PRIMARY KEY,"
+                " customer text NOT NULL, shipped_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT coalesce(max(id), 0) FROM demo.orders")
+            (first_order,) = cur.fetchone()
         click.echo(f"orders service: writing {count} orders, each with its outbox message")
         for i in range(count):
             with conn, conn.cursor() as cur:  # the order and its message: one transaction
@@ -59,22 +66,31 @@ def run_demo(settings: Settings, count: int, topic: str, timeout: float = 120) -
                     headers={"type": "OrderCreated"},
                 )
         deadline = time.monotonic() + timeout
-        waiting = count
+        waiting = shipped = count
         while time.monotonic() < deadline:
             with conn, conn.cursor() as cur:
                 cur.execute(
                     q("SELECT count(*) FROM {outbox} WHERE topic = %s", settings.schema), (topic,)
                 )
                 waiting = cur.fetchone()[0]
+                cur.execute(
+                    "SELECT count(*) FROM demo.shipments WHERE order_id > %s", (first_order,)
+                )
+                shipped = cur.fetchone()[0]
             click.echo(
-                f"\r  in the outbox: {waiting:6d}   sent to Kafka: {count - waiting:6d}", nl=False
+                f"\r  in the outbox: {waiting:5d}   sent to Kafka: {count - waiting:5d}"
+                f"   handled (shipped): {shipped:5d}",
+                nl=False,
             )
-            if waiting == 0:
+            if waiting == 0 and shipped >= count:
                 break
             time.sleep(0.2)
         click.echo()
     finally:
         conn.close()
     arrived = _kafka_total(settings, topic) - before
-    click.echo(f"Kafka topic {topic!r} received {arrived} messages ({count} published)")
-    return waiting
+    click.echo(
+        f"done: {count} orders written, {arrived} messages on Kafka topic {topic!r},"
+        f" {shipped} shipments recorded by the handler outbox.{topic}.ship"
+    )
+    return count - min(shipped, count) + waiting

@@ -142,9 +142,15 @@ class Queue:
     def set_idle(self, cur, idle: bool) -> None:
         """Whether commits should NOTIFY (only while no dispatch is under way)."""
         cur.execute(
-            self._q("UPDATE {wakeup} SET idle = %s WHERE queue = %s AND idle <> %s"),
+            self._q(
+                "UPDATE {wakeup} SET idle = %s, seen_at = now() WHERE queue = %s AND idle <> %s"
+            ),
             (idle, self.name, idle),
         )
+
+    def heartbeat(self, cur) -> None:
+        """A watcher is alive: commits may wake it (they skip NOTIFY when none is)."""
+        cur.execute(self._q("UPDATE {wakeup} SET seen_at = now() WHERE queue = %s"), (self.name,))
 
     def expired_retries(self, cur, lease: float, limit: int = 1000) -> list[tuple[int, Any, int]]:
         """Take over retrying rows whose retry task was lost: (id, new token, attempts)."""

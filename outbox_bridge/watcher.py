@@ -126,8 +126,9 @@ class Watcher:
                         self.outbox.set_idle(cur, False)
             sent += self._send(cur, source, shards)
         now = time.monotonic()
-        if now - self._last_retry_scan >= self.settings.poll_interval:
+        if now - self._last_retry_scan >= min(self.settings.poll_interval, 3.0):
             self._last_retry_scan = now
+            self.outbox.heartbeat(cur)  # commits skip NOTIFY 10 s after the last beat
             sent += sum(self._redrive(cur, source) for source in self.sources)
         if now - self._last_recheck >= self.settings.lease_seconds:
             self._last_recheck = now

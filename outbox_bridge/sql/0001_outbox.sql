@@ -48,18 +48,21 @@ CREATE TABLE claims (
     PRIMARY KEY (queue, shard)
 );
 
--- The watcher sets idle = false while it is dispatching work, so that commits
--- in busy periods skip NOTIFY and its global commit lock.
+-- NOTIFY takes a global lock at commit, so commits only send it when it is
+-- needed: while a watcher is alive (seen_at, its heartbeat) and idle. While
+-- it is dispatching work, it finds new rows without being told.
 CREATE TABLE wakeup (
-    queue  text    PRIMARY KEY,
-    idle   boolean NOT NULL DEFAULT true
+    queue    text        PRIMARY KEY,
+    idle     boolean     NOT NULL DEFAULT true,
+    seen_at  timestamptz NOT NULL DEFAULT '-infinity'
 );
 INSERT INTO wakeup (queue, idle) VALUES ('outbox', true);
 
 CREATE FUNCTION outbox_wakeup() RETURNS trigger LANGUAGE plpgsql
 SET search_path FROM CURRENT AS $$
 BEGIN
-    IF (SELECT idle FROM wakeup WHERE queue = 'outbox') THEN
+    IF EXISTS (SELECT 1 FROM wakeup WHERE queue = 'outbox' AND idle
+               AND seen_at > now() - interval '10 seconds') THEN
         PERFORM pg_notify(TG_TABLE_SCHEMA || '.outbox', '');
     END IF;
     RETURN NULL;

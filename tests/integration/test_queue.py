@@ -22,11 +22,16 @@ def _notified(listener, timeout=1.0) -> bool:
     return got
 
 
-def test_commits_notify_only_while_the_watcher_is_idle(db_url, conn):
+def test_commits_notify_only_while_a_watcher_is_alive_and_idle(db_url, conn):
     queue = outbox_queue(get_settings())
     listener = psycopg2.connect(db_url)
     listener.autocommit = True
     listener.cursor().execute(f'LISTEN "{queue.channel}"')
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 0)
+    assert not _notified(listener)  # no watcher has ever beaten: nobody to wake
+    with conn, conn.cursor() as cur:
+        queue.heartbeat(cur)
     with conn, conn.cursor() as cur:
         publish(cur, "t", 1)
     assert _notified(listener)
