@@ -162,4 +162,35 @@ def consume() -> None:
     InboxConsumer(get_settings(), topics).run(stop)
 
 
+@main.command()
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+@click.option("--count", default=200_000, show_default=True, help="Messages for limit and backlog.")
+@click.option("--size", default=1024, show_default=True, help="Value size in bytes.")
+@click.option("--keys", default=100, show_default=True, help="Distinct keys.")
+@click.option("--rate", default=3000, show_default=True, help="Offered rate of the steady state.")
+@click.option("--seconds", default=20.0, show_default=True, help="Steady-state duration.")
+@click.option("--e2e-count", default=50_000, show_default=True, help="Messages end to end.")
+@click.option(
+    "--scale",
+    default="10000,1000000",
+    show_default=True,
+    help="Backlog sizes of the scaling runs, comma-separated.",
+)
+@click.option("--only", help="Comma-separated measurements to run (default: all).")
+def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only) -> None:
+    """Measure the relay beside the raw Kafka producer (see docs/benchmarks.md)."""
+    from .bench import Bench, Options, table
+
+    options = Options(
+        count=count, size=size, keys=keys, rate=rate, seconds=seconds, e2e_count=e2e_count,
+        scale_rows=tuple(int(n) for n in scale.split(",") if n),
+    )  # fmt: skip
+    results = Bench(get_settings(), options).run(set(only.split(",")) if only else None)
+    click.echo(table(results))
+    click.echo(f"machine: {results['machine']}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+
 celery_command = main
