@@ -81,9 +81,9 @@ class HandlerTask(Task):
 
 def bury_deliveries(handler: str, args: Any, kwargs: Any, exc: BaseException) -> int:
     """Mark the retrying deliveries of a failed handler task dead (idempotent)."""
-    params = {**dict(zip(("ids", "token", "shard"), args or (), strict=False)), **(kwargs or {})}
+    params = {**dict(zip(("ids", "token", "shards"), args or (), strict=False)), **(kwargs or {})}
     ids, token = params.get("ids"), params.get("token")
-    if not ids or not token or params.get("shard") is not None:
+    if not ids or not token or params.get("shards") is not None:
         return 0  # a shard task's failures were already handed to a retry
     if not isinstance(exc, HandlerFailed):
         return 0  # not a handler error: the lease runs out and the watcher re-drives
@@ -107,7 +107,7 @@ def _decode_headers(stored: list) -> list[tuple[str, bytes | None]]:
 
 
 def run_deliveries(
-    task: Task, spec: HandlerSpec, ids: list[int], token: str, shard: int | None
+    task: Task, spec: HandlerSpec, ids: list[int], token: str, shards: list[int] | None
 ) -> dict:
     """Handle deliveries ``ids``: a fresh batch of a claimed shard, or held retries."""
     settings = get_settings()
@@ -120,8 +120,9 @@ def run_deliveries(
     first_countdown = backoff(settings, 0)
     try:
         with conn, conn.cursor() as cur:
-            if shard is not None:
-                if not queue.renew(cur, shard, token, settings.lease_seconds):
+            if shards is not None:
+                owned = queue.renew(cur, shards, token, settings.lease_seconds)
+                if not owned:
                     return {"stale": True}
                 mine = ids
             else:
@@ -129,10 +130,12 @@ def run_deliveries(
             cur.execute(q(_LOAD, settings.schema), (list(mine),))
             loaded = cur.fetchall()
             held: set[tuple[str, bytes]] = set()
-            shards = {}
+            shard_of = {}
             for row in loaded:
                 delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
-                shards[delivery_id] = row_shard
+                shard_of[delivery_id] = row_shard
+                if shards is not None and row_shard not in owned:
+                    continue  # no longer ours: its new owner runs it
                 key = None if key is None else bytes(key)
                 if key is not None and (topic, key) in held:
                     continue  # waits behind its key's failed head
@@ -160,12 +163,12 @@ def run_deliveries(
                     failed[delivery_id] = f"{type(exc).__name__}: {exc}"
                     if key is not None:
                         held.add((topic, key))
-            if shard is not None:
+            if shards is not None:
                 queue.hold(
                     cur, {**failed, **dead}, retry_token, first_countdown + settings.lease_seconds
                 )
                 queue.bury(cur, list(dead), retry_token, None)
-                queue.release(cur, shard, token)
+                queue.release(cur, owned, token)
             else:
                 countdown = backoff(settings, task.request.retries, jitter=False)
                 queue.retry_failed(
@@ -173,12 +176,12 @@ def run_deliveries(
                 )
                 queue.bury(cur, list(dead), token, None)
                 if done:
-                    queue.wake_shards(cur, (shards[i] for i in done))
+                    queue.wake_shards(cur, (shard_of[i] for i in done))
     except TRANSIENT_ERRORS:
         _drop_connection()
         raise
     result = {"done": len(done), "failed": len(failed), "dead": len(dead)}
-    if shard is not None:
+    if shards is not None:
         if failed:
             try:
                 task.apply_async(
@@ -224,8 +227,8 @@ def outbox_handler(
         }
         spec_box: list[HandlerSpec] = []
 
-        def run(self: Task, ids: list[int], token: str, shard: int | None = None) -> dict:
-            return run_deliveries(self, spec_box[0], ids, token, shard)
+        def run(self: Task, ids: list[int], token: str, shards: list[int] | None = None) -> dict:
+            return run_deliveries(self, spec_box[0], ids, token, shards)
 
         run.__name__ = func.__name__
         run.__doc__ = func.__doc__

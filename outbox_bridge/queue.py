@@ -20,17 +20,22 @@ from .db import channel, q
 
 # {scope_X}: "AND X.handler = %(scope)s" for an inbox handler's queue, else "".
 
-# Oldest pending rows of one shard whose key has no held (retrying/dead) head.
+# The oldest pending rows of each claimed shard whose key has no held
+# (retrying/dead) head; each shard contributes at most %(limit)s rows.
 _FETCH = """
-SELECT {columns}
-FROM {table} o
-WHERE o.shard = %(shard)s AND o.state = 'pending' {scope_o}
-  AND NOT EXISTS (
-      SELECT 1 FROM {table} h
-      WHERE h.shard = %(shard)s AND h.state IN ('retrying', 'dead') {scope_h}
-        AND h.topic = o.topic AND h.key = o.key)
+SELECT {columns}, o.shard
+FROM unnest(%(shards)s::int[]) AS s(shard)
+CROSS JOIN LATERAL (
+    SELECT o.* FROM {table} o
+    WHERE o.shard = s.shard AND o.state = 'pending' {scope_o}
+      AND NOT EXISTS (
+          SELECT 1 FROM {table} h
+          WHERE h.shard = s.shard AND h.state IN ('retrying', 'dead') {scope_h}
+            AND h.topic = o.topic AND h.key = o.key)
+    ORDER BY o.id
+    LIMIT %(limit)s
+) o
 ORDER BY o.id
-LIMIT %(limit)s
 """
 
 # Shards with pending rows (a loose index scan, one probe per shard), less
@@ -51,12 +56,20 @@ WHERE s.shard IS NOT NULL
       WHERE o.shard = s.shard AND o.state = 'pending' {scope_o} AND o.id > c.idle_above))
 """
 
+# Free shards are claimed in up to %(groups)s groups, one token per group.
 _CLAIM = """
-UPDATE {claims} c SET token = gen_random_uuid(), lease_until = now() + %(lease)s * interval '1s'
-WHERE (c.queue, c.shard) IN (
+WITH free AS (
     SELECT queue, shard FROM {claims}
     WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND lease_until < now()
-    FOR UPDATE SKIP LOCKED)
+    ORDER BY shard
+    FOR UPDATE SKIP LOCKED
+), numbered AS (
+    SELECT queue, shard, (row_number() OVER (ORDER BY shard) - 1) %% %(groups)s AS g FROM free
+)
+UPDATE {claims} c SET token = (%(tokens)s::uuid[])[n.g + 1],
+    lease_until = now() + %(lease)s * interval '1s'
+FROM numbered n
+WHERE c.queue = n.queue AND c.shard = n.shard
 RETURNING c.shard, c.token
 """
 
@@ -122,8 +135,11 @@ class Queue:
         cur.execute(self._q(_READY_SHARDS), self._params())
         return [r[0] for r in cur.fetchall()]
 
-    def claim(self, cur, shards: Sequence[int], lease: float) -> list[tuple[int, uuid.UUID]]:
-        """Claim the given shards that nobody holds; (shard, token) of each claimed."""
+    def claim(
+        self, cur, shards: Sequence[int], lease: float, groups: int = 1
+    ) -> list[tuple[list[int], uuid.UUID]]:
+        """Claim the given shards that nobody holds, split into up to ``groups``
+        claims of one token each: [(shards, token), ...]."""
         if not shards:
             return []
         cur.execute(
@@ -136,8 +152,16 @@ class Queue:
             ),
             (self.name, list(shards), self.name),
         )
-        cur.execute(self._q(_CLAIM), {"queue": self.name, "shards": list(shards), "lease": lease})
-        return [(r[0], r[1]) for r in cur.fetchall()]
+        groups = max(1, groups)
+        tokens = [str(uuid.uuid4()) for _ in range(groups)]
+        cur.execute(
+            self._q(_CLAIM),
+            self._params(shards=list(shards), lease=lease, groups=groups, tokens=tokens),
+        )
+        claimed: dict[Any, list[int]] = {}
+        for shard, token in cur.fetchall():
+            claimed.setdefault(token, []).append(shard)
+        return [(sorted(group), token) for token, group in claimed.items()]
 
     def set_idle(self, cur, idle: bool) -> None:
         """Whether commits should NOTIFY (only while no dispatch is under way)."""
@@ -178,68 +202,77 @@ class Queue:
         )
 
     # -- the shard task's side ----------------------------------------------
-    def renew(self, cur, shard: int, token: uuid.UUID, lease: float) -> bool:
-        """Extend our claim; False if it is no longer ours (a stale task)."""
+    def renew(self, cur, shards: Sequence[int], token: Any, lease: float) -> list[int]:
+        """Extend our claim; the shards still ours (none: a stale task)."""
         cur.execute(
             self._q(
                 "UPDATE {claims} SET lease_until = now() + %s * interval '1s'"
-                " WHERE queue = %s AND shard = %s AND token = %s"
+                " WHERE queue = %s AND shard = ANY(%s) AND token = %s RETURNING shard"
             ),
-            (lease, self.name, shard, token),
+            (lease, self.name, list(shards), token),
         )
-        return cur.rowcount == 1
+        return sorted(r[0] for r in cur.fetchall())
 
-    def fetch(self, cur, shard: int, limit: int) -> list[Row]:
-        """The next rows of the shard, in order, skipping keys held by a failed head."""
+    def _fetch(self, cur, columns: str, shards: Sequence[int], limit: int):
+        per_shard = max(1, -(-limit // max(1, len(shards))))
         cur.execute(
-            self._q(_FETCH.replace("{columns}", _OUTBOX_COLUMNS)),
-            self._params(shard=shard, limit=limit),
+            self._q(_FETCH.replace("{columns}", columns)),
+            self._params(shards=list(shards), limit=per_shard),
         )
-        return [_row(r) for r in cur.fetchall()]
+        rows = cur.fetchall()
+        counts: dict[int, int] = {}
+        for r in rows:
+            counts[r[-1]] = counts.get(r[-1], 0) + 1
+        full = {shard for shard, n in counts.items() if n >= per_shard}
+        return rows, full
 
-    def fetch_ids(self, cur, shard: int, limit: int) -> list[int]:
-        """Like ``fetch``, ids only."""
-        cur.execute(
-            self._q(_FETCH.replace("{columns}", "o.id")), self._params(shard=shard, limit=limit)
-        )
-        return [r[0] for r in cur.fetchall()]
+    def fetch(self, cur, shards: Sequence[int], limit: int) -> tuple[list[Row], set[int]]:
+        """The next rows of the shards, oldest first, skipping keys held by a failed head;
+        and the shards that may have more."""
+        rows, full = self._fetch(cur, _OUTBOX_COLUMNS, shards, limit)
+        return [_row(r[:-1]) for r in rows], full
+
+    def fetch_ids(self, cur, shards: Sequence[int], limit: int) -> tuple[list[int], set[int]]:
+        """Like ``fetch``, ids only; and the shards that had rows."""
+        rows, _full = self._fetch(cur, "o.id", shards, limit)
+        return [r[0] for r in rows], {r[1] for r in rows}
 
     def release(
         self,
         cur,
-        shard: int,
-        token: uuid.UUID,
+        shards: Sequence[int],
+        token: Any,
         pause: float = 0.0,
         unreachable: bool = False,
-        all_held: bool = False,
+        held: Iterable[int] = (),
     ) -> None:
-        """Give the shard back; with ``pause``, nobody re-claims it before then.
+        """Give the shards back; with ``pause``, nobody re-claims them before then.
 
-        ``all_held``: every pending row is held back by its key, so the shard
-        is skipped until a newer row arrives or a key is released.
+        ``held``: shards whose pending rows are all held back by their keys;
+        they are skipped until a newer row arrives or a key is released.
         """
         cur.execute(
             self._q(
-                "UPDATE {claims} SET token = NULL,"
+                "UPDATE {claims} c SET token = NULL,"
                 " lease_until = now() + %(pause)s * interval '1s',"
                 " pauses = CASE WHEN %(unreachable)s THEN pauses + 1 ELSE 0 END,"
-                " idle_above = CASE WHEN %(all_held)s THEN (SELECT max(o.id) FROM {table} o"
-                "   WHERE o.shard = %(shard)s AND o.state = 'pending' {scope_o}) END"
-                " WHERE queue = %(queue)s AND shard = %(shard)s AND token = %(token)s"
+                " idle_above = CASE WHEN c.shard = ANY(%(held)s) THEN (SELECT max(o.id)"
+                "   FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending' {scope_o}) END"
+                " WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s"
             ),
-            self._params(
-                pause=pause, unreachable=unreachable, all_held=all_held, shard=shard, token=token
-            ),
-        )
+            self._params(pause=pause, unreachable=unreachable, held=list(held),
+                         shards=list(shards), token=token),
+        )  # fmt: skip
         cur.execute("SELECT pg_notify(%s, 'released')", (self.channel,))
 
-    def pauses(self, cur, shard: int) -> int:
+    def pauses(self, cur, shards: Sequence[int]) -> int:
+        """Consecutive rounds these shards could not reach Kafka (the most of any)."""
         cur.execute(
-            self._q("SELECT pauses FROM {claims} WHERE queue = %s AND shard = %s"),
-            (self.name, shard),
+            self._q("SELECT max(pauses) FROM {claims} WHERE queue = %s AND shard = ANY(%s)"),
+            (self.name, list(shards)),
         )
         row = cur.fetchone()
-        return row[0] if row else 0
+        return row[0] or 0
 
     def wake_shards(self, cur, shards: Iterable[int]) -> None:
         """Let the watcher claim these shards now (a held key was released)."""

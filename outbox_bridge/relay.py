@@ -100,12 +100,12 @@ def circuit_pause(settings: Settings, pauses: int) -> float:
     retry_backoff=True,
     max_retries=5,
 )
-def publish(self: Task, shard: int, token: str) -> dict:
-    """Drain claimed shard ``shard`` while ``token`` still owns it."""
+def publish(self: Task, shards: list[int], token: str) -> dict:
+    """Drain the claimed ``shards`` while ``token`` still owns them."""
     settings = get_settings()
     queue = outbox_queue(settings)
     relay = get_relay(settings)
-    stats = {"shard": shard, "delivered": 0, "failed": 0, "batches": 0}
+    stats = {"shards": shards, "delivered": 0, "failed": 0, "batches": 0}
     deadline = time.monotonic() + settings.lease_seconds / 3
     try:
         conn = task_connection(settings)
@@ -114,13 +114,14 @@ def publish(self: Task, shard: int, token: str) -> dict:
             retry_token = uuid.uuid4()
             first_countdown = backoff(settings, 0)
             with conn, conn.cursor() as cur:
-                if not queue.renew(cur, shard, token, settings.lease_seconds):
+                owned = queue.renew(cur, shards, token, settings.lease_seconds)
+                if not owned:
                     stats["stale"] = True
                     return stats
-                rows = queue.fetch(cur, shard, settings.batch_size)
+                rows, full = queue.fetch(cur, owned, settings.batch_size)
                 if not rows:
                     # claimed for rows that are all held back by their keys
-                    queue.release(cur, shard, token, all_held=stats["batches"] == 0)
+                    queue.release(cur, owned, token, held=owned if not stats["batches"] else ())
                     return stats
                 stats["batches"] += 1
                 outcome: Outcome = relay.deliver(rows)
@@ -132,16 +133,14 @@ def publish(self: Task, shard: int, token: str) -> dict:
                 stats["failed"] += len(heads)
                 done = True
                 if outcome.unreachable:
-                    pause = circuit_pause(settings, queue.pauses(cur, shard))
+                    pause = circuit_pause(settings, queue.pauses(cur, owned))
                     log.warning(
-                        "Kafka unreachable (%d rows of shard %d wait); pausing the shard %.1fs",
-                        len(outcome.unreachable),
-                        shard,
-                        pause,
-                    )
-                    queue.release(cur, shard, token, pause, unreachable=True)
-                elif len(rows) < settings.batch_size or time.monotonic() > deadline:
-                    queue.release(cur, shard, token)
+                        "Kafka unreachable (%d rows of shards %s wait); pausing them %.1fs",
+                        len(outcome.unreachable), owned, pause,
+                    )  # fmt: skip
+                    queue.release(cur, owned, token, pause, unreachable=True)
+                elif not full or time.monotonic() > deadline:
+                    queue.release(cur, owned, token)
                 else:
                     done = False
             if retry_ids:
@@ -152,19 +151,19 @@ def publish(self: Task, shard: int, token: str) -> dict:
         _drop_connection()
         raise
     except Exception:
-        # a bug must not hold the shard for a whole lease; the error still shows in Flower
-        _release_quietly(queue, shard, token, settings)
+        # a bug must not hold the shards for a whole lease; the error still shows in Flower
+        _release_quietly(queue, shards, token, settings)
         raise
 
 
-def _release_quietly(queue: Queue, shard: int, token: str, settings: Settings) -> None:
+def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Settings) -> None:
     try:
         conn = task_connection(settings)
         conn.rollback()
         with conn, conn.cursor() as cur:
-            queue.release(cur, shard, token, settings.pause_seconds)
-    except Exception:  # noqa: BLE001 - the lease still recovers the shard
-        log.exception("could not release shard %d", shard)
+            queue.release(cur, shards, token, settings.pause_seconds)
+    except Exception:  # noqa: BLE001 - the lease still recovers the shards
+        log.exception("could not release shards %s", shards)
 
 
 def enqueue_retry(ids: list[int], token: Any, *, retries: int, countdown: float) -> None:

@@ -31,20 +31,22 @@ class Source:
     """One queue the watcher dispatches, and the Celery tasks that serve it."""
 
     queue: Queue
-    task: Task  # gets (shard, token) for the outbox, (ids, token, shard) for a handler
+    task: Task  # gets (shards, token) for the outbox, (ids, token, shards) for a handler
     retry_task: Task  # gets (ids, token)
     max_retries: int
     batch_size: int = 0  # > 0: send the ids of the claimed shard's next rows (handlers)
 
-    def send(self, cur, shard: int, token: Any) -> bool:
+    def send(self, cur, shards: list[int], token: Any) -> bool:
         if not self.batch_size:
-            self.task.apply_async((shard, str(token)))
+            self.task.apply_async((shards, str(token)))
             return True
-        ids = self.queue.fetch_ids(cur, shard, self.batch_size)
+        ids, with_rows = self.queue.fetch_ids(cur, shards, self.batch_size)
+        empty = [s for s in shards if s not in with_rows]
+        if empty:  # nothing to hand out there: all held back, or drained meanwhile
+            self.queue.release(cur, empty, token, held=empty)
         if not ids:
-            self.queue.release(cur, shard, token, all_held=True)
             return False
-        self.task.apply_async((ids, str(token), shard))
+        self.task.apply_async((ids, str(token), sorted(with_rows)))
         return True
 
 
@@ -141,16 +143,19 @@ class Watcher:
         if not shards:
             return 0
         sent = 0
-        for shard, token in source.queue.claim(cur, shards, self.settings.lease_seconds):
+        claims = source.queue.claim(
+            cur, shards, self.settings.lease_seconds, self.settings.parallel_tasks
+        )
+        for group, token in claims:
             try:
-                sent += source.send(cur, shard, token)
+                sent += source.send(cur, group, token)
             except TRANSIENT_ERRORS:
                 raise
             except Exception as exc:  # noqa: BLE001 - broker away: retried after a pause
                 log.warning(
-                    "could not send the task of %s shard %d: %s", source.queue.name, shard, exc
+                    "could not send the task of %s shards %s: %s", source.queue.name, group, exc
                 )
-                source.queue.release(cur, shard, token, self.settings.pause_seconds)
+                source.queue.release(cur, group, token, self.settings.pause_seconds)
         return sent
 
     def _redrive(self, cur, source: Source) -> int:

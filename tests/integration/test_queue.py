@@ -72,11 +72,12 @@ def test_a_stale_claim_changes_nothing(db_url, conn, services, topic):
     with conn, conn.cursor() as cur:
         publish(cur, topic, 1, key="a")
         (shard,) = queue.ready_shards(cur)
-        ((_, token),) = queue.claim(cur, [shard], 30)
+        ((shards, token),) = queue.claim(cur, [shard], 30)
+    assert shards == [shard]
     stale = str(uuid.uuid4())
-    assert publish_task(shard, stale)["stale"] is True
+    assert publish_task([shard], stale)["stale"] is True
     assert len(rows(db_url)) == 1
-    assert publish_task(shard, str(token))["delivered"] == 1
+    assert publish_task([shard], str(token))["delivered"] == 1
     assert rows(db_url) == []
 
 
@@ -92,3 +93,13 @@ def test_burying_needs_the_current_retry_token_and_is_idempotent(db_url, conn):
         assert queue.bury(cur, [row_id], token, "last") == 1
         assert queue.bury(cur, [row_id], token, "again") == 0
     assert [(r[3], r[4], r[5]) for r in rows(db_url)] == [("dead", 1, "E: first")]
+
+
+def test_claims_split_into_groups_with_one_token_each(db_url, conn):
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        claims = queue.claim(cur, list(range(10)), 30, groups=3)
+        again = queue.claim(cur, list(range(12)), 30, groups=3)
+    assert sorted(s for group, _ in claims for s in group) == list(range(10))
+    assert len(claims) == 3 and len({token for _, token in claims}) == 3
+    assert [group for group, _ in again] == [[10], [11]]  # only the free ones

@@ -75,7 +75,7 @@ def test_celery_worker_subprocess_runs_a_task(start_worker, db_url, topic, kafka
         )
     c.close()
     app.send_task(
-        "outbox_bridge.outbox.publish", (0, token), queue=worker.env["OUTBOX_BRIDGE_CELERY_QUEUE"]
+        "outbox_bridge.outbox.publish", ([0], token), queue=worker.env["OUTBOX_BRIDGE_CELERY_QUEUE"]
     )
     (msg,) = kafka_reader(topic).read(1, timeout=30)
     assert msg.value() == b'{"n":1}'
