@@ -172,9 +172,15 @@ class Queue:
             (idle, self.name, idle),
         )
 
-    def heartbeat(self, cur) -> None:
-        """A watcher is alive: commits may wake it (they skip NOTIFY when none is)."""
-        cur.execute(self._q("UPDATE {wakeup} SET seen_at = now() WHERE queue = %s"), (self.name,))
+    def heartbeat(self, cur, alive: bool = True) -> None:
+        """A watcher is alive (or stops): commits skip NOTIFY when none is."""
+        cur.execute(
+            self._q(
+                "UPDATE {wakeup} SET seen_at = CASE WHEN %s THEN now() ELSE '-infinity' END"
+                " WHERE queue = %s"
+            ),
+            (alive, self.name),
+        )
 
     def expired_retries(self, cur, lease: float, limit: int = 1000) -> list[tuple[int, Any, int]]:
         """Take over retrying rows whose retry task was lost: (id, new token, attempts)."""

@@ -25,6 +25,9 @@ from .queue import Queue
 
 log = logging.getLogger(__name__)
 
+IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY again
+BUSY_POLL = 0.05  # seconds between looks while commits do not NOTIFY
+
 
 @dataclass
 class Source:
@@ -79,6 +82,8 @@ class Watcher:
         self.dispatched = 0  # tasks sent, for tests and logs
         self._last_retry_scan = 0.0
         self._last_recheck = time.monotonic()
+        self.idle: bool | None = None  # as the flag stands; None: write it at the first look
+        self._quiet_since: float | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set, reconnecting with backoff when PostgreSQL goes away."""
@@ -105,29 +110,31 @@ class Watcher:
                 log.info("watcher listening for %d queues", len(self.sources))
                 while not stop.is_set():
                     self.dispatch(cur)
+                    # busy: look again soon, as commits do not NOTIFY now
+                    wait = self.settings.poll_interval if self.idle else BUSY_POLL
                     if not conn.notifies:
-                        ready, _, _ = select.select([conn], [], [], self.settings.poll_interval)
+                        ready, _, _ = select.select([conn], [], [], wait)
                         if ready:
                             conn.poll()
                     conn.notifies.clear()
+                self.outbox.heartbeat(cur, alive=False)  # commits need not NOTIFY us now
         finally:
             conn.close()
 
     def dispatch(self, cur) -> int:
         """One look for work: claim ready shards and send their tasks. Returns tasks sent."""
         sent = 0
+        now = time.monotonic()
         for source in self.sources:
             shards = source.queue.ready_shards(cur)
             if source.queue is self.outbox:
-                # NOTIFY only while the outbox has nothing pending
-                self.outbox.set_idle(cur, not shards)
-                if not shards:
+                self._outbox_idle(cur, bool(shards), now)
+                if not shards and self.idle:
                     # a row committed before the flag flipped sent no NOTIFY: look again
                     shards = self.outbox.ready_shards(cur)
                     if shards:
-                        self.outbox.set_idle(cur, False)
+                        self._outbox_idle(cur, True, now)
             sent += self._send(cur, source, shards)
-        now = time.monotonic()
         if now - self._last_retry_scan >= min(self.settings.poll_interval, 3.0):
             self._last_retry_scan = now
             self.outbox.heartbeat(cur)  # commits skip NOTIFY 10 s after the last beat
@@ -138,6 +145,18 @@ class Watcher:
                 source.queue.forget_held(cur)
         self.dispatched += sent
         return sent
+
+    def _outbox_idle(self, cur, found: bool, now: float) -> None:
+        """Commits NOTIFY only once the outbox has been empty for IDLE_AFTER seconds:
+        under steady load the flag stays off and writers skip NOTIFY's global lock."""
+        if found:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = now
+        idle = not found and now - self._quiet_since >= IDLE_AFTER
+        if idle != self.idle:
+            self.outbox.set_idle(cur, idle)
+            self.idle = idle
 
     def _send(self, cur, source: Source, shards: list[int]) -> int:
         if not shards:
