@@ -106,10 +106,33 @@ def _decode_headers(stored: list) -> list[tuple[str, bytes | None]]:
     return out
 
 
+class _NeedsSavepoints(Exception):
+    """A handler failed in the fast path: run the batch again, one savepoint each."""
+
+
 def run_deliveries(
     task: Task, spec: HandlerSpec, ids: list[int], token: str, shards: list[int] | None
 ) -> dict:
-    """Handle deliveries ``ids``: a fresh batch of a claimed shard, or held retries."""
+    """Handle deliveries ``ids``: a fresh batch of claimed shards, or held retries.
+
+    Fast path: every handler of the batch in one transaction, "done" marked in
+    bulk at the end. If a handler raises, that transaction is rolled back and
+    the batch runs again with a savepoint per delivery, so that the failure
+    undoes only its own delivery's writes. (A handler may thus be called twice
+    for one delivery; its database writes still commit once.)
+    """
+    try:
+        try:
+            return _run(task, spec, ids, token, shards, careful=False)
+        except _NeedsSavepoints:
+            task_connection(get_settings()).rollback()
+            return _run(task, spec, ids, token, shards, careful=True)
+    except TRANSIENT_ERRORS:
+        _drop_connection()
+        raise
+
+
+def _run(task, spec, ids, token, shards, careful: bool) -> dict:
     settings = get_settings()
     queue = inbox_queue(settings, task.name)
     conn = task_connection(settings)
@@ -118,68 +141,68 @@ def run_deliveries(
     dead: dict[int, str] = {}
     retry_token = uuid.uuid4()
     first_countdown = backoff(settings, 0)
-    try:
-        with conn, conn.cursor() as cur:
-            if shards is not None:
-                owned = queue.renew(cur, shards, token, settings.lease_seconds)
-                if not owned:
-                    return {"stale": True}
-                mine = ids
-            else:
-                mine = queue.take_held(cur, ids, token)
-            cur.execute(q(_LOAD, settings.schema), (list(mine),))
-            loaded = cur.fetchall()
-            held: set[tuple[str, bytes]] = set()
-            shard_of = {}
-            for row in loaded:
-                delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
-                shard_of[delivery_id] = row_shard
-                if shards is not None and row_shard not in owned:
-                    continue  # no longer ours: its new owner runs it
-                key = None if key is None else bytes(key)
-                if key is not None and (topic, key) in held:
-                    continue  # waits behind its key's failed head
-                try:
-                    value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
-                except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
-                    reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
-                    dead[delivery_id] = f"cannot decode the value: {reason}"
-                    if key is not None:
-                        held.add((topic, key))
-                    continue
-                message = Message(
-                    message_id=message_id, topic=topic, key=key, value=value,
-                    headers=_decode_headers(row[7]), partition=row[8], offset=row[9],
-                    timestamp=row[10],
-                )  # fmt: skip
-                cur.execute("SAVEPOINT outbox_bridge_delivery")
+    with conn, conn.cursor() as cur:
+        if shards is not None:
+            owned = queue.renew(cur, shards, token, settings.lease_seconds)
+            if not owned:
+                return {"stale": True}
+            mine = ids
+        else:
+            mine = queue.take_held(cur, ids, token)
+        cur.execute(q(_LOAD, settings.schema), (list(mine),))
+        held: set[tuple[str, bytes]] = set()
+        shard_of = {}
+        for row in cur.fetchall():
+            delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
+            shard_of[delivery_id] = row_shard
+            if shards is not None and row_shard not in owned:
+                continue  # no longer ours: its new owner runs it
+            key = None if key is None else bytes(key)
+            if key is not None and (topic, key) in held:
+                continue  # waits behind its key's failed head
+            try:
+                value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
+            except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
+                reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+                dead[delivery_id] = f"cannot decode the value: {reason}"
+                if key is not None:
+                    held.add((topic, key))
+                continue
+            message = Message(
+                message_id=message_id, topic=topic, key=key, value=value,
+                headers=_decode_headers(row[7]), partition=row[8], offset=row[9],
+                timestamp=row[10],
+            )  # fmt: skip
+            if not careful:
                 try:
                     spec.func(message, cur)
-                    queue.complete(cur, [delivery_id])
-                    cur.execute("RELEASE SAVEPOINT outbox_bridge_delivery")
-                    done.append(delivery_id)
-                except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
-                    cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
-                    failed[delivery_id] = f"{type(exc).__name__}: {exc}"
-                    if key is not None:
-                        held.add((topic, key))
-            if shards is not None:
-                queue.hold(
-                    cur, {**failed, **dead}, retry_token, first_countdown + settings.lease_seconds
-                )
-                queue.bury(cur, list(dead), retry_token, None)
-                queue.release(cur, owned, token)
-            else:
-                countdown = backoff(settings, task.request.retries, jitter=False)
-                queue.retry_failed(
-                    cur, {**failed, **dead}, token, countdown + settings.lease_seconds
-                )
-                queue.bury(cur, list(dead), token, None)
-                if done:
-                    queue.wake_shards(cur, (shard_of[i] for i in done))
-    except TRANSIENT_ERRORS:
-        _drop_connection()
-        raise
+                except Exception as exc:
+                    raise _NeedsSavepoints() from exc
+                done.append(delivery_id)
+                continue
+            cur.execute("SAVEPOINT outbox_bridge_delivery")
+            try:
+                spec.func(message, cur)
+                cur.execute("RELEASE SAVEPOINT outbox_bridge_delivery")
+                done.append(delivery_id)
+            except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
+                cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
+                failed[delivery_id] = f"{type(exc).__name__}: {exc}"
+                if key is not None:
+                    held.add((topic, key))
+        queue.complete(cur, done)  # in the handlers' transaction: done iff their writes
+        if shards is not None:
+            queue.hold(
+                cur, {**failed, **dead}, retry_token, first_countdown + settings.lease_seconds
+            )
+            queue.bury(cur, list(dead), retry_token, None)
+            queue.release(cur, owned, token)
+        else:
+            countdown = backoff(settings, task.request.retries, jitter=False)
+            queue.retry_failed(cur, {**failed, **dead}, token, countdown + settings.lease_seconds)
+            queue.bury(cur, list(dead), token, None)
+            if done:
+                queue.wake_shards(cur, (shard_of[i] for i in done))
     result = {"done": len(done), "failed": len(failed), "dead": len(dead)}
     if shards is not None:
         if failed:
