@@ -45,7 +45,7 @@ class Options:
     naive_count: int = 5_000
     size: int = 1024
     keys: int = 100
-    rate: int = 3_000
+    rate: int = 1_000
     seconds: float = 20.0
     e2e_count: int = 50_000
     writers: int = 32

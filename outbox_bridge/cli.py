@@ -167,7 +167,7 @@ def consume() -> None:
 @click.option("--count", default=200_000, show_default=True, help="Messages for limit and backlog.")
 @click.option("--size", default=1024, show_default=True, help="Value size in bytes.")
 @click.option("--keys", default=100, show_default=True, help="Distinct keys.")
-@click.option("--rate", default=3000, show_default=True, help="Offered rate of the steady state.")
+@click.option("--rate", default=1000, show_default=True, help="Offered rate of the steady state.")
 @click.option("--seconds", default=20.0, show_default=True, help="Steady-state duration.")
 @click.option("--e2e-count", default=50_000, show_default=True, help="Messages end to end.")
 @click.option(

@@ -108,10 +108,12 @@ def encode_headers(headers: Headers | None) -> list[list[Any]]:
     return stored
 
 
-def kafka_headers(stored: list[list[Any]], message_id: UUID) -> list[tuple[str, bytes | None]]:
+def kafka_headers(
+    stored: list[list[Any]] | None, message_id: UUID | str
+) -> list[tuple[str, bytes | None]]:
     """Stored headers as Kafka headers, with the message id first."""
     out: list[tuple[str, bytes | None]] = [(MESSAGE_ID_HEADER, str(message_id).encode())]
-    for name, value in stored:
+    for name, value in stored or ():
         if isinstance(value, dict):
             out.append((name, base64.b64decode(value["b64"])))
         else:
