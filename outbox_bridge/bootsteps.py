@@ -28,7 +28,7 @@ class OutboxWatcherStep(bootsteps.StartStopStep):
         if not settings.watcher:
             log.info("outbox watcher off (outbox_bridge_watcher)")
             return
-        self.thread = WatcherThread(worker.app, settings)
+        self.thread = WatcherThread(worker.app, settings, worker.concurrency or 4)
         self.thread.start()
 
     def stop(self, worker) -> None:

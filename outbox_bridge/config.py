@@ -30,8 +30,9 @@ class Settings:
     # Rows are spread over shards by a hash of (topic, key); one task owns a shard.
     shards: int = 16
     batch_size: int = 2000
-    # Claimed shards are split into at most this many tasks per look for work.
-    parallel_tasks: int = 4
+    # Claimed shards are split into at most this many tasks per look for work
+    # (0: the worker's concurrency; 4 for a standalone watcher).
+    parallel_tasks: int = 0
     lease_seconds: float = 30.0
     # Celery retry settings of the outbox retry task.
     max_retries: int = 5

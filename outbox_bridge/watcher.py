@@ -74,9 +74,11 @@ def sources(app: Celery, settings: Settings) -> list[Source]:
 class Watcher:
     """Dispatches claimed shards, and re-drives lost retries, as Celery tasks."""
 
-    def __init__(self, app: Celery, settings: Settings):
+    def __init__(self, app: Celery, settings: Settings, concurrency: int = 4):
         self.app = app
         self.settings = settings
+        # about one task per worker process per round: fewer tasks, less overhead
+        self.parallel_tasks = settings.parallel_tasks or concurrency
         self.sources = sources(app, settings)
         self.outbox = self.sources[0].queue
         self.dispatched = 0  # tasks sent, for tests and logs
@@ -162,9 +164,7 @@ class Watcher:
         if not shards:
             return 0
         sent = 0
-        claims = source.queue.claim(
-            cur, shards, self.settings.lease_seconds, self.settings.parallel_tasks
-        )
+        claims = source.queue.claim(cur, shards, self.settings.lease_seconds, self.parallel_tasks)
         for group, token in claims:
             try:
                 sent += source.send(cur, group, token)
@@ -203,8 +203,8 @@ def _quote(name: str) -> str:
 class WatcherThread:
     """The watcher in a daemon thread of its own (used by the worker bootstep)."""
 
-    def __init__(self, app: Celery, settings: Settings):
-        self.watcher = Watcher(app, settings)
+    def __init__(self, app: Celery, settings: Settings, concurrency: int = 4):
+        self.watcher = Watcher(app, settings, concurrency)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(
             target=self.watcher.run, args=(self.stop_event,), name="outbox-bridge-watcher",

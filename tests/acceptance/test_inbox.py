@@ -93,6 +93,14 @@ def test_publish_to_handler_end_to_end_exactly_once(inbox, db_url, topic):
         ("outbox.tests.switchable", "done", 5),
         (f"outbox.{topic}.record", "done", 5),
     }
+    status = json.loads(inbox.cli("status", "--json").stdout)["inbox"]
+    assert status["handlers"][f"outbox.{topic}.record"]["counts"]["done"] == 5
+    lag = wait_for(
+        lambda: (s := json.loads(inbox.cli("status", "--json").stdout)["inbox"]["consumer_lag"])
+        and sum(p["end"] for p in s) == 5 and s,
+        30, "the consumer lag report",
+    )  # fmt: skip
+    assert {p["topic"] for p in lag} == {topic} and sum(p["lag"] for p in lag) == 0
 
 
 def test_the_same_message_twice_runs_each_handler_once(inbox, topic, kafka_admin):

@@ -238,3 +238,43 @@ def test_rows_committed_out_of_id_order_are_all_delivered(
     assert values == ["higher id, committed first", "lower id, committed last"]
     early.close()
     late.close()
+
+
+def test_a_rabbitmq_restart_loses_nothing(start_worker, db_url, topic, kafka_reader):
+    start_worker()
+    reader = kafka_reader(topic)
+    commit(db_url, topic, [{"n": 0}])
+    reader.read(1, timeout=60)
+    services_cmd = str(ROOT / "scripts" / "services")
+    subprocess.run([services_cmd, "down", "rabbitmq"], check=True, timeout=120)
+    try:
+        # committed while the Celery broker is away: PostgreSQL keeps them
+        ids = commit(db_url, topic, [{"n": i} for i in range(1, 21)], key="k")
+    finally:
+        subprocess.run([services_cmd, "up", "rabbitmq"], check=True, timeout=180)
+    reader.read_message_ids({str(i) for i in ids}, timeout=120)
+    wait_for(lambda: rows(db_url) == [], 60, "every row to be deleted")
+
+
+def test_two_watchers_at_once_deliver_each_row_once(
+    start_worker, worker_env, db_url, topic, kafka_reader
+):
+    start_worker(args=("--without-outbox-watcher",))
+    watchers = [
+        subprocess.Popen(["outbox-bridge", "watch"], env=worker_env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]  # fmt: skip
+    try:
+        ids = []
+        for start in range(0, 2000, 100):
+            ids += commit(db_url, topic, [{"n": i} for i in range(start, start + 100)],
+                          key=f"k{start % 7}")  # fmt: skip
+        reader = kafka_reader(topic)
+        reader.read_message_ids({str(i) for i in ids}, timeout=120)
+        reader.drain(quiet=2)
+        assert len(reader.messages) == len(ids)  # no duplicates: one owner per shard
+    finally:
+        for w in watchers:
+            w.terminate()
+            w.wait(20)
