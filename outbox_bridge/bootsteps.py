@@ -22,13 +22,15 @@ class OutboxWatcherStep(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         from .config import get_settings
-        from .watcher import WatcherThread
+        from .loops import LoopThread
+        from .watcher import Watcher
 
         settings = get_settings()
         if not settings.watcher:
             log.info("outbox watcher off (outbox_bridge_watcher)")
             return
-        self.thread = WatcherThread(worker.app, settings, worker.concurrency or 4)
+        watcher = Watcher(worker.app, settings, worker.concurrency or 4)
+        self.thread = LoopThread(watcher.run, "outbox-bridge-watcher")
         self.thread.start()
 
     def stop(self, worker) -> None:
@@ -50,14 +52,15 @@ class InboxConsumerStep(bootsteps.StartStopStep):
     def start(self, worker) -> None:
         from .config import get_settings
         from .handlers import handler_topics
-        from .inbox import ConsumerThread
+        from .inbox import InboxConsumer
+        from .loops import LoopThread
 
         settings = get_settings()
         topics = handler_topics()
         if not settings.consumer or not topics:
             log.info("inbox consumer off (outbox_bridge_consumer, or no @outbox_handler)")
             return
-        self.thread = ConsumerThread(settings, topics)
+        self.thread = LoopThread(InboxConsumer(settings, topics).run, "outbox-bridge-inbox")
         self.thread.start()
 
     def stop(self, worker) -> None:

@@ -22,7 +22,8 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Topic
 from psycopg2.extras import Json
 
 from .config import Settings
-from .db import TRANSIENT_ERRORS, channel, connect, q
+from .db import channel, connect, q
+from .loops import run_forever
 from .message import MESSAGE_ID_HEADER
 from .outbox import shard_of
 
@@ -171,21 +172,8 @@ class InboxConsumer:
         self.stored = 0  # new inbox rows written, for tests and logs
 
     def run(self, stop: threading.Event) -> None:
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                self._consume(stop)
-                return
-            except TRANSIENT_ERRORS as exc:
-                log.warning(
-                    "inbox consumer lost PostgreSQL (%s); restarting in %.1fs",
-                    str(exc).strip(),
-                    delay,
-                )
-            except Exception:
-                log.exception("inbox consumer failed; restarting in %.1fs", delay)
-            stop.wait(delay)
-            delay = min(delay * 2, 30.0)
+        """Consume until ``stop`` is set, restarting with backoff after an error."""
+        run_forever(self._consume, stop, "inbox consumer")
 
     def _consume(self, stop: threading.Event) -> None:
         # made here, in the thread that uses it, after the worker forked
@@ -229,22 +217,3 @@ def _next_offsets(messages: list) -> list[TopicPartition]:
         key = (msg.topic(), msg.partition())
         last[key] = max(last.get(key, -1), msg.offset())
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
-
-
-class ConsumerThread:
-    """The inbox consumer in a thread of its own (used by the worker bootstep)."""
-
-    def __init__(self, settings: Settings, handlers: dict[str, list[str]]):
-        self.consumer = InboxConsumer(settings, handlers)
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(
-            target=self.consumer.run, args=(self.stop_event,), name="outbox-bridge-inbox",
-            daemon=True,
-        )  # fmt: skip
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout)

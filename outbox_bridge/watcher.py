@@ -21,6 +21,7 @@ from celery import Celery, Task
 
 from .config import Settings
 from .db import TRANSIENT_ERRORS, connect
+from .loops import run_forever
 from .queue import Queue
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,7 @@ class Watcher:
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set, reconnecting with backoff when PostgreSQL goes away."""
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                self._watch(stop)
-                return
-            except TRANSIENT_ERRORS as exc:
-                log.warning(
-                    "watcher lost PostgreSQL (%s); reconnecting in %.1fs", str(exc).strip(), delay
-                )
-            except Exception:
-                log.exception("watcher failed; restarting in %.1fs", delay)
-            stop.wait(delay)
-            delay = min(delay * 2, 30.0)
+        run_forever(self._watch, stop, "watcher")
 
     def _watch(self, stop: threading.Event) -> None:
         conn = connect(self.settings, autocommit=True, name="outbox-bridge watcher")
@@ -198,22 +187,3 @@ class Watcher:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-class WatcherThread:
-    """The watcher in a daemon thread of its own (used by the worker bootstep)."""
-
-    def __init__(self, app: Celery, settings: Settings, concurrency: int = 4):
-        self.watcher = Watcher(app, settings, concurrency)
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(
-            target=self.watcher.run, args=(self.stop_event,), name="outbox-bridge-watcher",
-            daemon=True,
-        )  # fmt: skip
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout)
