@@ -1,8 +1,13 @@
-"""Worker bootsteps: the long-lived loops that ``celery -A outbox_bridge worker`` runs."""
+"""Worker bootsteps: the long-lived loops that ``celery -A outbox_bridge worker`` runs.
+
+Each runs in a thread of the worker's main process, after the pool has forked,
+and can be switched off by a worker flag or a setting.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from celery import Celery, bootsteps
 from click import Option
@@ -10,82 +15,76 @@ from click import Option
 log = logging.getLogger(__name__)
 
 
-class OutboxWatcherStep(bootsteps.StartStopStep):
-    """Runs the outbox LISTEN watcher in a thread of the worker's main process."""
-
+class _LoopStep(bootsteps.StartStopStep):
     requires = {"celery.worker.components:Pool"}
+    flag = ""  # the worker option that switches the loop off
 
-    def __init__(self, worker, without_outbox_watcher: bool = False, **kwargs):
+    def __init__(self, worker, **kwargs):
+        self.enabled = not kwargs.pop(self.flag, False)
         super().__init__(worker, **kwargs)
-        self.enabled = not without_outbox_watcher
         self.thread = None
 
+    def loop(self, worker) -> tuple[Callable, str] | None:
+        """(run(stop), thread name), or None when the loop is off."""
+        raise NotImplementedError
+
     def start(self, worker) -> None:
-        from .config import get_settings
         from .loops import LoopThread
+
+        found = self.loop(worker)
+        if found is not None:
+            self.thread = LoopThread(*found)
+            self.thread.start()
+
+    def stop(self, worker) -> None:
+        if self.thread is not None:
+            self.thread.stop()
+            self.thread = None
+
+
+class OutboxWatcherStep(_LoopStep):
+    """Runs the outbox LISTEN watcher."""
+
+    flag = "without_outbox_watcher"
+
+    def loop(self, worker):
+        from .config import get_settings
         from .watcher import Watcher
 
         settings = get_settings()
         if not settings.watcher:
             log.info("outbox watcher off (outbox_bridge_watcher)")
-            return
+            return None
         watcher = Watcher(worker.app, settings, worker.concurrency or 4)
-        self.thread = LoopThread(watcher.run, "outbox-bridge-watcher")
-        self.thread.start()
-
-    def stop(self, worker) -> None:
-        if self.thread is not None:
-            self.thread.stop()
-            self.thread = None
+        return watcher.run, "outbox-bridge-watcher"
 
 
-class InboxConsumerStep(bootsteps.StartStopStep):
-    """Runs the Kafka inbox consumer in a thread of the worker's main process."""
+class InboxConsumerStep(_LoopStep):
+    """Runs the Kafka inbox consumer for the topics of the registered handlers."""
 
-    requires = {"celery.worker.components:Pool"}
+    flag = "without_inbox_consumer"
 
-    def __init__(self, worker, without_inbox_consumer: bool = False, **kwargs):
-        super().__init__(worker, **kwargs)
-        self.enabled = not without_inbox_consumer
-        self.thread = None
-
-    def start(self, worker) -> None:
+    def loop(self, worker):
         from .config import get_settings
         from .handlers import handler_topics
         from .inbox import InboxConsumer
-        from .loops import LoopThread
 
         settings = get_settings()
         topics = handler_topics()
         if not settings.consumer or not topics:
             log.info("inbox consumer off (outbox_bridge_consumer, or no @outbox_handler)")
-            return
-        self.thread = LoopThread(InboxConsumer(settings, topics).run, "outbox-bridge-inbox")
-        self.thread.start()
-
-    def stop(self, worker) -> None:
-        if self.thread is not None:
-            self.thread.stop()
-            self.thread = None
+            return None
+        return InboxConsumer(settings, topics).run, "outbox-bridge-inbox"
 
 
 def install(app: Celery) -> None:
     """Add outbox-bridge's worker options and steps to ``app``."""
-    app.user_options["worker"].add(
-        Option(
-            ["--without-outbox-watcher"],
-            is_flag=True,
-            default=False,
-            help="Do not run the outbox LISTEN watcher in this worker.",
+    for flag, what in (
+        ("--without-outbox-watcher", "the outbox LISTEN watcher"),
+        ("--without-inbox-consumer", "the Kafka inbox consumer"),
+    ):
+        app.user_options["worker"].add(
+            Option([flag], is_flag=True, default=False, help=f"Do not run {what} in this worker.")
         )
-    )
-    app.user_options["worker"].add(
-        Option(
-            ["--without-inbox-consumer"],
-            is_flag=True,
-            default=False,
-            help="Do not run the Kafka inbox consumer in this worker.",
-        )
-    )
     app.steps["worker"].add(OutboxWatcherStep)
     app.steps["worker"].add(InboxConsumerStep)
