@@ -114,6 +114,28 @@ def dead_purge(topic, key, ids, handler, as_json) -> None:
     _emit({"purged": count}, as_json, f"purged {count} dead messages")
 
 
+@main.group()
+def inbox() -> None:
+    """Inbox housekeeping."""
+
+
+@inbox.command("prune")
+@click.option(
+    "--older-than",
+    "days",
+    type=float,
+    default=7.0,
+    show_default=True,
+    help="Days since the message was received.",
+)
+def inbox_prune(days: float) -> None:
+    """Delete handled inbox messages (and their done deliveries) older than the cut-off.
+
+    The inbox is what deduplicates: keep it longer than any replay of the topics."""
+    count = ops.prune_inbox(get_settings(), days * 86400)
+    click.echo(f"pruned {count} inbox messages")
+
+
 @main.command()
 def watch() -> None:
     """Run the outbox LISTEN watcher in the foreground (Ctrl-C stops it)."""

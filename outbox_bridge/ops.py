@@ -207,3 +207,27 @@ def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
     finally:
         conn.close()
     return total
+
+
+def prune_inbox(settings: Settings, older_than_seconds: float) -> int:
+    """Forget inbox messages received before the cut-off whose deliveries are all done.
+
+    The inbox is the deduplication record: a message pruned here and consumed
+    again later (a rewound consumer group) would run its handlers again, so
+    keep more than the longest replay you expect.
+    """
+    conn = connect(settings, name="outbox-bridge prune")
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                q(
+                    "DELETE FROM {inbox} i WHERE i.received_at < now() - %s * interval '1s'"
+                    " AND NOT EXISTS (SELECT 1 FROM {deliveries} d"
+                    "  WHERE d.message_id = i.message_id AND d.state <> 'done')",
+                    settings.schema,
+                ),
+                (older_than_seconds,),
+            )
+            return cur.rowcount
+    finally:
+        conn.close()

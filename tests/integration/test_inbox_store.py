@@ -100,3 +100,26 @@ def test_a_timestamp_python_cannot_hold_is_stored_as_null(conn):
         store(cur, get_settings(), [FakeMessage(0, timestamp=300_000_000_000_000)], {"t": ["h"]})
         cur.execute('SELECT "timestamp" FROM outbox_bridge.inbox')
         assert cur.fetchall() == [(None,)]
+
+
+def test_prune_forgets_only_old_fully_handled_messages(conn):
+    from outbox_bridge.ops import prune_inbox
+
+    settings = get_settings()
+    with conn, conn.cursor() as cur:
+        store(cur, settings, [FakeMessage(i) for i in range(3)], {"t": ["h"]})
+        cur.execute(
+            "UPDATE outbox_bridge.inbox SET received_at = now() - interval '8 days'"
+            ' WHERE "offset" < 2'
+        )
+        cur.execute(
+            "UPDATE outbox_bridge.deliveries SET state = 'done' WHERE message_id IN"
+            ' (SELECT message_id FROM outbox_bridge.inbox WHERE "offset" IN (0, 2))'
+        )
+    # offset 0: old and done; 1: old, not done; 2: done but recent
+    assert prune_inbox(settings, 7 * 86400) == 1
+    with conn, conn.cursor() as cur:
+        cur.execute('SELECT "offset" FROM outbox_bridge.inbox ORDER BY 1')
+        assert cur.fetchall() == [(1,), (2,)]
+        cur.execute("SELECT count(*) FROM outbox_bridge.deliveries")
+        assert cur.fetchone() == (2,)
