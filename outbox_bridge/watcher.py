@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
+from psycopg2 import sql
 
 from .config import Settings
 from .db import TRANSIENT_ERRORS, connect
@@ -97,7 +98,7 @@ class Watcher:
         try:
             with conn.cursor() as cur:
                 for name in sorted({s.queue.channel for s in self.sources}):
-                    cur.execute("LISTEN " + _quote(name))
+                    cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
                 log.info("watcher listening for %d queues", len(self.sources))
                 while not stop.is_set():
                     self.dispatch(cur)
@@ -183,7 +184,3 @@ class Watcher:
                     "could not re-send the retry of %s row %d: %s", source.queue.name, row_id, exc
                 )
         return sent
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
