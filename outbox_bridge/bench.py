@@ -30,7 +30,7 @@ import psycopg2
 from confluent_kafka import Consumer, Producer
 
 from .config import Settings
-from .db import connect, q
+from .db import connect, q, transaction
 from .message import kafka_headers
 from .migrate import migrate
 from .outbox import publish
@@ -113,13 +113,9 @@ class Bench:
                  " at timestamptz NOT NULL DEFAULT clock_timestamp())")  # fmt: skip
 
     def sql(self, statement: str, params: Any = None) -> list:
-        conn = connect(self.settings, name="outbox-bridge bench")
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute(q(statement, self.settings.schema), params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+        with transaction(self.settings, "outbox-bridge bench") as cur:
+            cur.execute(q(statement, self.settings.schema), params)
+            return cur.fetchall() if cur.description else []
 
     def topic(self, name: str) -> str:
         return f"bench.{self.run_id}.{name}"
@@ -176,30 +172,34 @@ class Bench:
             )  # fmt: skip
             self.sql("ANALYZE {outbox}")
             return
-        conn = connect(self.settings)
         value = _value(self.opts.size, n=0)
+        self.publish_many(topic, rows, lambda: value)
+
+    def publish_many(self, topic: str, rows: int, value, per_transaction: int = 1000) -> None:
+        """``rows`` messages through publish(), ``value()`` each, in transactions of many."""
+        conn = connect(self.settings)
         try:
-            for start in range(0, rows, 1000):
+            for start in range(0, rows, per_transaction):
                 with conn, conn.cursor() as cur:
-                    for i in range(start, min(rows, start + 1000)):
-                        publish(cur, topic, value, key=f"key-{i % self.opts.keys}")
+                    for i in range(start, min(rows, start + per_transaction)):
+                        publish(cur, topic, value(), key=f"key-{i % self.opts.keys}")
         finally:
             conn.close()
 
-    def wait_empty(self, label: str, timeout: float = 1800) -> float:
-        """Seconds until the outbox is empty, with progress."""
+    def wait_count(self, query: str, done, label: str, timeout: float = 1800) -> float:
+        """Seconds until ``done(count)`` holds for the count ``query`` returns, with progress."""
         t0 = time.monotonic()
         last = 0.0
         while True:
-            left = self.sql("SELECT count(*) FROM {outbox}")[0][0]
+            count = self.sql(query)[0][0]
             now = time.monotonic()
             if now - last > 2:
-                say(f"  {label}: {left} rows left ({now - t0:.0f}s)")
+                say(f"  {label}: {count} ({now - t0:.0f}s)")
                 last = now
-            if left == 0:
+            if done(count):
                 return now - t0
             if now - t0 > timeout:
-                raise click.ClickException(f"{label}: outbox not empty after {timeout}s")
+                raise click.ClickException(f"{label}: still {count} after {timeout}s")
             time.sleep(0.05)
 
     # -- the measurements ----------------------------------------------------
@@ -261,7 +261,9 @@ class Bench:
         say(f"{label}: {rows} committed rows, then the worker")
         self.fill(self.topic(label), rows, bulk=bulk)
         with self.worker("--without-inbox-consumer"):
-            elapsed = self.wait_empty(label)
+            elapsed = self.wait_count(
+                "SELECT count(*) FROM {outbox}", lambda n: n == 0, f"{label}, rows left"
+            )
         return {"messages": rows, "seconds": round(elapsed, 2), "rate": round(rows / elapsed)}
 
     def steady(self) -> dict[str, Any]:
@@ -326,25 +328,16 @@ class Bench:
         say(f"end to end: {count} messages through Kafka, the inbox and a handler")
         with self.worker("--include", "outbox_bridge.bench_handlers"):
             time.sleep(3)  # the consumer joins its group
-            conn = connect(self.settings)
             t0 = time.monotonic()
-            for start in range(0, count, 500):
-                with conn, conn.cursor() as cur:
-                    for i in range(start, min(count, start + 500)):
-                        publish(cur, self.topic("e2e"), _value(self.opts.size, t=time.time()),
-                                key=f"key-{i % self.opts.keys}")  # fmt: skip
-            conn.close()
-            last = 0.0
-            while True:
-                done = self.sql("SELECT count(*) FROM bench_done")[0][0]
-                now = time.monotonic()
-                if now - last > 2:
-                    say(f"  end to end: {done} of {count} handled ({now - t0:.0f}s)")
-                    last = now
-                if done >= count or now - t0 > 900:
-                    break
-                time.sleep(0.1)
+            self.publish_many(
+                self.topic("e2e"), count, lambda: _value(self.opts.size, t=time.time()), 500
+            )
+            self.wait_count(
+                "SELECT count(*) FROM bench_done", lambda n: n >= count,
+                "end to end, handled", timeout=900,
+            )  # fmt: skip
             elapsed = time.monotonic() - t0
+            done = self.sql("SELECT count(*) FROM bench_done")[0][0]
         lat = [r[0] for r in self.sql(
             "SELECT extract(epoch FROM at) - t FROM bench_done")]  # fmt: skip
         return {"messages": done, "seconds": round(elapsed, 2), "rate": round(done / elapsed),

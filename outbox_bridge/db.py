@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -39,6 +42,17 @@ def connect(
     )
     conn.autocommit = autocommit
     return conn
+
+
+@contextmanager
+def transaction(settings: Settings | None = None, name: str = "outbox-bridge") -> Iterator[Any]:
+    """A cursor in a transaction on a connection of its own, committed and closed after."""
+    conn = connect(settings, name=name)
+    try:
+        with conn, conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
 
 
 @functools.lru_cache(maxsize=64)

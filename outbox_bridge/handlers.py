@@ -199,7 +199,7 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
             queue.release(cur, owned, token)
         else:
             countdown = backoff(settings, task.request.retries, jitter=False)
-            queue.retry_failed(cur, {**failed, **dead}, token, countdown + settings.lease_seconds)
+            queue.hold(cur, {**failed, **dead}, token, countdown + settings.lease_seconds)
             queue.bury(cur, list(dead), token, None)
             if done:
                 queue.wake_shards(cur, (shard_of[i] for i in done))

@@ -8,7 +8,7 @@ from importlib import resources
 from psycopg2 import sql
 
 from .config import Settings, get_settings
-from .db import connect, q
+from .db import q, transaction
 
 _MIGRATION = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -28,31 +28,27 @@ def migrate(settings: Settings | None = None) -> list[str]:
     settings = settings or get_settings()
     schema = settings.schema
     applied_now = []
-    conn = connect(settings, name="outbox-bridge migrate")
-    try:
-        with conn, conn.cursor() as cur:
-            # one migrator at a time, per database
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext('outbox_bridge.migrate'))")
-            cur.execute(q("CREATE SCHEMA IF NOT EXISTS {schema}", schema))
-            cur.execute(
-                q(
-                    "CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY,"
-                    " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-                    schema,
-                )
+    with transaction(settings, "outbox-bridge migrate") as cur:
+        # one migrator at a time, per database
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('outbox_bridge.migrate'))")
+        cur.execute(q("CREATE SCHEMA IF NOT EXISTS {schema}", schema))
+        cur.execute(
+            q(
+                "CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY,"
+                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+                schema,
             )
-            cur.execute(q("SELECT version FROM {migrations}", schema))
-            done = {row[0] for row in cur.fetchall()}
-            cur.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
-            for version, name, text in available():
-                if version in done:
-                    continue
-                cur.execute(text)
-                cur.execute(
-                    q("INSERT INTO {migrations} (version, name) VALUES (%s, %s)", schema),
-                    (version, name),
-                )
-                applied_now.append(f"{version:04d}_{name}")
-    finally:
-        conn.close()
+        )
+        cur.execute(q("SELECT version FROM {migrations}", schema))
+        done = {row[0] for row in cur.fetchall()}
+        cur.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+        for version, name, text in available():
+            if version in done:
+                continue
+            cur.execute(text)
+            cur.execute(
+                q("INSERT INTO {migrations} (version, name) VALUES (%s, %s)", schema),
+                (version, name),
+            )
+            applied_now.append(f"{version:04d}_{name}")
     return applied_now

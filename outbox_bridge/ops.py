@@ -8,7 +8,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from .config import Settings
-from .db import connect, q
+from .db import q, transaction
 from .queue import Queue
 
 _HELD = "state IN ('retrying', 'dead')"
@@ -16,15 +16,11 @@ _HELD = "state IN ('retrying', 'dead')"
 
 def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
     """Counts per state, oldest pending age, keys held back by a failed head, consumer lag."""
-    conn = connect(settings, name="outbox-bridge status")
-    try:
-        with conn, conn.cursor() as cur:
-            out = {"outbox": _outbox_status(cur, settings.schema)}
-            out["inbox"] = _inbox_status(cur, settings.schema)
-            cur.execute(q("SELECT DISTINCT topic FROM {deliveries}", settings.schema))
-            topics = [r[0] for r in cur.fetchall()]
-    finally:
-        conn.close()
+    with transaction(settings, "outbox-bridge status") as cur:
+        out = {"outbox": _outbox_status(cur, settings.schema)}
+        out["inbox"] = _inbox_status(cur, settings.schema)
+        cur.execute(q("SELECT DISTINCT topic FROM {deliveries}", settings.schema))
+        topics = [r[0] for r in cur.fetchall()]
     if kafka:
         out["inbox"]["consumer_lag"] = consumer_lag(settings, topics)
     return out
@@ -141,9 +137,9 @@ def _where(topic, key, ids, handler) -> tuple[str, list]:
     return " AND ".join(where), params
 
 
-def _tables(handler: str | None, outbox: bool) -> list[str]:
+def _tables(handler: str | None) -> list[str]:
     """The outbox unless a handler is named; the deliveries always."""
-    return (["outbox"] if outbox and not handler else []) + ["deliveries"]
+    return (["outbox"] if not handler else []) + ["deliveries"]
 
 
 def dead_list(
@@ -151,25 +147,21 @@ def dead_list(
 ) -> list[dict]:
     """Dead outbox rows and dead deliveries (``queue`` says which), oldest first."""
     found: list[dict] = []
-    conn = connect(settings, name="outbox-bridge dead")
-    try:
-        with conn, conn.cursor() as cur:
-            for table in _tables(handler, True):
-                where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
-                queue = "'outbox'" if table == "outbox" else "handler"
-                cur.execute(
-                    q(
-                        f"SELECT {queue} AS queue, id, message_id, topic,"
-                        " convert_from(key, 'UTF8') AS key, attempts, last_error, created_at,"
-                        f" failed_at, dead_at FROM {{{table}}} WHERE {where} ORDER BY id LIMIT %s",
-                        settings.schema,
-                    ),
-                    params + [limit],
-                )
-                cols = [d.name for d in cur.description]
-                found += [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-    finally:
-        conn.close()
+    with transaction(settings, "outbox-bridge dead") as cur:
+        for table in _tables(handler):
+            where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
+            queue = "'outbox'" if table == "outbox" else "handler"
+            cur.execute(
+                q(
+                    f"SELECT {queue} AS queue, id, message_id, topic,"
+                    " convert_from(key, 'UTF8') AS key, attempts, last_error, created_at,"
+                    f" failed_at, dead_at FROM {{{table}}} WHERE {where} ORDER BY id LIMIT %s",
+                    settings.schema,
+                ),
+                params + [limit],
+            )
+            cols = [d.name for d in cur.description]
+            found += [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     return found
 
 
@@ -185,27 +177,23 @@ def dead_purge(settings: Settings, topic=None, key=None, ids=(), handler=None) -
 
 def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
     total = 0
-    conn = connect(settings, name="outbox-bridge dead")
-    try:
-        with conn, conn.cursor() as cur:
-            for table in _tables(handler, True):
-                where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
-                queue_of = "'outbox'" if table == "outbox" else "'inbox:' || handler"
-                action = (
-                    f"UPDATE {{{table}}} SET state = 'pending', attempts = 0, claim_token = NULL,"
-                    f" lease_until = NULL, dead_at = NULL WHERE {where}"
-                    if retry
-                    else f"DELETE FROM {{{table}}} WHERE {where}"
-                )
-                cur.execute(q(f"{action} RETURNING {queue_of}, shard", settings.schema), params)
-                woken: dict[str, set[int]] = {}
-                for queue, shard in cur.fetchall():
-                    woken.setdefault(queue, set()).add(shard)
-                    total += 1
-                for queue, shards in woken.items():
-                    Queue(queue, table, settings.schema).wake_shards(cur, shards)
-    finally:
-        conn.close()
+    with transaction(settings, "outbox-bridge dead") as cur:
+        for table in _tables(handler):
+            where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
+            queue_of = "'outbox'" if table == "outbox" else "'inbox:' || handler"
+            action = (
+                f"UPDATE {{{table}}} SET state = 'pending', attempts = 0, claim_token = NULL,"
+                f" lease_until = NULL, dead_at = NULL WHERE {where}"
+                if retry
+                else f"DELETE FROM {{{table}}} WHERE {where}"
+            )
+            cur.execute(q(f"{action} RETURNING {queue_of}, shard", settings.schema), params)
+            woken: dict[str, set[int]] = {}
+            for queue, shard in cur.fetchall():
+                woken.setdefault(queue, set()).add(shard)
+                total += 1
+            for queue, shards in woken.items():
+                Queue(queue, table, settings.schema).wake_shards(cur, shards)
     return total
 
 
@@ -216,18 +204,14 @@ def prune_inbox(settings: Settings, older_than_seconds: float) -> int:
     again later (a rewound consumer group) would run its handlers again, so
     keep more than the longest replay you expect.
     """
-    conn = connect(settings, name="outbox-bridge prune")
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(
-                q(
-                    "DELETE FROM {inbox} i WHERE i.received_at < now() - %s * interval '1s'"
-                    " AND NOT EXISTS (SELECT 1 FROM {deliveries} d"
-                    "  WHERE d.message_id = i.message_id AND d.state <> 'done')",
-                    settings.schema,
-                ),
-                (older_than_seconds,),
-            )
-            return cur.rowcount
-    finally:
-        conn.close()
+    with transaction(settings, "outbox-bridge prune") as cur:
+        cur.execute(
+            q(
+                "DELETE FROM {inbox} i WHERE i.received_at < now() - %s * interval '1s'"
+                " AND NOT EXISTS (SELECT 1 FROM {deliveries} d"
+                "  WHERE d.message_id = i.message_id AND d.state <> 'done')",
+                settings.schema,
+            ),
+            (older_than_seconds,),
+        )
+        return cur.rowcount

@@ -311,19 +311,23 @@ class Queue:
                 (list(ids),),
             )
 
-    def hold(self, cur, failures: dict[int, str], token: uuid.UUID, lease: float) -> None:
-        """First failure of these rows: they become retrying heads owned by ``token``."""
+    def hold(self, cur, failures: dict[int, str], token: Any, lease: float) -> None:
+        """A failed attempt of these rows: they become (or stay) retrying heads owned by
+        ``token``, with a lease that covers the next countdown. Rows that another token
+        took over meanwhile are left alone."""
         if not failures:
             return
         cur.execute(
             self._q(
                 "UPDATE {table} o SET state = 'retrying', attempts = o.attempts + 1,"
-                " last_error = f.error, failed_at = now(), claim_token = %s,"
-                " lease_until = now() + %s * interval '1s'"
-                " FROM unnest(%s::bigint[], %s::text[]) AS f(id, error) WHERE o.id = f.id"
+                " last_error = f.error, failed_at = now(), claim_token = %(token)s,"
+                " lease_until = now() + %(lease)s * interval '1s'"
+                " FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)"
+                " WHERE o.id = f.id AND (o.state = 'pending' OR o.claim_token = %(token)s)"
             ),
-            (token, lease, list(failures), list(failures.values())),
-        )
+            {"token": token, "lease": lease, "ids": list(failures),
+             "errors": list(failures.values())},
+        )  # fmt: skip
 
     def fetch_held(self, cur, ids: Sequence[int], token: uuid.UUID) -> list[tuple[Row, int]]:
         """Retrying rows still owned by ``token``, locked, with their attempts and shard."""
@@ -347,20 +351,6 @@ class Queue:
             (list(ids), token),
         )
         return [r[0] for r in cur.fetchall()]
-
-    def retry_failed(self, cur, failures: dict[int, str], token: uuid.UUID, lease: float) -> None:
-        """Another failed attempt of retrying rows; the lease covers the next countdown."""
-        if not failures:
-            return
-        cur.execute(
-            self._q(
-                "UPDATE {table} o SET attempts = o.attempts + 1, last_error = f.error,"
-                " failed_at = now(), lease_until = now() + %s * interval '1s'"
-                " FROM unnest(%s::bigint[], %s::text[]) AS f(id, error)"
-                " WHERE o.id = f.id AND o.claim_token = %s"
-            ),
-            (lease, list(failures), list(failures.values()), token),
-        )
 
     def extend_held(self, cur, ids: Sequence[int], token: uuid.UUID, lease: float) -> None:
         cur.execute(

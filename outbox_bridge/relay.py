@@ -22,7 +22,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from .celery import app
 from .config import Settings, get_settings
-from .db import TRANSIENT_ERRORS, connect
+from .db import TRANSIENT_ERRORS, connect, transaction
 from .errors import DeliveryFailed
 from .producer import Outcome, get_relay, reset_relay
 from .queue import Queue
@@ -188,12 +188,8 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     if not ids or not token or not isinstance(exc, DeliveryFailed):
         return 0  # other errors: the lease runs out and the watcher re-drives the rows
     settings = get_settings()
-    conn = connect(settings, name="outbox-bridge bury")
-    try:
-        with conn, conn.cursor() as cur:
-            count = outbox_queue(settings).bury(cur, ids, token, f"{type(exc).__name__}: {exc}")
-    finally:
-        conn.close()
+    with transaction(settings, "outbox-bridge bury") as cur:
+        count = outbox_queue(settings).bury(cur, ids, token, f"{type(exc).__name__}: {exc}")
     if count:
         log.error("%d outbox rows are dead after their last retry: %s", count, exc)
     return count
@@ -233,7 +229,7 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
             failed = outcome.failed
             if failed:
                 countdown = backoff(settings, self.request.retries, jitter=False)
-                queue.retry_failed(cur, failed, token, countdown + settings.lease_seconds)
+                queue.hold(cur, failed, token, countdown + settings.lease_seconds)
     except TRANSIENT_ERRORS:
         _drop_connection()
         raise
