@@ -34,6 +34,10 @@ class Settings:
     # (0: the worker's concurrency; 4 for a standalone watcher).
     parallel_tasks: int = 0
     lease_seconds: float = 30.0
+    # Celery hard time limit of handler tasks, seconds (0: none); per handler: time_limit=
+    handler_time_limit: float = 300.0
+    # Bytes of message values one fetch of the relay reads at most (rows: batch_size).
+    batch_bytes: int = 32_000_000
     # Celery retry settings of the outbox retry task.
     max_retries: int = 5
     retry_backoff: float = 1.0
@@ -94,19 +98,25 @@ def _parse(name: str, kind: str, raw: str) -> Any:
 
 
 _current: Settings | None = None
+_conf: Any = None
+
+
+def use_conf(conf: Any) -> None:
+    """Read settings from this mapping from now on (``outbox_bridge.celery`` hands in
+    its app's config); without one, only the environment and the defaults count."""
+    global _conf, _current
+    _conf, _current = conf, None
 
 
 def get_settings() -> Settings:
-    """The settings of the outbox-bridge Celery app, read once per process."""
+    """The current settings, read once per process."""
     global _current
     if _current is None:
-        from .celery import app
-
-        _current = Settings.from_conf(app.conf)
+        _current = Settings.from_conf(_conf)
     return _current
 
 
 def reset_settings() -> None:
-    """Forget cached settings (after the app's config changed)."""
+    """Forget cached settings (after the config or the environment changed)."""
     global _current
     _current = None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg2
@@ -16,13 +19,25 @@ from .config import Settings, get_settings
 
 psycopg2.extras.register_uuid()
 
-# Errors after which the same work may succeed on a new connection or attempt.
-TRANSIENT_ERRORS = (
-    psycopg2.OperationalError,
-    psycopg2.InterfaceError,
-    psycopg2.errors.SerializationFailure,
-    psycopg2.errors.DeadlockDetected,
+# SQLSTATE classes and codes after which the same work may succeed on a new
+# connection or attempt. OperationalError also covers deterministic ones
+# (54000 program_limit_exceeded, 57014 query_canceled): those are not retried.
+_TRANSIENT_CLASSES = ("08", "53", "58")
+_TRANSIENT_CODES = frozenset(
+    {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "57P05", "25P03"}
 )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether the same work may succeed on a new connection or a new attempt."""
+    if isinstance(exc, psycopg2.InterfaceError):
+        return True  # the connection is closed
+    if not isinstance(exc, psycopg2.Error):
+        return False
+    code = exc.pgcode
+    if code is None:  # no answer from the server: connection refused or lost
+        return isinstance(exc, psycopg2.OperationalError)
+    return code[:2] in _TRANSIENT_CLASSES or code in _TRANSIENT_CODES
 
 
 def connect(
@@ -30,18 +45,44 @@ def connect(
 ) -> psycopg2.extensions.connection:
     """A new connection to the outbox-bridge database."""
     settings = settings or get_settings()
-    conn = psycopg2.connect(
-        settings.database_url,
-        application_name=name,
-        connect_timeout=10,
-        # notice a dead server or peer in seconds, not hours
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-    )
+    dsn = psycopg2.extensions.parse_dsn(settings.database_url)
+    # Our transactions may wait on Kafka (up to message.timeout.ms) while idle: a
+    # server-wide idle_in_transaction_session_timeout below that must not cut them.
+    options = f"{dsn.pop('options', '')} -c idle_in_transaction_session_timeout=0".strip()
+    params = {"connect_timeout": 10, **dsn, "application_name": name, "options": options}
+    # notice a dead server or peer in seconds, not hours
+    params.update(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+    conn = psycopg2.connect(**params)
     conn.autocommit = autocommit
     return conn
+
+
+_local = threading.local()
+
+
+def task_connection(settings: Settings) -> psycopg2.extensions.connection:
+    """This thread's connection for tasks: one per pool process, thread or greenlet,
+    made after the fork, so that concurrent tasks never share a transaction."""
+    conn = getattr(_local, "conn", None)
+    if (
+        conn is None
+        or conn.closed
+        or _local.pid != os.getpid()
+        or _local.url != settings.database_url
+    ):
+        drop_task_connection()
+        conn = connect(settings, name="outbox-bridge task")
+        _local.conn, _local.pid, _local.url = conn, os.getpid(), settings.database_url
+    return conn
+
+
+def drop_task_connection() -> None:
+    """Close this thread's task connection (after an error); the next use makes a new one."""
+    conn = getattr(_local, "conn", None)
+    _local.conn = None
+    if conn is not None and _local.pid == os.getpid():
+        with suppress(psycopg2.Error):
+            conn.close()
 
 
 @contextmanager
@@ -65,6 +106,9 @@ def _compose(template: str, schema: str) -> sql.Composed:
         migrations=sql.Identifier(schema, "migrations"),
         inbox=sql.Identifier(schema, "inbox"),
         deliveries=sql.Identifier(schema, "deliveries"),
+        wakes=sql.Identifier(schema, "wakes"),
+        handlers=sql.Identifier(schema, "handlers"),
+        topic_pauses=sql.Identifier(schema, "topic_pauses"),
     )
 
 
@@ -74,5 +118,9 @@ def q(template: str, schema: str | None = None) -> sql.Composed:
 
 
 def channel(schema: str, queue: str) -> str:
-    """The NOTIFY channel of one queue (matches the trigger's)."""
-    return f"{schema}.{queue}"
+    """The NOTIFY channel of one queue (matches the trigger's). PostgreSQL cuts
+    names at 63 bytes, so a long one is shortened with a hash that keeps it apart."""
+    name = f"{schema}.{queue}"
+    if len(name.encode()) <= 63:
+        return name
+    return "ob_" + hashlib.md5(name.encode()).hexdigest()  # as outbox_wakeup() does

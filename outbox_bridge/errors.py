@@ -14,7 +14,7 @@ class InvalidTopic(InvalidMessage):
 
 
 class InvalidHeaders(InvalidMessage):
-    """A header name is not a string, or a header value is not str or bytes."""
+    """A header name or value has the wrong type or cannot be carried (NUL, lone surrogates)."""
 
 
 class NotSerializable(InvalidMessage):
@@ -31,3 +31,11 @@ class DecodeError(OutboxBridgeError, ValueError):
 
 class DeliveryFailed(OutboxBridgeError):
     """Kafka refused some messages on their own; the retry task retries them."""
+
+
+class InvalidKey(InvalidMessage):
+    """The key is not str, bytes or None, or longer than outbox-bridge can keep in order."""
+
+
+class TransientError(OutboxBridgeError):
+    """A database error after which the same work may succeed; tasks retry it."""

@@ -22,11 +22,11 @@ from celery import Task
 
 from .celery import app
 from .config import Settings, get_settings
-from .db import TRANSIENT_ERRORS, q
-from .errors import DecodeError, OutboxBridgeError
+from .db import q, task_connection
+from .errors import DecodeError, OutboxBridgeError, TransientError
 from .message import JSONSerializer, Message, Serializer
 from .queue import Queue
-from .relay import _drop_connection, backoff, task_connection
+from .retrying import backoff, lease_for, reraise_database_error
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def handler_topics() -> dict[str, list[str]]:
 def inbox_queue(settings: Settings, handler: str) -> Queue:
     return Queue(
         name=f"inbox:{handler}", table="deliveries", schema=settings.schema, scope=handler,
-        done="done",
+        done="done", size_column=None,
     )  # fmt: skip
 
 
@@ -89,6 +89,7 @@ def bury_deliveries(handler: str, args: Any, kwargs: Any, exc: BaseException) ->
         return 0  # not a handler error: the lease runs out and the watcher re-drives
     settings = get_settings()
     conn = task_connection(settings)
+    conn.rollback()
     with conn, conn.cursor() as cur:
         count = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}")
     if count:
@@ -127,8 +128,8 @@ def run_deliveries(
         except _NeedsSavepoints:
             task_connection(get_settings()).rollback()
             return _run(task, spec, ids, token, shards, careful=True)
-    except TRANSIENT_ERRORS:
-        _drop_connection()
+    except Exception as exc:
+        reraise_database_error(exc)
         raise
 
 
@@ -140,9 +141,11 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
     failed: dict[int, str] = {}
     dead: dict[int, str] = {}
     retry_token = uuid.uuid4()
-    first_countdown = backoff(settings, 0)
+    first_countdown = backoff(task, 0)
     with conn, conn.cursor() as cur:
         if shards is not None:
+            # locked until commit: a handler slower than the lease still finishes;
+            # one that hangs is ended by the task's time limit (handler_time_limit)
             owned = queue.renew(cur, shards, token, settings.lease_seconds)
             if not owned:
                 return {"stale": True}
@@ -193,13 +196,13 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
         queue.complete(cur, done)  # in the handlers' transaction: done iff their writes
         if shards is not None:
             queue.hold(
-                cur, {**failed, **dead}, retry_token, first_countdown + settings.lease_seconds
+                cur, {**failed, **dead}, retry_token, lease_for(task, 0, settings.lease_seconds)
             )
             queue.bury(cur, list(dead), retry_token, None)
             queue.release(cur, owned, token)
         else:
-            countdown = backoff(settings, task.request.retries, jitter=False)
-            queue.hold(cur, {**failed, **dead}, token, countdown + settings.lease_seconds)
+            lease = lease_for(task, task.request.retries, settings.lease_seconds)
+            queue.hold(cur, {**failed, **dead}, token, lease)
             queue.bury(cur, list(dead), token, None)
             if done:
                 queue.wake_shards(cur, (shard_of[i] for i in done))
@@ -246,6 +249,8 @@ def outbox_handler(
             "retry_backoff": settings.retry_backoff,
             "retry_backoff_max": settings.retry_backoff_max,
             "retry_jitter": settings.retry_jitter,
+            # a hung handler keeps its shard locked: end it (prefork: the process)
+            "time_limit": settings.handler_time_limit or None,
             **task_options,
         }
         spec_box: list[HandlerSpec] = []
@@ -256,7 +261,8 @@ def outbox_handler(
         run.__name__ = func.__name__
         run.__doc__ = func.__doc__
         task = app.task(
-            bind=True, name=task_name, base=HandlerTask, autoretry_for=(HandlerFailed,),
+            bind=True, name=task_name, base=HandlerTask,
+            autoretry_for=(HandlerFailed, TransientError),
             **options,
         )(run)  # fmt: skip
         spec = HandlerSpec(topic, task, func, serializer or JSONSerializer())

@@ -18,13 +18,19 @@ from datetime import datetime, timezone
 from typing import Any
 
 import psycopg2
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from psycopg2.extras import Json
 
 from .config import Settings
-from .db import channel, connect, q
+from .db import channel, connect, is_transient, q
 from .loops import run_forever
-from .message import MESSAGE_ID_HEADER
+from .message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
 from .outbox import shard_of
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,12 @@ def store(
         if message_id in ids:
             continue  # the same message twice in one batch
         ids[message_id] = msg
+        key = msg.key()
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            problem = (
+                f"key of {len(key)} bytes is longer than the {MAX_KEY_BYTES} bytes whose order"
+                " outbox-bridge keeps" + (f"; {problem}" if problem else "")
+            )
         if problem or broken:
             problems[message_id] = broken or problem
         headers = [] if broken else stored_headers(msg.headers())
@@ -132,9 +144,11 @@ def store(
         msg = ids[message_id]
         for handler in handlers.get(msg.topic(), ()):
             problem = problems.get(message_id)
+            key = msg.key()
+            if key is not None and len(key) > MAX_KEY_BYTES:
+                key = None  # dead, and too long for the held-keys index: it holds nothing
             for col, value in zip(rows, (
-                message_id, handler, msg.topic(), msg.key(),
-                shard_of(msg.topic(), msg.key(), settings.shards),
+                message_id, handler, msg.topic(), key, shard_of(msg.topic(), key, settings.shards),
                 "dead" if problem else "pending", problem,
             ), strict=True):  # fmt: skip
                 col.append(value)
@@ -152,7 +166,9 @@ def store_each(cur, settings: Settings, messages: list, handlers: dict[str, list
         cur.execute("SAVEPOINT outbox_bridge_message")
         try:
             stored += store(cur, settings, [msg], handlers)
-        except psycopg2.DataError as exc:
+        except psycopg2.Error as exc:
+            if is_transient(exc):
+                raise
             cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_message")
             reason = f"cannot be stored as it is: {str(exc).splitlines()[0]}"
             log.warning(
@@ -196,11 +212,14 @@ class InboxConsumer:
                 try:
                     with conn, conn.cursor() as cur:
                         self.stored += store(cur, self.settings, messages, self.handlers)
-                except psycopg2.DataError:
+                except psycopg2.Error as exc:
+                    if is_transient(exc):
+                        raise
+                    # one message the database refuses as it is: find it, store it as dead
                     with conn, conn.cursor() as cur:
                         self.stored += store_each(cur, self.settings, messages, self.handlers)
                 # only now, after the database commit
-                consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+                commit_offsets(consumer, messages)
         finally:
             conn.close()
             consumer.close()
@@ -209,6 +228,33 @@ class InboxConsumer:
     def _on_lost(consumer: Consumer, partitions: list) -> None:
         # never commit for partitions we lost: their new owner may be ahead
         log.warning("inbox consumer lost partitions %s", partitions)
+
+
+# A commit refused because the group is rebalancing: the partitions' next owner
+# re-reads from the last commit, and the inbox ignores what it already has.
+REBALANCE_ERRORS = frozenset(
+    {
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError._NO_OFFSET,
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError._STATE,
+    }
+)
+
+
+def commit_offsets(consumer: Consumer, messages: list) -> bool:
+    """Commit the offsets after ``messages``; False when a rebalance refused them."""
+    try:
+        consumer.commit(offsets=_next_offsets(messages), asynchronous=False)
+        return True
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        if not isinstance(err, KafkaError) or err.code() not in REBALANCE_ERRORS:
+            raise
+        log.info("inbox consumer: offsets not committed during a rebalance (%s)", err.name())
+        return False
 
 
 def _next_offsets(messages: list) -> list[TopicPartition]:

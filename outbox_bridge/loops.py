@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from .db import TRANSIENT_ERRORS
+from .db import is_transient
 
 log = logging.getLogger(__name__)
 
+FIRST_DELAY = 0.5
+MAX_DELAY = 30.0
+HEALTHY_AFTER = 60.0  # a run this long was healthy: the next restart is quick again
+
 
 def run_forever(body: Callable[[threading.Event], None], stop: threading.Event, what: str) -> None:
-    """Run ``body(stop)`` until ``stop`` is set; after an error, again with backoff."""
-    delay = 0.5
+    """Run ``body(stop)`` until ``stop`` is set; after an error, again with backoff
+    (which starts over after a healthy run)."""
+    delay = FIRST_DELAY
     while not stop.is_set():
+        started = time.monotonic()
         try:
             body(stop)
             return
-        except TRANSIENT_ERRORS as exc:
-            log.warning("%s lost PostgreSQL (%s); reconnecting in %.1fs", what,
-                        str(exc).strip(), delay)  # fmt: skip
-        except Exception:
-            log.exception("%s failed; restarting in %.1fs", what, delay)
+        except Exception as exc:
+            if time.monotonic() - started >= HEALTHY_AFTER:
+                delay = FIRST_DELAY
+            if is_transient(exc):
+                log.warning("%s lost PostgreSQL (%s); reconnecting in %.1fs", what,
+                            str(exc).strip(), delay)  # fmt: skip
+            else:
+                log.exception("%s failed; restarting in %.1fs", what, delay)
         stop.wait(delay)
-        delay = min(delay * 2, 30.0)
+        delay = min(delay * 2, MAX_DELAY)
 
 
 class LoopThread:

@@ -11,10 +11,16 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from .errors import DecodeError, InvalidHeaders, InvalidTopic, NotSerializable
+from .errors import DecodeError, InvalidHeaders, InvalidKey, InvalidTopic, NotSerializable
 
 # The Kafka header that carries the outbox message id, for deduplication.
 MESSAGE_ID_HEADER = "message_id"
+# Longest key whose order outbox-bridge keeps: with the topic it must fit a
+# btree index entry (2704 bytes) of the held-keys index.
+MAX_KEY_BYTES = 2000
+# What Kafka adds to a record around key, value and headers (varints, batch
+# header), counted generously so that what publish() accepts, Kafka accepts.
+RECORD_OVERHEAD = 128
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -51,8 +57,10 @@ class JSONSerializer:
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value)
         try:
-            return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-        except (TypeError, ValueError) as exc:
+            # allow_nan=False: NaN and Infinity are not JSON, and other consumers refuse them
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            return text.encode()
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError: a lone surrogate
             raise NotSerializable(
                 f"value of type {type(value).__name__} is not JSON-serializable: {exc}"
             ) from exc
@@ -74,11 +82,27 @@ def check_topic(topic: object) -> str:
 
 
 def encode_key(key: str | bytes | None) -> bytes | None:
-    if key is None or isinstance(key, bytes):
-        return key
+    if key is None:
+        return None
     if isinstance(key, str):
-        return key.encode()
-    raise InvalidHeaders(f"key must be str, bytes or None, got {type(key).__name__}")
+        key = _utf8(key, "the key", InvalidKey)
+    elif isinstance(key, (bytearray, memoryview)):
+        key = bytes(key)
+    elif not isinstance(key, bytes):
+        raise InvalidKey(f"key must be str, bytes or None, got {type(key).__name__}")
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidKey(
+            f"key is {len(key)} bytes; outbox-bridge keeps the order of keys up to"
+            f" {MAX_KEY_BYTES} bytes (hash longer keys)"
+        )
+    return key
+
+
+def _utf8(text: str, what: str, error: type[Exception]) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise error(f"{what} is not valid Unicode (a lone surrogate?): {exc.reason}") from None
 
 
 def encode_headers(headers: Headers | None) -> list[list[Any]]:
@@ -96,11 +120,18 @@ def encode_headers(headers: Headers | None) -> list[list[Any]]:
             ) from None
         if not isinstance(name, str) or not name:
             raise InvalidHeaders(f"header names must be non-empty strings, got {name!r}")
+        _utf8(name, f"header name {name!r}", InvalidHeaders)
+        if "\x00" in name:
+            raise InvalidHeaders(f"header name {name!r} contains NUL")
         if name == MESSAGE_ID_HEADER:
             raise InvalidHeaders(f"header {MESSAGE_ID_HEADER!r} is set by outbox-bridge")
-        if isinstance(value, bytes):
-            value = {"b64": base64.b64encode(value).decode()}
-        elif value is not None and not isinstance(value, str):
+        if isinstance(value, str):
+            raw = _utf8(value, f"header {name!r}", InvalidHeaders)
+            if "\x00" in value:  # jsonb text cannot hold NUL: carry the bytes instead
+                value = {"b64": base64.b64encode(raw).decode()}
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            value = {"b64": base64.b64encode(bytes(value)).decode()}
+        elif value is not None:
             raise InvalidHeaders(
                 f"header {name!r} must be str, bytes or None, got {type(value).__name__}"
             )
@@ -121,5 +152,12 @@ def kafka_headers(
     return out
 
 
-def headers_size(stored: list[list[Any]]) -> int:
-    return sum(len(n) + len(json.dumps(v)) for n, v in stored)
+def record_size(key: bytes | None, value: bytes | None, stored: list[list[Any]]) -> int:
+    """Bytes of the Kafka record: key, value, headers with the message id, overhead."""
+    headers = kafka_headers(stored, "00000000-0000-0000-0000-000000000000")
+    return (
+        len(key or b"")
+        + len(value or b"")
+        + sum(len(n.encode()) + len(v or b"") for n, v in headers)
+        + RECORD_OVERHEAD
+    )

@@ -14,6 +14,28 @@ from .queue import Queue
 _HELD = "state IN ('retrying', 'dead')"
 
 
+def show_key(key: bytes | memoryview | None) -> str | None:
+    """A key as people read it: its text, or ``hex:...`` when it is not UTF-8 text."""
+    if key is None:
+        return None
+    raw = bytes(key)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return "hex:" + raw.hex()
+    return "hex:" + raw.hex() if "\x00" in text or text.startswith("hex:") else text
+
+
+def parse_key(key: str) -> bytes:
+    """The bytes of a key given as ``show_key`` shows it."""
+    if key.startswith("hex:"):
+        try:
+            return bytes.fromhex(key[4:])
+        except ValueError as exc:
+            raise ValueError(f"--key {key!r}: not hex after 'hex:'") from exc
+    return key.encode()
+
+
 def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
     """Counts per state, oldest pending age, keys held back by a failed head, consumer lag."""
     with transaction(settings, "outbox-bridge status") as cur:
@@ -39,7 +61,7 @@ def _outbox_status(cur, schema: str) -> dict[str, Any]:
     oldest = cur.fetchone()[0]
     cur.execute(
         q(
-            "SELECT h.topic, convert_from(h.key, 'UTF8'), h.state, h.attempts, h.last_error,"
+            "SELECT h.topic, h.key, h.state, h.attempts, h.last_error,"
             " (SELECT count(*) FROM {outbox} w WHERE w.shard = h.shard AND w.topic = h.topic"
             "  AND w.key = h.key AND w.state = 'pending')"
             f" FROM {{outbox}} h WHERE h.{_HELD} AND h.key IS NOT NULL ORDER BY h.id LIMIT 100",
@@ -47,7 +69,7 @@ def _outbox_status(cur, schema: str) -> dict[str, Any]:
         )
     )
     blocked = [
-        {"topic": t, "key": k, "state": s, "attempts": a, "last_error": e, "waiting": w}
+        {"topic": t, "key": show_key(k), "state": s, "attempts": a, "last_error": e, "waiting": w}
         for t, k, s, a, e, w in cur.fetchall()
     ]
     return {
@@ -78,7 +100,7 @@ def _inbox_status(cur, schema: str) -> dict[str, Any]:
             entry["oldest_pending_seconds"] = float(oldest)
     cur.execute(
         q(
-            "SELECT h.handler, h.topic, convert_from(h.key, 'UTF8'), h.state, h.attempts,"
+            "SELECT h.handler, h.topic, h.key, h.state, h.attempts,"
             " h.last_error, (SELECT count(*) FROM {deliveries} w WHERE w.handler = h.handler"
             "  AND w.shard = h.shard AND w.topic = h.topic AND w.key = h.key"
             "  AND w.state = 'pending')"
@@ -89,7 +111,14 @@ def _inbox_status(cur, schema: str) -> dict[str, Any]:
     )
     for handler, t, k, s, a, e, w in cur.fetchall():
         handlers[handler].setdefault("blocked_keys", []).append(
-            {"topic": t, "key": k, "state": s, "attempts": a, "last_error": e, "waiting": w}
+            {
+                "topic": t,
+                "key": show_key(k),
+                "state": s,
+                "attempts": a,
+                "last_error": e,
+                "waiting": w,
+            }
         )
     return {"handlers": handlers}
 
@@ -127,7 +156,7 @@ def _where(topic, key, ids, handler) -> tuple[str, list]:
         params.append(topic)
     if key is not None:
         where.append("key = %s")
-        params.append(key.encode())
+        params.append(parse_key(key))
     if ids:
         where.append("(id::text = ANY(%s) OR message_id::text = ANY(%s))")
         params += [list(ids), list(ids)]
@@ -154,14 +183,17 @@ def dead_list(
             cur.execute(
                 q(
                     f"SELECT {queue} AS queue, id, message_id, topic,"
-                    " convert_from(key, 'UTF8') AS key, attempts, last_error, created_at,"
+                    " key, attempts, last_error, created_at,"
                     f" failed_at, dead_at FROM {{{table}}} WHERE {where} ORDER BY id LIMIT %s",
                     settings.schema,
                 ),
                 params + [limit],
             )
             cols = [d.name for d in cur.description]
-            found += [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            for r in cur.fetchall():
+                entry = dict(zip(cols, r, strict=True))
+                entry["key"] = show_key(entry["key"])
+                found.append(entry)
     return found
 
 

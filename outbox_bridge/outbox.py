@@ -10,10 +10,11 @@ import zlib
 from typing import Any
 from uuid import UUID
 
+import psycopg2
 from psycopg2.extras import Json
 
 from .config import Settings, get_settings
-from .db import TRANSIENT_ERRORS, connect, q
+from .db import connect, is_transient, q
 from .errors import MessageTooLarge
 from .message import (
     Headers,
@@ -22,7 +23,7 @@ from .message import (
     check_topic,
     encode_headers,
     encode_key,
-    headers_size,
+    record_size,
 )
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,11 @@ def _row(
     key_bytes = encode_key(key)
     stored_headers = encode_headers(headers)
     data = (serializer or _json).dumps(value)
-    size = len(data) + len(key_bytes or b"") + headers_size(stored_headers)
+    size = record_size(key_bytes, data, stored_headers)
     if size > settings.max_message_bytes:
         raise MessageTooLarge(
-            f"message to {topic!r} is {size} bytes, more than outbox_bridge_max_message_bytes"
-            f" ({settings.max_message_bytes})"
+            f"message to {topic!r} is {size} bytes as a Kafka record, more than"
+            f" outbox_bridge_max_message_bytes ({settings.max_message_bytes})"
         )
     shard = shard_of(topic, key_bytes, settings.shards)
     return (message_id, topic, key_bytes, data, Json(stored_headers), shard)
@@ -111,24 +112,42 @@ def send(
     For code that has no transaction at hand. Transient database errors
     (connection lost, serialization failure, deadlock) are retried up to
     ``retries`` times (default ``outbox_bridge_send_retries``) with a short
-    backoff; a commit whose outcome was lost is not written twice. Invalid
-    input raises as in :func:`publish`, before any connection is made.
+    backoff. A commit whose outcome was lost is never written twice: the next
+    attempt first asks PostgreSQL what became of that transaction
+    (``txid_status``). Invalid input raises as in :func:`publish`, before any
+    connection is made.
     """
     settings = get_settings()
     message_id = uuid.uuid4()
     row = _row(topic, value, key, headers, serializer, settings, message_id)
     attempts = 1 + (settings.send_retries if retries is None else retries)
+    unknown: tuple[int, int] | None = None  # (txid, backend pid) of a commit we did not hear
     for attempt in range(1, attempts + 1):
         conn = None
+        txid = None
         try:
             conn = connect(settings, name="outbox-bridge send")
-            with conn, conn.cursor() as cur:
-                cur.execute(
-                    q(_INSERT + " ON CONFLICT (message_id) DO NOTHING", settings.schema), row
-                )
+            with conn.cursor() as cur:
+                if unknown is not None:
+                    cur.execute("SELECT txid_status(%s)", (unknown[0],))
+                    status = cur.fetchone()[0]
+                    if status == "committed":
+                        return message_id
+                    if status == "in progress":  # its backend has not noticed yet: end it
+                        cur.execute("SELECT pg_terminate_backend(%s)", (unknown[1],))
+                        raise psycopg2.errors.SerializationFailure(
+                            f"transaction {unknown[0]} still in progress"
+                        )
+                    unknown = None  # aborted (or gone): write it again
+                cur.execute("SELECT txid_current(), pg_backend_pid()")
+                txid = cur.fetchone()
+                cur.execute(q(_INSERT, settings.schema), row)
+            conn.commit()
             return message_id
-        except TRANSIENT_ERRORS as exc:
-            if attempt == attempts:
+        except psycopg2.Error as exc:
+            if txid is not None:
+                unknown = txid  # maybe committed: ask before writing again
+            if not is_transient(exc) or attempt == attempts:
                 raise
             delay = min(2.0, 0.1 * 2 ** (attempt - 1))
             log.warning("send to %r failed (%s); retry %d in %.1fs", topic, exc, attempt, delay)

@@ -1,4 +1,12 @@
-"""One idempotent Kafka producer per worker process, and batch delivery."""
+"""One idempotent Kafka producer per task thread, and batch delivery.
+
+What Kafka says about a row falls in one of three kinds. *Delivered*. *Failed*:
+the message itself is refused (too large, invalid), which costs an attempt and
+holds its key. *Later*: the topic cannot take messages right now (unknown
+topic, no leader, not enough replicas, not authorized, timed out) or the
+producer itself is broken; no attempt is charged: the topic pauses, or the
+producer is rebuilt, and the rows wait.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +14,23 @@ import functools
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource
 from kombu.utils.imports import symbol_by_name
 
 from .config import Settings
-from .message import kafka_headers
+from .message import kafka_headers, record_size
 from .queue import Row
 
 log = logging.getLogger(__name__)
 
-# Errors that say "Kafka is not reachable right now", not "this message is bad":
-# they never count as an attempt (the circuit breaker pauses instead).
-UNREACHABLE = frozenset(
+# The topic (or its partition) cannot take messages now; not the message's fault.
+TOPIC_UNAVAILABLE = frozenset(
     {
         KafkaError._MSG_TIMED_OUT,
         KafkaError._TIMED_OUT,
@@ -30,8 +39,10 @@ UNREACHABLE = frozenset(
         KafkaError._RESOLVE,
         KafkaError._PURGE_QUEUE,
         KafkaError._PURGE_INFLIGHT,
-        KafkaError._FATAL,
         KafkaError._QUEUE_FULL,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.REQUEST_TIMED_OUT,
@@ -40,12 +51,22 @@ UNREACHABLE = frozenset(
         KafkaError.NETWORK_EXCEPTION,
         KafkaError.BROKER_NOT_AVAILABLE,
         KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.KAFKA_STORAGE_ERROR,
     }
 )
+
+TOPIC_INFO_SECONDS = 30.0  # how long a topic's existence and limits are trusted
+UNDESCRIBED_TOPIC_SECONDS = 2.0  # how soon a topic without an answer is asked again
 
 
 def describe(err: KafkaError) -> str:
     return f"{err.name()}: {err.str()}"
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    return err.fatal() or err.code() == KafkaError._FATAL
 
 
 @dataclass
@@ -53,9 +74,11 @@ class Outcome:
     """What Kafka said about a batch of rows."""
 
     delivered: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)  # row id -> error, on its own
-    unreachable: list[int] = field(default_factory=list)  # Kafka down: try again later
+    failed: dict[int, str] = field(default_factory=dict)  # row id -> error, charged
+    later: list[int] = field(default_factory=list)  # not charged: wait for the topic/producer
+    paused_topics: dict[str, str] = field(default_factory=dict)  # topic -> why
     skipped: list[int] = field(default_factory=list)  # held back behind a failed key
+    fatal: str | None = None  # the producer broke; it is rebuilt
 
 
 def producer_config(settings: Settings) -> dict:
@@ -71,9 +94,70 @@ def producer_config(settings: Settings) -> dict:
         "queue.buffering.max.messages": 500_000,
         # bounded wait while Kafka is away; the rows stay pending meanwhile
         "message.timeout.ms": 30_000,
+        # a missing topic fails its messages soon (its topic pauses) instead of after 30 s
+        "topic.metadata.propagation.max.ms": 2_000,
     }
     conf.update(settings.producer_config)
     return conf
+
+
+@dataclass
+class TopicInfo:
+    max_message_bytes: int | None = None
+    compacted: bool = False
+    until: float = 0.0
+
+
+class Topics:
+    """Each topic's own limits (max.message.bytes, compaction), read with the admin
+    client and kept for a while: rows that the topic would refuse fail before they
+    are produced, so the later rows of their key are never sent ahead of them.
+    A topic that cannot be described (missing, not authorized) has no limits
+    here: the producer finds out, and the topic pauses."""
+
+    def __init__(self, conf: dict):
+        self.admin = AdminClient({k: v for k, v in conf.items() if _connection_setting(k)})
+        self.cache: dict[str, TopicInfo] = {}
+
+    def get(self, topic: str) -> TopicInfo:
+        info = self.cache.get(topic)
+        if info is None or info.until < time.monotonic():
+            info = self.cache[topic] = self._look_up(topic)
+        return info
+
+    def _look_up(self, topic: str) -> TopicInfo:
+        resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        try:
+            configs = self.admin.describe_configs([resource])[resource].result(5)
+        except Exception as exc:  # noqa: BLE001 - no answer: let the producer find out
+            log.debug("topic %s: no configs (%s)", topic, exc)
+            return TopicInfo(until=time.monotonic() + UNDESCRIBED_TOPIC_SECONDS)
+        limit = configs.get("max.message.bytes")
+        policy = configs.get("cleanup.policy")
+        return TopicInfo(
+            max_message_bytes=int(limit.value) if limit is not None else None,
+            compacted=policy is not None and "compact" in (policy.value or ""),
+            until=time.monotonic() + TOPIC_INFO_SECONDS,
+        )
+
+
+def _connection_setting(key: str) -> bool:
+    return key.split(".")[0] in ("bootstrap", "client", "security", "sasl", "ssl")
+
+
+def too_large(row: Row, info: TopicInfo) -> str | None:
+    """Why the topic would refuse this row, or None."""
+    if info.compacted and row.key is None:
+        return "INVALID_RECORD: a compacted topic needs a key"
+    if info.max_message_bytes is None:
+        return None
+    size = record_size(row.key, row.value, row.headers or [])
+    if size > info.max_message_bytes:
+        return (
+            f"MSG_SIZE_TOO_LARGE: a record of about {size} bytes is too large for topic"
+            f" {row.topic} (max.message.bytes {info.max_message_bytes})"
+        )
+    return None
 
 
 class Relay:
@@ -82,32 +166,34 @@ class Relay:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.pid = os.getpid()
-        self.producer = Producer(producer_config(settings))
+        conf = producer_config(settings)
+        self.producer = Producer(conf)
+        self.topics = Topics(conf)
         # a callable(row) that may raise to fail a row: validation, fault injection
         self.before_produce: Callable[[Row], None] | None = (
             symbol_by_name(settings.before_produce) if settings.before_produce else None
         )
-        self.timeout = producer_config(settings).get("message.timeout.ms", 300_000) / 1000 + 10
+        self.timeout = conf.get("message.timeout.ms", 300_000) / 1000 + 10
+        self.broken = False
 
     def deliver(self, rows: Sequence[Row]) -> Outcome:
         """Produce ``rows`` in order and wait for every delivery report.
 
         A row that fails before it is sent holds back the later rows of its key
-        in this batch (they are ``skipped``), so per-key order is kept.
+        in this batch (they are ``skipped``), so per-key order is kept; rows of
+        a topic that cannot take messages now wait (``later``).
         """
         outcome = Outcome()
         held: set[tuple[str, bytes]] = set()
         pending = 0
 
-        def report(row_id: int, err: KafkaError | None, _msg) -> None:
+        def report(row: Row, err: KafkaError | None, _msg) -> None:
             nonlocal pending
             pending -= 1
             if err is None:
-                outcome.delivered.append(row_id)
-            elif err.code() in UNREACHABLE:
-                outcome.unreachable.append(row_id)
+                outcome.delivered.append(row.id)
             else:
-                outcome.failed[row_id] = describe(err)
+                self._classify(outcome, row, err)
 
         hook = self.before_produce
         for row in rows:
@@ -115,30 +201,50 @@ class Relay:
             if keyed and (row.topic, row.key) in held:
                 outcome.skipped.append(row.id)
                 continue
+            if row.topic in outcome.paused_topics or outcome.fatal:
+                outcome.later.append(row.id)
+                continue
+            info = self.topics.get(row.topic)
             try:
+                refused = too_large(row, info)
+                if refused:
+                    raise _Refused(refused)
                 if hook is not None:
                     hook(row)
-                self._produce(row, functools.partial(report, row.id))
+                self._produce(row, functools.partial(report, row))
                 pending += 1
             except Exception as exc:  # a message that cannot even be queued
                 err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-                if isinstance(err, KafkaError) and err.code() in UNREACHABLE:
-                    outcome.unreachable.append(row.id)
+                if isinstance(err, KafkaError):
+                    self._classify(outcome, row, err)
                 else:
                     outcome.failed[row.id] = (
-                        describe(err)
-                        if isinstance(err, KafkaError)
-                        else (f"{type(exc).__name__}: {exc}")
+                        str(exc) if isinstance(exc, _Refused) else (f"{type(exc).__name__}: {exc}")
                     )
-                if keyed:
+                if keyed and row.id not in outcome.later:
                     held.add((row.topic, row.key))
         deadline = time.monotonic() + self.timeout
         while pending > 0:
             if time.monotonic() > deadline:
-                # librdkafka should have timed them out: treat as unreachable
+                # librdkafka should have timed them out: this producer is broken
+                self.broken = True
                 raise RuntimeError(f"{pending} delivery reports missing after the timeout")
             self.producer.poll(0.05)
+        if outcome.fatal:
+            self.broken = True
+            log.error("the Kafka producer hit a fatal error (%s); it is rebuilt", outcome.fatal)
         return outcome
+
+    @staticmethod
+    def _classify(outcome: Outcome, row: Row, err: KafkaError) -> None:
+        if _is_fatal(err):
+            outcome.fatal = outcome.fatal or describe(err)
+            outcome.later.append(row.id)
+        elif err.code() in TOPIC_UNAVAILABLE:
+            outcome.paused_topics.setdefault(row.topic, describe(err))
+            outcome.later.append(row.id)
+        else:
+            outcome.failed[row.id] = describe(err)
 
     def _produce(self, row: Row, callback) -> None:
         while True:
@@ -158,23 +264,31 @@ class Relay:
         self.producer.flush(timeout)
 
 
-_relay: Relay | None = None
+class _Refused(Exception):
+    """The topic would refuse this row (checked before producing)."""
+
+
+_local = threading.local()
 
 
 def get_relay(settings: Settings) -> Relay:
-    """This process's relay, made on first use (after the worker forked)."""
-    global _relay
-    if _relay is None or _relay.pid != os.getpid():
-        _relay = Relay(settings)
-    return _relay
+    """This thread's relay, made on first use (after the worker forked), and made
+    again after its producer broke (a fatal error)."""
+    relay = getattr(_local, "relay", None)
+    if relay is not None and relay.broken:
+        reset_relay()
+        relay = None
+    if relay is None or relay.pid != os.getpid():
+        relay = _local.relay = Relay(settings)
+    return relay
 
 
 def reset_relay() -> None:
-    """Drop the producer (after a fatal error); the next use makes a new one."""
-    global _relay
-    if _relay is not None and _relay.pid == os.getpid():
+    """Drop this thread's producer; the next use makes a new one."""
+    relay = getattr(_local, "relay", None)
+    _local.relay = None
+    if relay is not None and relay.pid == os.getpid():
         try:
-            _relay.close(1.0)
+            relay.close(1.0)
         except Exception:  # noqa: BLE001 - best effort on a broken producer
             log.exception("closing the Kafka producer failed")
-    _relay = None

@@ -21,19 +21,28 @@ from .db import channel, q
 # {scope_X}: "AND X.handler = %(scope)s" for an inbox handler's queue, else "".
 
 # The oldest pending rows of each claimed shard whose key has no held
-# (retrying/dead) head; each shard contributes at most %(limit)s rows.
+# (retrying/dead) head; each shard contributes at most %(limit)s rows and,
+# past its first row, at most %(bytes)s bytes of values. ``upto``: the bytes up
+# to and including the row (octet_length reads no TOASTed value).
 _FETCH = """
-SELECT {columns}, o.shard
+SELECT {columns}, o.shard, o.upto
 FROM unnest(%(shards)s::int[]) AS s(shard)
 CROSS JOIN LATERAL (
-    SELECT o.* FROM {table} o
-    WHERE o.shard = s.shard AND o.state = 'pending' {scope_o}
-      AND NOT EXISTS (
-          SELECT 1 FROM {table} h
-          WHERE h.shard = s.shard AND h.state IN ('retrying', 'dead') {scope_h}
-            AND h.topic = o.topic AND h.key = o.key)
-    ORDER BY o.id
-    LIMIT %(limit)s
+    SELECT * FROM (
+        SELECT l.*, sum({size}) OVER (ORDER BY l.id) AS upto, {size} AS row_bytes
+        FROM (
+            SELECT o.* FROM {table} o
+            WHERE o.shard = s.shard AND o.state = 'pending' {scope_o}
+              AND o.topic <> ALL(%(skip)s::text[])
+              AND NOT EXISTS (
+                  SELECT 1 FROM {table} h
+                  WHERE h.shard = s.shard AND h.state IN ('retrying', 'dead') {scope_h}
+                    AND h.topic = o.topic AND h.key = o.key)
+            ORDER BY o.id
+            LIMIT %(limit)s
+        ) l
+    ) w
+    WHERE w.upto - w.row_bytes < %(bytes)s
 ) o
 ORDER BY o.id
 """
@@ -51,7 +60,9 @@ WITH RECURSIVE s(shard) AS (
 SELECT s.shard FROM s
 LEFT JOIN {claims} c ON c.queue = %(queue)s AND c.shard = s.shard
 WHERE s.shard IS NOT NULL
-  AND (c.idle_above IS NULL OR EXISTS (
+  AND (c.idle_above IS NULL OR c.idle_until < now()
+       OR EXISTS (SELECT 1 FROM {wakes} w WHERE w.queue = %(queue)s AND w.shard = s.shard)
+       OR EXISTS (
       SELECT 1 FROM {table} o
       WHERE o.shard = s.shard AND o.state = 'pending' {scope_o} AND o.id > c.idle_above))
 """
@@ -65,12 +76,17 @@ WITH free AS (
     FOR UPDATE SKIP LOCKED
 ), numbered AS (
     SELECT queue, shard, (row_number() OVER (ORDER BY shard) - 1) %% %(groups)s AS g FROM free
+), claimed AS (
+    UPDATE {claims} c SET token = (%(tokens)s::uuid[])[n.g + 1],
+        lease_until = now() + %(lease)s * interval '1s', idle_above = NULL, idle_until = NULL
+    FROM numbered n
+    WHERE c.queue = n.queue AND c.shard = n.shard
+    RETURNING c.shard, c.token
+), woken AS (
+    -- the new owner fetches after this commit, so it sees what the wake-up announced
+    DELETE FROM {wakes} w USING claimed WHERE w.queue = %(queue)s AND w.shard = claimed.shard
 )
-UPDATE {claims} c SET token = (%(tokens)s::uuid[])[n.g + 1],
-    lease_until = now() + %(lease)s * interval '1s'
-FROM numbered n
-WHERE c.queue = n.queue AND c.shard = n.shard
-RETURNING c.shard, c.token
+SELECT shard, token FROM claimed
 """
 
 # message id as text and empty headers as NULL: less to parse per row on the hot path
@@ -118,9 +134,13 @@ class Queue:
     schema: str
     scope: str | None = None
     done: str = "delete"
+    # the column whose bytes bound a fetch (None: rows only)
+    size_column: str | None = "value"
 
     def _q(self, template: str):
         template = template.replace("{table}", "{" + self.table + "}")
+        size = f"coalesce(octet_length(l.{self.size_column}), 0)" if self.size_column else "0"
+        template = template.replace("{size}", size)
         for alias in ("o", "h", "t"):
             fragment = f"AND {alias}.handler = %(scope)s" if self.scope else ""
             template = template.replace("{scope_" + alias + "}", fragment)
@@ -222,28 +242,45 @@ class Queue:
         )
         return sorted(r[0] for r in cur.fetchall())
 
-    def _fetch(self, cur, columns: str, shards: Sequence[int], limit: int):
+    def _fetch(
+        self, cur, columns: str, shards: Sequence[int], limit: int, max_bytes: int, skip_topics=()
+    ):
         per_shard = max(1, -(-limit // max(1, len(shards))))
+        bytes_per_shard = max(1, max_bytes // max(1, len(shards)))
         cur.execute(
             self._q(_FETCH.replace("{columns}", columns)),
-            self._params(shards=list(shards), limit=per_shard),
-        )
+            self._params(shards=list(shards), limit=per_shard, bytes=bytes_per_shard,
+                         skip=list(skip_topics)),
+        )  # fmt: skip
         rows = cur.fetchall()
         counts: dict[int, int] = {}
+        sizes: dict[int, int] = {}
         for r in rows:
-            counts[r[-1]] = counts.get(r[-1], 0) + 1
-        full = {shard for shard, n in counts.items() if n >= per_shard}
+            counts[r[-2]] = counts.get(r[-2], 0) + 1
+            sizes[r[-2]] = max(sizes.get(r[-2], 0), r[-1] or 0)
+        full = {
+            shard for shard, n in counts.items()
+            if n >= per_shard or sizes[shard] >= bytes_per_shard
+        }  # fmt: skip
         return rows, full
 
-    def fetch(self, cur, shards: Sequence[int], limit: int) -> tuple[list[Row], set[int]]:
-        """The next rows of the shards, oldest first, skipping keys held by a failed head;
-        and the shards that may have more."""
-        rows, full = self._fetch(cur, _OUTBOX_COLUMNS, shards, limit)
-        return [_row(r[:-1]) for r in rows], full
+    def fetch(
+        self,
+        cur,
+        shards: Sequence[int],
+        limit: int,
+        max_bytes: int = 2**62,
+        skip_topics: Sequence[str] = (),
+    ) -> tuple[list[Row], set[int]]:
+        """The next rows of the shards, oldest first, at most ``limit`` rows and about
+        ``max_bytes`` of values, skipping keys held by a failed head and the
+        ``skip_topics``; and the shards that may have more."""
+        rows, full = self._fetch(cur, _OUTBOX_COLUMNS, shards, limit, max_bytes, skip_topics)
+        return [_row(r[:-2]) for r in rows], full
 
     def fetch_ids(self, cur, shards: Sequence[int], limit: int) -> tuple[list[int], set[int]]:
         """Like ``fetch``, ids only; and the shards that had rows."""
-        rows, _full = self._fetch(cur, "o.id", shards, limit)
+        rows, _full = self._fetch(cur, "o.id", shards, limit, 2**62)
         return [r[0] for r in rows], {r[1] for r in rows}
 
     def release(
@@ -252,47 +289,43 @@ class Queue:
         shards: Sequence[int],
         token: Any,
         pause: float = 0.0,
-        unreachable: bool = False,
         held: Iterable[int] = (),
+        recheck: float | None = None,
     ) -> None:
         """Give the shards back; with ``pause``, nobody re-claims them before then.
 
-        ``held``: shards whose pending rows are all held back by their keys;
-        they are skipped until a newer row arrives or a key is released.
+        ``held``: shards whose pending rows are all held back (by their keys, or
+        by a paused topic); they are skipped until a newer row arrives, a held
+        key is released (``wake_shards``), or ``recheck`` seconds have passed.
         """
         cur.execute(
             self._q(
                 "UPDATE {claims} c SET token = NULL,"
                 " lease_until = now() + %(pause)s * interval '1s',"
-                " pauses = CASE WHEN %(unreachable)s THEN pauses + 1 ELSE 0 END,"
                 " idle_above = CASE WHEN c.shard = ANY(%(held)s) THEN (SELECT max(o.id)"
-                "   FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending' {scope_o}) END"
+                "   FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending' {scope_o}) END,"
+                " idle_until = CASE WHEN c.shard = ANY(%(held)s)"
+                "   THEN now() + %(recheck)s * interval '1s' END"
                 " WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s"
             ),
-            self._params(pause=pause, unreachable=unreachable, held=list(held),
+            self._params(pause=pause, held=list(held), recheck=recheck,
                          shards=list(shards), token=token),
         )  # fmt: skip
         cur.execute("SELECT pg_notify(%s, 'released')", (self.channel,))
 
-    def pauses(self, cur, shards: Sequence[int]) -> int:
-        """Consecutive rounds these shards could not reach Kafka (the most of any)."""
-        cur.execute(
-            self._q("SELECT max(pauses) FROM {claims} WHERE queue = %s AND shard = ANY(%s)"),
-            (self.name, list(shards)),
-        )
-        row = cur.fetchone()
-        return row[0] or 0
-
     def wake_shards(self, cur, shards: Iterable[int]) -> None:
-        """Let the watcher claim these shards now (a held key was released)."""
+        """Let the watcher claim these shards again (a held key was released).
+
+        A wake-up is a row of its own, not a change to the claim: a task that
+        runs on the shard now cannot overwrite it with its older view when it
+        releases the shard as "all held". The next claim of the shard consumes it.
+        """
         cur.execute(
             self._q(
-                # a shard whose task runs now is skipped, not waited for
-                "UPDATE {claims} SET lease_until = '-infinity', idle_above = NULL"
-                " WHERE (queue, shard) IN (SELECT queue, shard FROM {claims}"
-                " WHERE queue = %s AND shard = ANY(%s) AND token IS NULL FOR UPDATE SKIP LOCKED)"
+                "INSERT INTO {wakes} (queue, shard) SELECT %s, s FROM unnest(%s::int[]) s"
+                " ON CONFLICT DO NOTHING"
             ),
-            (self.name, list(set(shards))),
+            (self.name, sorted(set(shards))),
         )
         cur.execute("SELECT pg_notify(%s, 'unblocked')", (self.channel,))
 

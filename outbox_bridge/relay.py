@@ -5,27 +5,28 @@ them, wait for every delivery report, delete what Kafka acknowledged, all in
 one transaction that also renews the claim. Rows that Kafka refuses on their
 own go to ``retry``, which re-drives exactly those rows with Celery's
 ``autoretry_for`` / ``retry_backoff`` / ``max_retries``; after the last retry
-they are dead. While Kafka is unreachable nothing is charged an attempt: the
-shard pauses (a circuit breaker kept in PostgreSQL) and resumes later.
+they are dead. A topic that cannot take messages now (unknown, no leader, not
+authorized, timing out) pauses on its own: the fetch skips it, no attempt is
+charged, and every other topic goes on (a circuit breaker per topic, kept in
+PostgreSQL).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from typing import Any
 
 from celery import Task, signals
-from celery.utils.time import get_exponential_backoff_interval
 
 from .celery import app
 from .config import Settings, get_settings
-from .db import TRANSIENT_ERRORS, connect, transaction
-from .errors import DeliveryFailed
+from .db import drop_task_connection, q, task_connection, transaction
+from .errors import DeliveryFailed, TransientError
 from .producer import Outcome, get_relay, reset_relay
 from .queue import Queue
+from .retrying import backoff, lease_for, reraise_database_error
 
 log = logging.getLogger(__name__)
 
@@ -37,42 +38,6 @@ _settings = get_settings()
 
 def outbox_queue(settings: Settings) -> Queue:
     return Queue(name="outbox", table="outbox", schema=settings.schema)
-
-
-_conn: Any = None
-
-
-def task_connection(settings: Settings):
-    """This process's connection for relay tasks (made after the worker forked)."""
-    global _conn
-    if _conn is None or _conn.closed or _conn.info.backend_pid == 0 or _conn_pid != os.getpid():
-        _set_conn(connect(settings, name="outbox-bridge relay"))
-    return _conn
-
-
-_conn_pid = -1
-
-
-def _set_conn(conn) -> None:
-    global _conn, _conn_pid
-    _conn, _conn_pid = conn, os.getpid()
-
-
-def _drop_connection() -> None:
-    global _conn
-    if _conn is not None and _conn_pid == os.getpid():
-        _conn.close()
-    _conn = None
-
-
-def backoff(settings: Settings, retries: int, jitter: bool | None = None) -> float:
-    """The countdown Celery's autoretry uses before retry number ``retries + 1``."""
-    return get_exponential_backoff_interval(
-        factor=int(max(1.0, settings.retry_backoff)),
-        retries=retries,
-        maximum=int(settings.retry_backoff_max),
-        full_jitter=settings.retry_jitter if jitter is None else jitter,
-    )
 
 
 def first_per_key(rows_by_id: dict[int, Any], failed: dict[int, str]) -> dict[int, str]:
@@ -89,68 +54,113 @@ def first_per_key(rows_by_id: dict[int, Any], failed: dict[int, str]) -> dict[in
     return heads
 
 
-def circuit_pause(settings: Settings, pauses: int) -> float:
-    return min(settings.pause_max_seconds, settings.pause_seconds * 2**pauses)
+# -- the circuit breaker, one per topic -----------------------------------------
+def paused_topics(cur, settings: Settings) -> dict[str, float]:
+    """Every topic with a pause row -> seconds its pause still runs (<= 0: over)."""
+    cur.execute(
+        q("SELECT topic, extract(epoch FROM until - now()) FROM {topic_pauses}", settings.schema)
+    )
+    return {topic: float(left) for topic, left in cur.fetchall()}
+
+
+def pause_topics(cur, settings: Settings, reasons: dict[str, str]) -> list[tuple[str, float]]:
+    """Pause these topics, each for longer than its last pause; returns (topic, seconds)."""
+    cur.execute(
+        q(
+            "INSERT INTO {topic_pauses} AS p (topic, until, pauses, last_error)"
+            " SELECT t, now() + %(base)s * interval '1s', 1, e"
+            " FROM unnest(%(topics)s::text[], %(errors)s::text[]) AS x(t, e)"
+            " ON CONFLICT (topic) DO UPDATE SET pauses = p.pauses + 1,"
+            "  until = now() + least(%(max)s, %(base)s * 2 ^ p.pauses) * interval '1s',"
+            "  last_error = excluded.last_error"
+            " RETURNING topic, extract(epoch FROM until - now())",
+            settings.schema,
+        ),
+        {
+            "base": settings.pause_seconds,
+            "max": settings.pause_max_seconds,
+            "topics": list(reasons),
+            "errors": list(reasons.values()),
+        },
+    )
+    return cur.fetchall()
+
+
+def resume_topics(cur, settings: Settings, topics: set[str]) -> None:
+    if topics:
+        cur.execute(
+            q("DELETE FROM {topic_pauses} WHERE topic = ANY(%s)", settings.schema), (list(topics),)
+        )
 
 
 @app.task(
-    bind=True,
-    name=PUBLISH_TASK,
-    autoretry_for=TRANSIENT_ERRORS,
-    retry_backoff=True,
-    max_retries=5,
+    bind=True, name=PUBLISH_TASK, autoretry_for=(TransientError,), retry_backoff=True, max_retries=5
 )
 def publish(self: Task, shards: list[int], token: str) -> dict:
     """Drain the claimed ``shards`` while ``token`` still owns them."""
     settings = get_settings()
     queue = outbox_queue(settings)
-    relay = get_relay(settings)
     stats = {"shards": shards, "delivered": 0, "failed": 0, "batches": 0}
     deadline = time.monotonic() + settings.lease_seconds / 3
+    first_lease = lease_for(retry, 0, settings.lease_seconds)
     try:
         conn = task_connection(settings)
         while True:
+            relay = get_relay(settings)  # a new producer after a fatal error
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
-            first_countdown = backoff(settings, 0)
             with conn, conn.cursor() as cur:
                 owned = queue.renew(cur, shards, token, settings.lease_seconds)
                 if not owned:
                     stats["stale"] = True
                     return stats
-                rows, full = queue.fetch(cur, owned, settings.batch_size)
+                known = paused_topics(cur, settings)
+                skip = {t: left for t, left in known.items() if left > 0}
+                rows, full = queue.fetch(
+                    cur, owned, settings.batch_size, settings.batch_bytes, skip_topics=list(skip)
+                )
                 if not rows:
-                    # claimed for rows that are all held back by their keys
-                    queue.release(cur, owned, token, held=owned if not stats["batches"] else ())
+                    # every pending row is held back by its key, or its topic is paused:
+                    # look again when a key is released, a row arrives or a pause ends
+                    recheck = min(skip.values()) if skip else None
+                    queue.release(cur, owned, token, held=owned, recheck=recheck)
                     return stats
                 stats["batches"] += 1
                 outcome: Outcome = relay.deliver(rows)
                 queue.complete(cur, outcome.delivered)
-                heads = first_per_key({r.id: r for r in rows}, outcome.failed)
-                queue.hold(cur, heads, retry_token, first_countdown + settings.lease_seconds)
+                by_id = {r.id: r for r in rows}
+                resume_topics(
+                    cur, settings, {by_id[i].topic for i in outcome.delivered} & set(known)
+                )
+                heads = first_per_key(by_id, outcome.failed)
+                queue.hold(cur, heads, retry_token, first_lease)
                 retry_ids = list(heads)
                 stats["delivered"] += len(outcome.delivered)
                 stats["failed"] += len(heads)
+                if outcome.paused_topics:
+                    for topic, seconds in pause_topics(cur, settings, outcome.paused_topics):
+                        log.warning(
+                            "topic %s paused for %.1fs (%d rows wait): %s",
+                            topic,
+                            seconds,
+                            len(outcome.later),
+                            outcome.paused_topics[topic],
+                        )
                 done = True
-                if outcome.unreachable:
-                    pause = circuit_pause(settings, queue.pauses(cur, owned))
-                    log.warning(
-                        "Kafka unreachable (%d rows of shards %s wait); pausing them %.1fs",
-                        len(outcome.unreachable), owned, pause,
-                    )  # fmt: skip
-                    queue.release(cur, owned, token, pause, unreachable=True)
-                elif not full or time.monotonic() > deadline:
+                if outcome.fatal:
+                    queue.release(cur, owned, token, settings.pause_seconds)
+                elif (not full and not outcome.paused_topics) or time.monotonic() > deadline:
                     queue.release(cur, owned, token)
                 else:
-                    done = False
+                    done = False  # more rows, or other topics behind the paused ones
             if retry_ids:
-                enqueue_retry(retry_ids, retry_token, retries=1, countdown=first_countdown)
+                enqueue_retry(retry_ids, retry_token, retries=1, countdown=backoff(retry, 0))
             if done:
                 return stats
-    except TRANSIENT_ERRORS:
-        _drop_connection()
+    except TransientError:
         raise
-    except Exception:
+    except Exception as exc:
+        reraise_database_error(exc)
         # a bug must not hold the shards for a whole lease; the error still shows in Flower
         _release_quietly(queue, shards, token, settings)
         raise
@@ -199,7 +209,7 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     bind=True,
     base=RetryTask,
     name=RETRY_TASK,
-    autoretry_for=(DeliveryFailed,),
+    autoretry_for=(DeliveryFailed, TransientError),
     retry_backoff=_settings.retry_backoff,
     retry_backoff_max=_settings.retry_backoff_max,
     retry_jitter=_settings.retry_jitter,
@@ -210,9 +220,10 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
     settings = get_settings()
     queue = outbox_queue(settings)
     relay = get_relay(settings)
-    conn = task_connection(settings)
     failed: dict[int, str] = {}
+    later: list[int] = []
     try:
+        conn = task_connection(settings)
         with conn, conn.cursor() as cur:
             held = queue.fetch_held(cur, ids, token)
             if not held:
@@ -223,18 +234,25 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
             queue.complete(cur, outcome.delivered)
             if outcome.delivered:
                 queue.wake_shards(cur, (shard_of[i] for i in outcome.delivered))
-            if outcome.unreachable:
-                pause = circuit_pause(settings, 0)
-                queue.extend_held(cur, outcome.unreachable, token, pause + settings.lease_seconds)
+            later = outcome.later
+            if later:
+                pause = settings.pause_seconds
+                if outcome.paused_topics:
+                    pause = max(s for _t, s in pause_topics(cur, settings, outcome.paused_topics))
+                queue.extend_held(cur, later, token, pause + settings.lease_seconds)
             failed = outcome.failed
             if failed:
-                countdown = backoff(settings, self.request.retries, jitter=False)
-                queue.hold(cur, failed, token, countdown + settings.lease_seconds)
-    except TRANSIENT_ERRORS:
-        _drop_connection()
+                queue.hold(
+                    cur,
+                    failed,
+                    token,
+                    lease_for(self, self.request.retries, settings.lease_seconds),
+                )
+    except Exception as exc:
+        reraise_database_error(exc)
         raise
-    if outcome.unreachable and not failed:
-        # Kafka is away: try again later without spending a retry
+    if later and not failed:
+        # the topic or the producer is away: try again later without spending a retry
         self.apply_async((ids, token), countdown=pause, retries=self.request.retries)
         return {"delivered": len(outcome.delivered), "paused": True}
     if failed:
@@ -252,4 +270,4 @@ def _bury_on_failure(sender=None, args=None, kwargs=None, exception=None, **_):
 @signals.worker_process_shutdown.connect
 def _close(**_):
     reset_relay()
-    _drop_connection()
+    drop_task_connection()

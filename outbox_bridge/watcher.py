@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 from celery import Celery, Task
 from psycopg2 import sql
 
 from .config import Settings
-from .db import TRANSIENT_ERRORS, connect
+from .db import connect
 from .loops import run_forever
 from .queue import Queue
 
@@ -158,8 +159,8 @@ class Watcher:
         for group, token in claims:
             try:
                 sent += source.send(cur, group, token)
-            except TRANSIENT_ERRORS:
-                raise
+            except psycopg2.Error:
+                raise  # the loop reconnects
             except Exception as exc:  # noqa: BLE001 - broker away: retried after a pause
                 log.warning(
                     "could not send the task of %s shards %s: %s", source.queue.name, group, exc

@@ -152,7 +152,7 @@ def rows(url: str, where: str = "true") -> list[tuple]:
     try:
         with c, c.cursor() as cur:
             cur.execute(
-                "SELECT id, topic, convert_from(key, 'UTF8'), state, attempts, last_error"
+                "SELECT id, topic, encode(key, 'escape'), state, attempts, last_error"
                 f" FROM outbox_bridge.outbox WHERE {where} ORDER BY id"
             )
             return cur.fetchall()
@@ -161,19 +161,29 @@ def rows(url: str, where: str = "true") -> list[tuple]:
 
 
 @pytest.fixture
-def topic(services) -> str:
-    """A new topic name for this test (auto-created with 4 partitions)."""
-    return "t-" + uuid.uuid4().hex[:10]
+def kafka_admin(services) -> AdminClient:
+    return AdminClient({"bootstrap.servers": services["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"]})
 
 
 @pytest.fixture
-def kafka_admin(services) -> AdminClient:
-    return AdminClient({"bootstrap.servers": services["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"]})
+def topic(request, kafka_admin) -> str:
+    """A new Kafka topic for this test, created before use (the test stack, like most
+    production clusters, does not create topics on the fly): 4 partitions, unless
+    ``@pytest.mark.kafka_topic(partitions=..., config={...})`` says otherwise."""
+    name = "t-" + uuid.uuid4().hex[:10]
+    marker = request.node.get_closest_marker("kafka_topic")
+    options = marker.kwargs if marker else {}
+    create_topic(kafka_admin, name, options.get("partitions", 4), **options.get("config", {}))
+    return name
 
 
 def create_topic(admin: AdminClient, name: str, partitions: int = 4, **config: str) -> None:
     futures = admin.create_topics([NewTopic(name, partitions, 1, config=config)])
     futures[name].result(30)
+    # metadata reaches every client a moment later
+    wait_for(lambda: name in admin.list_topics(name, timeout=10).topics
+             and admin.list_topics(name, timeout=10).topics[name].error is None,
+             30, f"topic {name} to be known")  # fmt: skip
 
 
 class KafkaReader:

@@ -13,3 +13,24 @@ def fail_once_per_process(row) -> None:
     if row.value and b'"fail":true' in row.value and row.message_id not in _failed_here:
         _failed_here.add(row.message_id)
         raise RuntimeError(f"injected failure of {json.loads(row.value)}")
+
+
+_fatal_here: list = []
+
+
+def fatal_once_per_process(row) -> None:
+    """The producer boundary reports a fatal error once per process (as an idempotent
+    producer does after, say, an out-of-sequence error): every row of that round fails."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    if not _fatal_here and row.key is not None and b'"seq":3' in (row.value or b""):
+        _fatal_here.append(row.message_id)
+        raise KafkaException(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
+
+
+def slow_produce(row) -> None:
+    """Rows with ``"slow": true`` keep the batch's transaction open for 1 s."""
+    import time
+
+    if row.value and b'"slow":true' in row.value:
+        time.sleep(1)

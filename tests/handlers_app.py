@@ -2,24 +2,49 @@
 
 Topics come from the environment so that each test has its own. Every effect
 is a row in ``effects`` of the test's database, written in the handler's
-transaction.
+transaction; ``at`` is the clock time of the write, so effects sort in the
+order they were written, even within one batch.
 """
 
 import os
 import time
 
+import psycopg2
+
 from outbox_bridge import outbox_handler, publish
 
 TOPIC = os.environ.get("TEST_TOPIC", "tests-inbox")
 CHAINED = os.environ.get("TEST_CHAINED_TOPIC", "tests-chained")
+SLOW = os.environ.get("TEST_SLOW_TOPIC", "tests-slow")
 _failed_here: set = set()
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS effects (
-    handler text, message_id uuid, k text, seq int, at timestamptz DEFAULT now());
+    handler text, message_id uuid, k text, seq int, at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS switches (name text PRIMARY KEY, on_ boolean);
 CREATE TABLE IF NOT EXISTS started (message_id uuid);
+CREATE TABLE IF NOT EXISTS failures (
+    message_id uuid PRIMARY KEY, at timestamptz DEFAULT clock_timestamp());
+CREATE TABLE IF NOT EXISTS calls (attempt int, at timestamptz DEFAULT clock_timestamp());
 """
+
+
+def _side(sql, params=()):
+    """Write outside the handler's transaction (it survives the handler's failure)."""
+    side = psycopg2.connect(os.environ["OUTBOX_BRIDGE_DATABASE_URL"])
+    try:
+        with side, side.cursor() as cur:
+            cur.execute(sql, params)
+    finally:
+        side.close()
+
+
+def _attempts(tx, handler, message) -> int:
+    tx.execute(
+        "SELECT attempts FROM outbox_bridge.deliveries WHERE message_id = %s AND handler = %s",
+        (message.message_id, handler),
+    )
+    return tx.fetchone()[0]
 
 
 def _effect(tx, handler, message):
@@ -32,21 +57,26 @@ def _effect(tx, handler, message):
 
 @outbox_handler(TOPIC, max_retries=5, retry_backoff=True, retry_backoff_max=2)
 def record(message, tx):
-    """Records every message; fails the first time a process sees a "fail" message."""
+    """Records every message. ``fail``: fails the first time a process sees it;
+    ``fail_first``: fails the delivery's first attempt (noted in ``failures``)."""
     value = message.value
     if value.get("fail") and message.message_id not in _failed_here:
         _failed_here.add(message.message_id)
         raise RuntimeError(f"injected failure of {value}")
+    if value.get("fail_first") and _attempts(tx, record.name, message) == 0:
+        _side(
+            "INSERT INTO failures (message_id) VALUES (%s)"
+            " ON CONFLICT (message_id) DO UPDATE SET at = clock_timestamp()",
+            (message.message_id,),
+        )
+        raise RuntimeError(f"injected first-attempt failure of {value}")
     if value.get("sleep"):
         # tell the test we are inside the handler, outside our own transaction
-        import psycopg2
-
-        side = psycopg2.connect(os.environ["OUTBOX_BRIDGE_DATABASE_URL"])
-        with side, side.cursor() as cur:
-            cur.execute("INSERT INTO started VALUES (%s)", (message.message_id,))
-        side.close()
+        _side("INSERT INTO started VALUES (%s)", (message.message_id,))
         time.sleep(value["sleep"])
     _effect(tx, "record", message)
+    if value.get("sleep_after"):  # our write is made, our transaction still open
+        time.sleep(value["sleep_after"])
     if value.get("chain"):
         publish(tx, CHAINED, {"from": str(message.message_id)}, key=message.key)
 
@@ -59,3 +89,13 @@ def switchable(message, tx):
     if row and row[0]:
         raise RuntimeError("the switch 'broken' is on")
     _effect(tx, "switchable", message)
+
+
+@outbox_handler(
+    SLOW, name="outbox.tests.slow", retry_backoff=3, retry_jitter=False, max_retries=3,
+    retry_backoff_max=600,
+)  # fmt: skip
+def slow(message, tx):
+    """Always fails; notes the attempt and the time of each call."""
+    _side("INSERT INTO calls (attempt) VALUES (%s)", (_attempts(tx, slow.name, message),))
+    raise RuntimeError("always fails")

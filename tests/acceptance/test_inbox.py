@@ -13,13 +13,13 @@ import pytest
 from confluent_kafka import Producer
 
 from outbox_bridge import publish
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, create_topic, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
 
 @pytest.fixture
-def inbox(db_url, topic, worker_env, start_worker, services):
+def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
     """Set up this test's handler topics and tables; returns helpers."""
     from tests.handlers_app import SCHEMA
 
@@ -27,10 +27,13 @@ def inbox(db_url, topic, worker_env, start_worker, services):
     with c, c.cursor() as cur:
         cur.execute(SCHEMA)
     c.close()
-    chained = topic + "-chained"
+    chained, slow = topic + "-chained", topic + "-slow"
+    for name in (chained, slow):
+        create_topic(kafka_admin, name)
     env = {
         "TEST_TOPIC": topic,
         "TEST_CHAINED_TOPIC": chained,
+        "TEST_SLOW_TOPIC": slow,
         "OUTBOX_BRIDGE_CONSUMER_GROUP": "test-" + uuid.uuid4().hex[:8],
         "OUTBOX_BRIDGE_LEASE_SECONDS": "5",
     }
@@ -39,8 +42,9 @@ def inbox(db_url, topic, worker_env, start_worker, services):
     class Inbox:
         topic_chained = chained
 
-        def start(self, concurrency=2, **extra):
-            return start_worker(concurrency, ("--include", "tests.handlers_app"), **extra)
+        def start(self, concurrency=2, args_extra=(), **extra):
+            args = ("--include", "tests.handlers_app", *args_extra)
+            return start_worker(concurrency, args, **extra)
 
         def query(self, sql, params=()):
             conn = psycopg2.connect(db_url)
@@ -57,7 +61,7 @@ def inbox(db_url, topic, worker_env, start_worker, services):
                 (handler,),
             )
 
-        def produce(self, messages):
+        def produce(self, messages, topic=topic):
             """Produce (key, value bytes, headers) straight to the topic, like another service."""
             p = Producer({"bootstrap.servers": services["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"]})
             for key, value, headers in messages:

@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
-from tests.conftest import ROOT, create_topic, rows, wait_for
+from tests.conftest import ROOT, rows, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -94,7 +94,6 @@ def test_per_key_order_with_four_worker_processes_and_injected_failures(
 def test_kafka_down_longer_than_the_retry_schedule_turns_nothing_dead(
     start_worker, db_url, topic, kafka_admin, kafka_reader, services
 ):
-    create_topic(kafka_admin, topic)
     worker = start_worker(
         OUTBOX_BRIDGE_MAX_RETRIES="2",
         OUTBOX_BRIDGE_PRODUCER_CONFIG='{"message.timeout.ms": 3000}',
@@ -108,9 +107,7 @@ def test_kafka_down_longer_than_the_retry_schedule_turns_nothing_dead(
         commit(db_url, topic, [{"n": i} for i in range(1, 51)], key="k")
         commit(db_url, topic, [{"n": i} for i in range(51, 61)])
         # retry schedule: 2 retries, backoff <= 2s; stay down well past it
-        wait_for(
-            lambda: "Kafka unreachable" in worker.log_tail(), 30, "the circuit breaker to open"
-        )
+        wait_for(lambda: "paused for" in worker.log_tail(), 30, "the circuit breaker to open")
         threading.Event().wait(12)
         assert rows(db_url, "state <> 'pending'") == []
     finally:
@@ -123,12 +120,12 @@ def test_kafka_down_longer_than_the_retry_schedule_turns_nothing_dead(
     wait_for(lambda: rows(db_url) == [], 30, "every row to be deleted")
 
 
+@pytest.mark.kafka_topic(partitions=1, config={"max.message.bytes": "2000"})
 def test_a_message_the_broker_rejects_turns_dead_holds_its_key_and_dead_retry_delivers_in_order(
     start_worker, worker_env, db_url, topic, kafka_admin, kafka_reader
 ):
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
-    create_topic(kafka_admin, topic, partitions=1, **{"max.message.bytes": "2000"})
     worker = start_worker(OUTBOX_BRIDGE_MAX_RETRIES="2")
     commit(db_url, topic, [{"n": 0}], key="k")
     reader = kafka_reader(topic)

@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from outbox_bridge.errors import InvalidHeaders, InvalidTopic, NotSerializable
+from outbox_bridge.errors import InvalidHeaders, InvalidKey, InvalidTopic, NotSerializable
 from outbox_bridge.message import (
     JSONSerializer,
     check_topic,
@@ -67,5 +67,34 @@ def test_keys():
     assert encode_key("k") == b"k"
     assert encode_key(b"k") == b"k"
     assert encode_key(None) is None
-    with pytest.raises(InvalidHeaders, match="key must be"):
+    with pytest.raises(InvalidKey, match="key must be"):
         encode_key(5)
+    assert encode_key(b"k" * 2000) == b"k" * 2000
+    with pytest.raises(InvalidKey, match="2001 bytes"):
+        encode_key(b"k" * 2001)
+    with pytest.raises(InvalidKey, match="not valid Unicode"):
+        encode_key("\ud800")
+
+
+@pytest.mark.parametrize(
+    "headers, problem",
+    [
+        ({"a\x00b": "v"}, "contains NUL"),
+        ({"\udc80": "v"}, "not valid Unicode"),
+        ({"n": "\ud800"}, "not valid Unicode"),
+    ],
+)
+def test_headers_that_kafka_or_postgresql_cannot_carry_are_refused(headers, problem):
+    with pytest.raises(InvalidHeaders, match=problem):
+        encode_headers(headers)
+
+
+def test_a_nul_in_a_header_value_is_carried_byte_for_byte():
+    stored = encode_headers({"n": "a\x00b"})
+    assert kafka_headers(stored, "id")[1] == ("n", b"a\x00b")
+
+
+@pytest.mark.parametrize("value", [float("nan"), {"x": float("inf")}, "\ud800"])
+def test_values_that_are_not_json_are_refused(value):
+    with pytest.raises(NotSerializable):
+        JSONSerializer().dumps(value)

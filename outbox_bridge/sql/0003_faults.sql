@@ -1,0 +1,41 @@
+-- Faults stay local: wake-ups that a running task cannot overwrite, the
+-- handlers known to the database, and a circuit breaker per Kafka topic.
+
+-- A held key was released on this shard: claim it again, whatever its claim
+-- row says. The next claim of the shard consumes the row.
+CREATE TABLE wakes (
+    queue  text    NOT NULL,
+    shard  integer NOT NULL,
+    PRIMARY KEY (queue, shard)
+);
+
+-- A shard released as "all held" by paused topics is looked at again then.
+ALTER TABLE claims ADD COLUMN idle_until timestamptz;
+-- The circuit breaker is per topic now (topic_pauses), not per shard group.
+ALTER TABLE claims DROP COLUMN pauses;
+
+-- A topic that cannot take messages now (unknown, no leader, not authorized,
+-- timing out): the relay skips its rows until the pause ends. Other topics go on.
+CREATE TABLE topic_pauses (
+    topic       text        PRIMARY KEY,
+    until       timestamptz NOT NULL,
+    pauses      integer     NOT NULL DEFAULT 1,
+    last_error  text
+);
+
+-- NOTIFY channel names are cut at 63 bytes: a long schema name gets a hashed
+-- channel (the same as outbox_bridge.db.channel), so two schemas never share one.
+CREATE OR REPLACE FUNCTION outbox_wakeup() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    name text := TG_TABLE_SCHEMA || '.outbox';
+BEGIN
+    IF EXISTS (SELECT 1 FROM wakeup WHERE queue = 'outbox' AND idle
+               AND seen_at > now() - interval '10 seconds') THEN
+        IF octet_length(name) > 63 THEN
+            name := 'ob_' || md5(name);
+        END IF;
+        PERFORM pg_notify(name, '');
+    END IF;
+    RETURN NULL;
+END $$;

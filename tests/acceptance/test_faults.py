@@ -1,0 +1,340 @@
+"""Faults stay where they happen (issue 8): one broken topic, producer, key or
+handler never stalls, loses or duplicates the rest. Real PostgreSQL, Kafka,
+RabbitMQ and `celery -A outbox_bridge worker` subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections import defaultdict
+
+import psycopg2
+import pytest
+
+from outbox_bridge import publish, send
+from outbox_bridge.config import reset_settings
+from tests.acceptance.test_inbox import inbox  # noqa: F401 - the fixture
+from tests.conftest import create_topic, rows, wait_for
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
+
+
+def commit(db_url: str, topic: str, values, key=None) -> list:
+    c = psycopg2.connect(db_url)
+    try:
+        with c, c.cursor() as cur:
+            return [publish(cur, topic, v, key=key) for v in values]
+    finally:
+        c.close()
+
+
+def per_key_in_order(effects) -> dict:
+    seen = defaultdict(list)
+    for _mid, k, seq in effects:
+        seen[k].append(seq)
+    return seen
+
+
+# -- 0. liveness: a released key goes on at once --------------------------------
+def test_keys_whose_head_failed_once_go_on_within_seconds_of_the_retry(inbox, topic):  # noqa: F811
+    keys, per_key = 30, 20
+    # few shards, many keys: running tasks often own the shard of a key being released;
+    # a 30 s lease keeps the periodic safety net out of the picture
+    inbox.start(
+        concurrency=4, OUTBOX_BRIDGE_SHARDS="2", OUTBOX_BRIDGE_LEASE_SECONDS="30",
+        OUTBOX_BRIDGE_BATCH_SIZE="50",
+    )  # fmt: skip
+    messages = []
+    for seq in range(per_key):
+        for k in range(keys):
+            fail = (seq * keys + k) % 20 == 7  # 5% fail their first attempt
+            value = {"k": str(k), "seq": seq, "fail_first": fail}
+            messages.append((str(k).encode(), json.dumps(value).encode(), None))
+    inbox.produce(messages)
+    total = keys * per_key
+    wait_for(lambda: len(inbox.effects()) >= total, 120, "every message handled")
+    failures = inbox.query("SELECT count(*), max(at) FROM failures")[0]
+    assert failures[0] == total // 20, "the injected first-attempt failures did not all happen"
+    seen = per_key_in_order(inbox.effects())
+    assert all(seen[str(k)] == list(range(per_key)) for k in range(keys))
+    assert len(inbox.effects()) == total
+    (tail,) = inbox.query(
+        "SELECT extract(epoch FROM (SELECT max(at) FROM effects WHERE handler = 'record')"
+        " - (SELECT max(at) FROM failures))"
+    )[0]
+    # the last retry comes ~1 s after the last failure; its key then goes on at once
+    assert tail < 8, f"the last effect came {tail:.1f}s after the last failure"
+
+
+# -- 1. one topic Kafka cannot take stalls nothing else -------------------------
+def test_a_missing_topic_pauses_alone_and_resumes_when_created(
+    start_worker, db_url, topic, kafka_admin, kafka_reader
+):  # the 10 healthy rows are committed after 50,000 rows of a topic that does not exist
+    from confluent_kafka.admin import ConfigResource
+
+    broker = ConfigResource(ConfigResource.Type.BROKER, "1")
+    config = kafka_admin.describe_configs([broker])[broker].result(30)
+    assert config["auto.create.topics.enable"].value == "false", (
+        "the test stack runs Kafka as production does, without auto-creation"
+    )
+    missing = topic + "-missing"
+    worker = start_worker(concurrency=2, OUTBOX_BRIDGE_PAUSE_MAX_SECONDS="4")
+    c = psycopg2.connect(db_url)
+    with c, c.cursor() as cur:
+        for i in range(50_000):
+            publish(cur, missing, {"n": i})
+    c.close()
+    wait_for(lambda: "paused for" in worker.log_tail(200), 60, "the missing topic to pause")
+    started = time.monotonic()
+    healthy = commit(db_url, topic, [{"n": i} for i in range(10)], key="k")
+    reader = kafka_reader(topic)
+    reader.read_message_ids({str(i) for i in healthy}, timeout=30)
+    took = time.monotonic() - started
+    assert took < 10, f"the healthy topic waited {took:.1f}s behind the missing one"
+    assert [json.loads(m.value())["n"] for m in reader.messages] == list(range(10))
+    waiting = rows(db_url, f"topic = '{missing}'")
+    assert len(waiting) == 50_000
+    assert {(r[3], r[4]) for r in waiting} == {("pending", 0)}  # no attempt charged
+
+    create_topic(kafka_admin, missing)
+    late = kafka_reader(missing)
+    late.read(50_000, timeout=180)
+    wait_for(lambda: rows(db_url) == [], 60, "every row to be deleted")
+
+
+# -- 2. a fatal producer error is recovered -------------------------------------
+def test_a_fatal_producer_error_rebuilds_the_producer_and_loses_nothing(
+    start_worker, db_url, topic, kafka_admin, kafka_reader
+):
+    worker = start_worker(
+        concurrency=2, OUTBOX_BRIDGE_BEFORE_PRODUCE="tests.faults.fatal_once_per_process"
+    )
+    ids = []
+    for seq in range(30):
+        for k in range(5):
+            ids += commit(db_url, topic, [{"k": k, "seq": seq}], key=f"k{k}")
+    reader = kafka_reader(topic)
+    reader.read_message_ids({str(i) for i in ids}, timeout=120)
+    assert "fatal error" in worker.log_tail(400) and "rebuilt" in worker.log_tail(400)
+    seen = defaultdict(list)
+    for m in reader.drain(quiet=2):
+        v = json.loads(m.value())
+        seen[v["k"]].append(v["seq"])
+    assert all(seen[k] == list(range(30)) for k in range(5)), "lost, doubled or reordered"
+    wait_for(lambda: rows(db_url) == [], 30, "every row to be deleted")
+
+
+# -- 3. deterministic database errors; key sizes --------------------------------
+def test_a_key_too_long_to_keep_in_order_is_refused_and_the_transaction_stays_usable(conn):
+    from outbox_bridge.errors import InvalidKey
+
+    with conn, conn.cursor() as cur:
+        with pytest.raises(InvalidKey, match="3000 bytes"):
+            publish(cur, "t", 1, key=b"k" * 3000)
+        publish(cur, "t", 2, key=b"k" * 2000)
+        cur.execute("SELECT count(*) FROM outbox_bridge.outbox")
+        assert cur.fetchone() == (1,)
+
+
+def test_a_foreign_message_with_a_huge_key_and_a_broken_id_is_dead_and_the_loop_goes_on(
+    inbox,  # noqa: F811
+):
+    inbox.start()
+    inbox.produce([
+        (b"x" * 3000, json.dumps({"k": "x", "seq": 0}).encode(), [("message_id", b"broken")]),
+        (b"x" * 3000, json.dumps({"k": "y", "seq": 0}).encode(), None),
+        (b"ok", json.dumps({"k": "ok", "seq": 1}).encode(), None),
+    ])  # fmt: skip
+    wait_for(lambda: len(inbox.effects()) == 1, 60, "the good message after the bad ones")
+    dead = wait_for(
+        lambda: (r := inbox.query(
+            "SELECT DISTINCT last_error FROM outbox_bridge.deliveries WHERE state = 'dead'"
+        )) and len(r) == 2 and r,
+        60, "both huge-key messages to be dead",
+    )  # fmt: skip
+    assert all("key of 3000 bytes" in e for (e,) in dead), dead
+    assert inbox.query("SELECT count(*) FROM outbox_bridge.inbox") == [(3,)]
+
+
+# -- 5. thread pools keep exactly-once ------------------------------------------
+def test_threads_pool_effects_match_done_deliveries_exactly(inbox, topic):  # noqa: F811
+    inbox.start(concurrency=8, args_extra=("-P", "threads"), OUTBOX_BRIDGE_BATCH_SIZE="10")
+    messages = []
+    for seq in range(60):
+        for k in range(10):
+            value = {"k": str(k), "seq": seq, "sleep_after": 0.01,
+                     "fail_first": (seq * 10 + k) % 20 == 3}  # fmt: skip
+            messages.append((str(k).encode(), json.dumps(value).encode(), None))
+    inbox.produce(messages)
+    wait_for(
+        lambda: inbox.query(
+            "SELECT count(*) FROM outbox_bridge.deliveries WHERE state <> 'done'"
+        ) == [(0,)] and inbox.query("SELECT count(*) FROM outbox_bridge.deliveries") == [(1200,)],
+        180, "every delivery done",
+    )  # fmt: skip
+    assert inbox.query("SELECT count(*) FROM failures")[0][0] == 30
+    for handler in ("record", "switchable"):
+        effects = inbox.query(
+            "SELECT message_id, count(*) FROM effects WHERE handler = %s GROUP BY 1", (handler,)
+        )
+        assert len(effects) == 600 and {n for _m, n in effects} == {1}, handler
+    seen = per_key_in_order(inbox.effects())
+    assert all(seen[str(k)] == list(range(60)) for k in range(10))
+
+
+# -- 7. a handler's own retry settings are the schedule that runs ---------------
+def test_a_handlers_own_backoff_is_the_schedule_that_runs(inbox, topic):  # noqa: F811
+    inbox.start()  # lease 5 s: shorter than the handler's later countdowns
+    slow = topic + "-slow"
+    inbox.produce([(b"a", json.dumps({"k": "a", "seq": 0}).encode(), None)], topic=slow)
+    dead = wait_for(
+        lambda: inbox.query(
+            "SELECT attempts FROM outbox_bridge.deliveries WHERE state = 'dead'"
+            " AND handler = 'outbox.tests.slow'"
+        ),
+        90, "the always-failing delivery to be dead",
+    )  # fmt: skip
+    assert dead == [(4,)]  # the first call and exactly max_retries=3 retries
+    calls = [t for (t,) in inbox.query(
+        "SELECT extract(epoch FROM min(at)) FROM calls GROUP BY attempt ORDER BY attempt"
+    )]  # fmt: skip
+    gaps = [round(b - a, 1) for a, b in zip(calls, calls[1:], strict=False)]
+    # Celery's formula for retry_backoff=3, no jitter: 3 * 2**n -> 3, 6, 12 s
+    assert len(gaps) == 3 and all(
+        abs(g - e) < 1.5 for g, e in zip(gaps, (3, 6, 12), strict=False)
+    ), gaps
+
+
+# -- 8. send() never writes a message twice -------------------------------------
+class CommitBreaker:
+    """A TCP proxy to PostgreSQL that forwards the first COMMIT, then cuts the client
+    off without its answer (the commit happened, the client never hears it) and
+    holds the socket until ``release`` is set. Later connections pass through."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.address = self.listener.getsockname()
+        self.cut = threading.Event()
+        self.release = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+
+    def _pipe(self, src, dst, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if from_client and b"COMMIT" in data and not self.cut.is_set():
+                    self.cut.set()
+                    self.release.wait(120)
+                    client, server = src, dst
+                    client.close()
+                    server.close()
+                    return
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_send_after_a_lost_commit_outcome_writes_the_message_once(
+    start_worker, db_url, topic, kafka_admin, kafka_reader, monkeypatch
+):
+    start_worker()
+    dsn = psycopg2.extensions.parse_dsn(db_url)
+    proxy = CommitBreaker(int(dsn.get("port", 5432)))
+    dsn.update(host=proxy.address[0], port=str(proxy.address[1]))
+    monkeypatch.setenv("OUTBOX_BRIDGE_DATABASE_URL", psycopg2.extensions.make_dsn(**dsn))
+    reset_settings()
+    result: dict = {}
+
+    def sender():
+        result["id"] = send(topic, {"n": 1}, key="k", retries=3)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        assert proxy.cut.wait(30), "the proxy never saw the COMMIT"
+        # committed but unanswered: the relay delivers it and deletes the row meanwhile
+        reader = kafka_reader(topic)
+        reader.read(1, timeout=60)
+        wait_for(lambda: rows(db_url) == [], 30, "the delivered row to be deleted")
+    finally:
+        proxy.release.set()
+        thread.join(60)
+        proxy.close()
+    assert str(result["id"]) == json_id(reader.messages[0])
+    assert len(reader.drain(quiet=4)) == 1, "send() wrote the message twice"
+    assert rows(db_url) == []
+
+
+def json_id(msg) -> str:
+    return dict(msg.headers())["message_id"].decode()
+
+
+# -- 13. a server-side idle-in-transaction timeout below the Kafka wait ----------
+def test_a_short_idle_in_transaction_timeout_does_not_resend_batches(
+    start_worker, db_url, topic, kafka_admin, kafka_reader
+):
+    c = psycopg2.connect(db_url)
+    c.autocommit = True
+    with c.cursor() as cur:
+        cur.execute(
+            f'ALTER DATABASE "{c.info.dbname}" SET idle_in_transaction_session_timeout = 300'
+        )
+    c.close()
+    start_worker(OUTBOX_BRIDGE_BEFORE_PRODUCE="tests.faults.slow_produce")
+    ids = commit(db_url, topic, [{"n": i, "slow": True} for i in range(5)], key="k")
+    reader = kafka_reader(topic)
+    reader.read_message_ids({str(i) for i in ids}, timeout=60)
+    wait_for(lambda: rows(db_url) == [], 30, "every row to be deleted")
+    assert len(reader.drain(quiet=3)) == 5, "batches were sent again"
+
+
+# -- 11. keys that are not UTF-8 in status and dead ------------------------------
+def test_status_and_dead_show_and_match_keys_that_are_not_utf8(db_url, conn):
+    from outbox_bridge import ops
+    from outbox_bridge.config import get_settings
+
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 1, key=b"\xff\x00k")
+        publish(cur, "t", 2, key=b"\xff\x00k")
+        cur.execute(
+            "UPDATE outbox_bridge.outbox SET state = 'dead', attempts = 3, last_error = 'x'"
+            " WHERE id = (SELECT min(id) FROM outbox_bridge.outbox)"
+        )
+    settings = get_settings()
+    blocked = ops.status(settings, kafka=False)["outbox"]["blocked_keys"]
+    assert [(b["key"], b["waiting"]) for b in blocked] == [("hex:ff006b", 1)]
+    assert [d["key"] for d in ops.dead_list(settings)] == ["hex:ff006b"]
+    assert ops.dead_list(settings, key="hex:ff006b") and not ops.dead_list(settings, key="k")
+    assert ops.dead_retry(settings, key="hex:ff006b") == 1
+    assert {r[3] for r in rows(db_url)} == {"pending"}
+
+
+def test_notify_channel_names_stay_within_63_bytes():
+    from outbox_bridge.db import channel
+
+    long_schema = "s" * 60
+    assert len(channel(long_schema, "outbox").encode()) <= 63
+    assert channel(long_schema, "outbox") != channel(long_schema, "inbox")
+    assert channel("outbox_bridge", "outbox") == "outbox_bridge.outbox"
