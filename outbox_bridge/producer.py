@@ -119,9 +119,10 @@ class Topics:
         self.admin = AdminClient({k: v for k, v in conf.items() if _connection_setting(k)})
         self.cache: dict[str, TopicInfo] = {}
 
-    def get(self, topic: str) -> TopicInfo:
+    def get(self, topic: str, fresh: bool = False) -> TopicInfo:
+        """The topic's limits; ``fresh``: asked now (before refusing a row on them)."""
         info = self.cache.get(topic)
-        if info is None or info.until < time.monotonic():
+        if fresh or info is None or info.until < time.monotonic():
             info = self.cache[topic] = self._look_up(topic)
         return info
 
@@ -204,9 +205,10 @@ class Relay:
             if row.topic in outcome.paused_topics or outcome.fatal:
                 outcome.later.append(row.id)
                 continue
-            info = self.topics.get(row.topic)
             try:
-                refused = too_large(row, info)
+                refused = too_large(row, self.topics.get(row.topic))
+                if refused:  # the limits may have changed since: ask again first
+                    refused = too_large(row, self.topics.get(row.topic, fresh=True))
                 if refused:
                     raise _Refused(refused)
                 if hook is not None:

@@ -338,3 +338,70 @@ def test_notify_channel_names_stay_within_63_bytes():
     assert len(channel(long_schema, "outbox").encode()) <= 63
     assert channel(long_schema, "outbox") != channel(long_schema, "inbox")
     assert channel("outbox_bridge", "outbox") == "outbox_bridge.outbox"
+
+
+# -- 9. per-key order under a broker rejection -----------------------------------
+@pytest.mark.kafka_topic(partitions=1, config={"max.message.bytes": "3000"})
+def test_a_refused_message_fences_the_later_rows_of_its_key_in_the_same_batch(
+    start_worker, worker_env, db_url, topic, kafka_admin, kafka_reader
+):
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    from outbox_bridge import ops
+    from outbox_bridge.config import Settings
+
+    # all in one transaction before the worker starts: one batch, one fetch
+    c = psycopg2.connect(db_url)
+    with c, c.cursor() as cur:
+        for value in ({"n": 0}, {"n": 1, "pad": "x" * 5000}, {"n": 2}, {"n": 3}, {"n": 4}):
+            publish(cur, topic, value, key="k")
+        publish(cur, topic, {"n": "other"}, key="other")
+    c.close()
+    start_worker(OUTBOX_BRIDGE_MAX_RETRIES="1")
+    reader = kafka_reader(topic)
+    wait_for(lambda: rows(db_url, "state = 'dead'"), 60, "the large message to be dead")
+    assert [json.loads(m.value())["n"] for m in reader.read(2, timeout=30)] == [0, "other"]
+    assert [r[3] for r in rows(db_url)] == ["dead", "pending", "pending", "pending"]
+    assert len(reader.drain(quiet=2)) == 2  # 2, 3 and 4 were never sent ahead of 1
+
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    resource.add_incremental_config(
+        ConfigEntry("max.message.bytes", "100000", incremental_operation=AlterConfigOpType.SET)
+    )
+    kafka_admin.incremental_alter_configs([resource])[resource].result(30)
+    # the relay reads a topic's limits again within TOPIC_INFO_SECONDS
+    assert ops.dead_retry(Settings(database_url=db_url), key="k") == 1
+    values = [json.loads(m.value())["n"] for m in reader.read(6, timeout=90)]
+    assert values == [0, "other", 1, 2, 3, 4]
+    wait_for(lambda: rows(db_url) == [], 30, "every row to be deleted")
+
+
+# -- 4. memory is bounded by bytes, not only rows --------------------------------
+def test_worker_memory_stays_bounded_with_large_messages(start_worker, db_url, topic, kafka_reader):
+    import os
+    import subprocess
+
+    c = psycopg2.connect(db_url)
+    with c, c.cursor() as cur:
+        for i in range(3000):
+            publish(cur, topic, os.urandom(900_000), key=f"k{i % 20}")
+    c.close()
+    worker = start_worker(concurrency=2)
+    peak = 0
+
+    def rss_mb() -> int:
+        pids = [worker.proc.pid, *worker.children()]
+        out = subprocess.run(["ps", "-o", "rss=", "-p", ",".join(map(str, pids))],
+                             capture_output=True, text=True).stdout  # fmt: skip
+        return max(int(x) for x in out.split()) // 1024
+
+    def drained() -> bool:
+        nonlocal peak
+        peak = max(peak, rss_mb())
+        return not rows(db_url)
+
+    wait_for(drained, 300, "3,000 messages of 900 KB to be delivered", every=0.5)
+    assert peak > 0
+    # 32 MB of values per fetch (outbox_bridge_batch_bytes), not 2,000 rows of 900 KB
+    assert peak < 400, f"a worker process reached {peak} MB"
+    assert len(kafka_reader(topic).read(3000, timeout=120)) >= 3000

@@ -1,0 +1,62 @@
+"""Long-running loops: restart backoff that starts over after a healthy run, and
+commit errors of a rebalance that are not errors."""
+
+import threading
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from outbox_bridge import loops
+from outbox_bridge.inbox import commit_offsets
+
+
+def test_restart_backoff_grows_on_quick_failures_and_starts_over_after_a_healthy_run(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(loops.time, "monotonic", lambda: clock[0])
+    stop = threading.Event()
+    delays = []
+    runs = iter([1, 1, 1, 120, 1])  # seconds each run lasts before it fails
+
+    def body(_stop):
+        try:
+            clock[0] += next(runs)
+        except StopIteration:
+            stop.set()
+            return
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stop, "wait", lambda delay: delays.append(delay))
+    loops.run_forever(body, stop, "test loop")
+    assert delays == [0.5, 1.0, 2.0, 0.5, 1.0]
+
+
+class _Consumer:
+    def __init__(self, code):
+        self.code = code
+
+    def commit(self, offsets, asynchronous):
+        raise KafkaException(KafkaError(self.code))
+
+
+class _Msg:
+    def topic(self):
+        return "t"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return 5
+
+
+@pytest.mark.parametrize(
+    "code", [KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+             KafkaError.UNKNOWN_MEMBER_ID],
+)  # fmt: skip
+def test_a_commit_refused_by_a_rebalance_is_not_an_error(code):
+    assert commit_offsets(_Consumer(code), [_Msg()]) is False
+
+
+def test_other_commit_errors_still_raise():
+    with pytest.raises(KafkaException):
+        commit_offsets(_Consumer(KafkaError._TRANSPORT), [_Msg()])
