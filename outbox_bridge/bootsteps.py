@@ -66,15 +66,15 @@ class InboxConsumerStep(_LoopStep):
 
     def loop(self, worker):
         from .config import get_settings
-        from .handlers import handler_topics
+        from .handlers import handler_rows
         from .inbox import InboxConsumer
 
         settings = get_settings()
-        topics = handler_topics()
-        if not settings.consumer or not topics:
+        rows = handler_rows()
+        if not settings.consumer or not rows:
             log.info("inbox consumer off (outbox_bridge_consumer, or no @outbox_handler)")
             return None
-        return InboxConsumer(settings, topics).run, "outbox-bridge-inbox"
+        return InboxConsumer(settings, rows).run, "outbox-bridge-inbox"
 
 
 def install(app: Celery) -> None:

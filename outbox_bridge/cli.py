@@ -114,6 +114,34 @@ def dead_purge(topic, key, ids, handler, as_json) -> None:
     _emit({"purged": count}, as_json, f"purged {count} dead messages")
 
 
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def handlers(ctx, as_json: bool) -> None:
+    """The handlers registered in the database (each worker registers its own at start)."""
+    if ctx.invoked_subcommand:
+        return
+    found = ops.list_handlers(get_settings())
+    text = "\n".join(
+        f"{h['name']} on {h['topic']}: max_retries={h['max_retries']},"
+        f" {h['open_deliveries']} open deliveries, registered {h['registered_at']:%Y-%m-%d %H:%M},"
+        f" last seen {h['seen_at']:%Y-%m-%d %H:%M}"
+        for h in found
+    )
+    _emit(found, as_json, text or "no handlers registered")
+
+
+@handlers.command("forget")
+@click.argument("name")
+def handlers_forget(name: str) -> None:
+    """Unregister a handler no worker runs any more, and drop its open deliveries."""
+    try:
+        dropped = ops.forget_handler(get_settings(), name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"forgot {name} and {dropped} open deliveries")
+
+
 @main.group()
 def inbox() -> None:
     """Inbox housekeeping."""
@@ -170,18 +198,18 @@ def demo(count: int, topic: str) -> None:
 def consume() -> None:
     """Run the Kafka inbox consumer in the foreground (Ctrl-C stops it)."""
     from .celery import app
-    from .handlers import handler_topics
+    from .handlers import handler_rows
     from .inbox import InboxConsumer
 
     logging.getLogger().setLevel(logging.INFO)
     app.loader.import_default_modules()
-    topics = handler_topics()
-    if not topics:
+    rows = handler_rows()
+    if not rows:
         raise click.ClickException("no @outbox_handler found in the app's imports / include")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    InboxConsumer(get_settings(), topics).run(stop)
+    InboxConsumer(get_settings(), rows).run(stop)
 
 
 @main.command()

@@ -51,7 +51,8 @@ class Settings:
     watcher: bool = True
     # Inbox: the Kafka consumer in the worker, its group, librdkafka overrides.
     consumer: bool = True
-    consumer_group: str = "outbox-bridge"
+    # "" : derived from the inbox's database (outbox-bridge-<database>-<id>)
+    consumer_group: str = ""
     consumer_config: dict[str, Any] = field(default_factory=dict)
     send_retries: int = 3
     # librdkafka settings on top of outbox-bridge's producer defaults

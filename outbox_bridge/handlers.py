@@ -51,9 +51,9 @@ def handlers() -> list[HandlerSpec]:
     return [spec for specs in REGISTRY.values() for spec in specs]
 
 
-def handler_topics() -> dict[str, list[str]]:
-    """topic -> names of the handler tasks subscribed to it."""
-    return {topic: [s.task.name for s in specs] for topic, specs in REGISTRY.items() if specs}
+def handler_rows() -> list[tuple[str, str, int | None]]:
+    """(task name, topic, max_retries) of every handler, as the database registers them."""
+    return [(s.task.name, s.topic, s.task.max_retries) for s in handlers()]
 
 
 def inbox_queue(settings: Settings, handler: str) -> Queue:

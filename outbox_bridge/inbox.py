@@ -46,19 +46,50 @@ ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id
 """
 
+# One delivery per handler of the topic registered in the database now: the
+# handlers are a fact in PostgreSQL, not of the worker that consumed the message.
 _INSERT_DELIVERIES = """
 INSERT INTO {deliveries} (message_id, handler, topic, key, shard, state, last_error, dead_at)
-SELECT m, h, t, k, s, st, e, CASE WHEN st = 'dead' THEN now() END
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[], %s::int[], %s::text[], %s::text[])
-     AS x(m, h, t, k, s, st, e)
+SELECT x.m, h.name, x.t, x.k, x.s, x.st, x.e, CASE WHEN x.st = 'dead' THEN now() END
+FROM unnest(%s::uuid[], %s::text[], %s::bytea[], %s::int[], %s::text[], %s::text[])
+     AS x(m, t, k, s, st, e)
+JOIN {handlers} h ON h.topic = x.t
 ON CONFLICT (message_id, handler) DO NOTHING
 """
 
+_REGISTER = """
+INSERT INTO {handlers} (name, topic, max_retries)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])
+ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, max_retries = excluded.max_retries,
+    seen_at = now()
+"""
 
-def consumer_config(settings: Settings) -> dict[str, Any]:
+
+HandlerRow = tuple[str, str, "int | None"]  # (task name, topic, max_retries)
+
+
+def register_handlers(cur, settings: Settings, specs: Iterable[HandlerRow]) -> None:
+    """Record (name, topic, max_retries) of this worker's handlers in the database.
+    A handler receives the messages stored after its first registration."""
+    specs = sorted(specs)
+    if specs:
+        cur.execute(q(_REGISTER, settings.schema), [list(c) for c in zip(*specs, strict=True)])
+
+
+def consumer_group(cur, settings: Settings) -> str:
+    """The Kafka consumer group: the setting, else one derived from this inbox's
+    database, so that two applications never share a group by accident."""
+    if settings.consumer_group:
+        return settings.consumer_group
+    cur.execute(q("SELECT current_database(), id FROM {schema}.identity", settings.schema))
+    database, ident = cur.fetchone()
+    return f"outbox-bridge-{database}-{str(ident)[:8]}"
+
+
+def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
     conf = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "group.id": settings.consumer_group,
+        "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
@@ -104,14 +135,9 @@ def _timestamp(msg: Any) -> datetime | None:
         return None  # a producer's absurd timestamp is no reason to refuse the message
 
 
-def store(
-    cur,
-    settings: Settings,
-    messages: list,
-    handlers: dict[str, list[str]],
-    broken: str | None = None,
-) -> int:
-    """Write a batch to the inbox, with its deliveries; returns how many were new.
+def store(cur, settings: Settings, messages: list, broken: str | None = None) -> int:
+    """Write a batch to the inbox, with one delivery per registered handler of each
+    message's topic; returns how many messages were new.
 
     ``broken``: the messages could not be stored as they are; store them
     without headers, with dead deliveries that give this reason.
@@ -139,33 +165,33 @@ def store(
             col.append(value)
     cur.execute(q(_INSERT_INBOX, settings.schema), cols)
     new = [r[0] for r in cur.fetchall()]
-    rows: list[list[Any]] = [[] for _ in range(7)]
+    rows: list[list[Any]] = [[] for _ in range(6)]
     for message_id in new:
         msg = ids[message_id]
-        for handler in handlers.get(msg.topic(), ()):
-            problem = problems.get(message_id)
-            key = msg.key()
-            if key is not None and len(key) > MAX_KEY_BYTES:
-                key = None  # dead, and too long for the held-keys index: it holds nothing
-            for col, value in zip(rows, (
-                message_id, handler, msg.topic(), key, shard_of(msg.topic(), key, settings.shards),
-                "dead" if problem else "pending", problem,
-            ), strict=True):  # fmt: skip
-                col.append(value)
+        problem = problems.get(message_id)
+        key = msg.key()
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            key = None  # dead, and too long for the held-keys index: it holds nothing
+        for col, value in zip(rows, (
+            message_id, msg.topic(), key, shard_of(msg.topic(), key, settings.shards),
+            "dead" if problem else "pending", problem,
+        ), strict=True):  # fmt: skip
+            col.append(value)
     if rows[0]:
         cur.execute(q(_INSERT_DELIVERIES, settings.schema), rows)
-        cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
+        if cur.rowcount:
+            cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
     return len(new)
 
 
-def store_each(cur, settings: Settings, messages: list, handlers: dict[str, list[str]]) -> int:
+def store_each(cur, settings: Settings, messages: list) -> int:
     """The slow path after a batch failed: one message at a time, so that one
     message the database refuses becomes a dead entry instead of stopping the loop."""
     stored = 0
     for msg in messages:
         cur.execute("SAVEPOINT outbox_bridge_message")
         try:
-            stored += store(cur, settings, [msg], handlers)
+            stored += store(cur, settings, [msg])
         except psycopg2.Error as exc:
             if is_transient(exc):
                 raise
@@ -174,7 +200,7 @@ def store_each(cur, settings: Settings, messages: list, handlers: dict[str, list
             log.warning(
                 "inbox: message %s/%d/%d %s", msg.topic(), msg.partition(), msg.offset(), reason
             )
-            stored += store(cur, settings, [msg], handlers, broken=reason)
+            stored += store(cur, settings, [msg], broken=reason)
         cur.execute("RELEASE SAVEPOINT outbox_bridge_message")
     return stored
 
@@ -182,9 +208,10 @@ def store_each(cur, settings: Settings, messages: list, handlers: dict[str, list
 class InboxConsumer:
     """Consumes every topic that has a handler into the inbox, until stopped."""
 
-    def __init__(self, settings: Settings, handlers: dict[str, list[str]]):
+    def __init__(self, settings: Settings, handlers: list[HandlerRow]):
         self.settings = settings
-        self.handlers = handlers  # topic -> handler task names
+        self.handlers = handlers  # (name, topic, max_retries) of this worker's handlers
+        self.topics = sorted({topic for _name, topic, _retries in handlers})
         self.stored = 0  # new inbox rows written, for tests and logs
 
     def run(self, stop: threading.Event) -> None:
@@ -193,11 +220,15 @@ class InboxConsumer:
 
     def _consume(self, stop: threading.Event) -> None:
         # made here, in the thread that uses it, after the worker forked
-        consumer = Consumer(consumer_config(self.settings))
         conn = connect(self.settings, name="outbox-bridge inbox")
+        consumer = None
         try:
-            consumer.subscribe(sorted(self.handlers), on_lost=self._on_lost)
-            log.info("inbox consumer subscribed to %s", ", ".join(sorted(self.handlers)))
+            with conn, conn.cursor() as cur:
+                register_handlers(cur, self.settings, self.handlers)
+                group = consumer_group(cur, self.settings)
+            consumer = Consumer(consumer_config(self.settings, group))
+            consumer.subscribe(self.topics, on_assign=self._on_assign, on_lost=self._on_lost)
+            log.info("inbox consumer (group %s) subscribed to %s", group, ", ".join(self.topics))
             while not stop.is_set():
                 batch = consumer.consume(self.settings.batch_size, timeout=0.5)
                 messages = []
@@ -211,18 +242,23 @@ class InboxConsumer:
                     continue
                 try:
                     with conn, conn.cursor() as cur:
-                        self.stored += store(cur, self.settings, messages, self.handlers)
+                        self.stored += store(cur, self.settings, messages)
                 except psycopg2.Error as exc:
                     if is_transient(exc):
                         raise
                     # one message the database refuses as it is: find it, store it as dead
                     with conn, conn.cursor() as cur:
-                        self.stored += store_each(cur, self.settings, messages, self.handlers)
+                        self.stored += store_each(cur, self.settings, messages)
                 # only now, after the database commit
                 commit_offsets(consumer, messages)
         finally:
             conn.close()
-            consumer.close()
+            if consumer is not None:
+                consumer.close()
+
+    @staticmethod
+    def _on_assign(consumer: Consumer, partitions: list) -> None:
+        log.info("inbox consumer assigned %s", [(p.topic, p.partition) for p in partitions])
 
     @staticmethod
     def _on_lost(consumer: Consumer, partitions: list) -> None:

@@ -38,13 +38,17 @@ def parse_key(key: str) -> bytes:
 
 def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
     """Counts per state, oldest pending age, keys held back by a failed head, consumer lag."""
+    from .inbox import consumer_group
+
     with transaction(settings, "outbox-bridge status") as cur:
         out = {"outbox": _outbox_status(cur, settings.schema)}
         out["inbox"] = _inbox_status(cur, settings.schema)
-        cur.execute(q("SELECT DISTINCT topic FROM {deliveries}", settings.schema))
+        cur.execute(q("SELECT DISTINCT topic FROM {handlers}", settings.schema))
         topics = [r[0] for r in cur.fetchall()]
+        group = consumer_group(cur, settings)
     if kafka:
-        out["inbox"]["consumer_lag"] = consumer_lag(settings, topics)
+        out["inbox"]["consumer_group"] = group
+        out["inbox"]["consumer_lag"] = consumer_lag(settings, group, topics)
     return out
 
 
@@ -123,13 +127,13 @@ def _inbox_status(cur, schema: str) -> dict[str, Any]:
     return {"handlers": handlers}
 
 
-def consumer_lag(settings: Settings, topics: list[str]) -> list[dict[str, Any]]:
+def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict[str, Any]]:
     """Per partition: the consumer group's committed offset, the end offset and the lag."""
     if not topics:
         return []
     consumer = Consumer(
         {"bootstrap.servers": settings.kafka_bootstrap_servers,
-         "group.id": settings.consumer_group, "enable.auto.commit": False}
+         "group.id": group, "enable.auto.commit": False}
     )  # fmt: skip
     try:
         meta = consumer.list_topics(timeout=10).topics
@@ -247,3 +251,34 @@ def prune_inbox(settings: Settings, older_than_seconds: float) -> int:
             (older_than_seconds,),
         )
         return cur.rowcount
+
+
+def list_handlers(settings: Settings) -> list[dict]:
+    """The handlers registered in the database, with their delivery counts."""
+    with transaction(settings, "outbox-bridge handlers") as cur:
+        cur.execute(
+            q(
+                "SELECT h.name, h.topic, h.max_retries, h.registered_at, h.seen_at,"
+                " (SELECT count(*) FROM {deliveries} d WHERE d.handler = h.name"
+                "  AND d.state <> 'done') AS open_deliveries"
+                " FROM {handlers} h ORDER BY h.topic, h.name",
+                settings.schema,
+            )
+        )
+        cols = [d.name for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def forget_handler(settings: Settings, name: str) -> int:
+    """Unregister a handler that no worker runs any more, with its open deliveries
+    (a worker that still runs it registers it again at its next start)."""
+    with transaction(settings, "outbox-bridge handlers") as cur:
+        cur.execute(
+            q("DELETE FROM {deliveries} WHERE handler = %s AND state <> 'done'", settings.schema),
+            (name,),
+        )
+        dropped = cur.rowcount
+        cur.execute(q("DELETE FROM {handlers} WHERE name = %s", settings.schema), (name,))
+        if not cur.rowcount:
+            raise ValueError(f"no handler {name!r} is registered")
+        return dropped

@@ -99,3 +99,11 @@ def slow(message, tx):
     """Always fails; notes the attempt and the time of each call."""
     _side("INSERT INTO calls (attempt) VALUES (%s)", (_attempts(tx, slow.name, message),))
     raise RuntimeError("always fails")
+
+
+if os.environ.get("TEST_EXTRA_HANDLER"):
+    # a handler only some workers have (a rolling deploy that adds it), on its own queue
+
+    @outbox_handler(TOPIC, name="outbox.tests.extra", queue=os.environ["TEST_EXTRA_QUEUE"])
+    def extra(message, tx):
+        _effect(tx, "extra", message)

@@ -39,3 +39,24 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
+
+-- The handlers known to this database, registered by each worker at start.
+-- Deliveries are made from this table when a message is stored, whichever
+-- worker consumed it: a message gets one delivery per handler of its topic
+-- registered at that moment.
+CREATE TABLE handlers (
+    name           text        PRIMARY KEY,
+    topic          text        NOT NULL,
+    max_retries    integer,
+    registered_at  timestamptz NOT NULL DEFAULT now(),
+    seen_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX handlers_topic ON handlers (topic);
+
+-- Who this inbox is: the default Kafka consumer group is derived from it, so
+-- two applications (two databases) never share a group by accident.
+CREATE TABLE identity (
+    one  boolean PRIMARY KEY DEFAULT true CHECK (one),
+    id   uuid    NOT NULL DEFAULT gen_random_uuid()
+);
+INSERT INTO identity DEFAULT VALUES;

@@ -405,3 +405,37 @@ def test_worker_memory_stays_bounded_with_large_messages(start_worker, db_url, t
     # 32 MB of values per fetch (outbox_bridge_batch_bytes), not 2,000 rows of 900 KB
     assert peak < 400, f"a worker process reached {peak} MB"
     assert len(kafka_reader(topic).read(3000, timeout=120)) >= 3000
+
+
+# -- 6. handlers differ between workers -------------------------------------------
+def test_two_workers_with_different_handlers_in_one_group_every_handler_gets_every_message(
+    inbox,
+    topic,
+    worker_env,  # noqa: F811
+):
+    extra_queue = worker_env["OUTBOX_BRIDGE_CELERY_QUEUE"] + "-extra"
+    queues = f"{worker_env['OUTBOX_BRIDGE_CELERY_QUEUE']},{extra_queue}"
+    old = inbox.start(concurrency=1)
+    new = inbox.start(
+        concurrency=1, args_extra=("-Q", queues), TEST_EXTRA_HANDLER="1",
+        TEST_EXTRA_QUEUE=extra_queue,
+    )  # fmt: skip
+    # both consumers hold partitions of the topic before anything is produced
+    for w in (old, new):
+        wait_for(lambda w=w: f"assigned [('{topic}'" in w.log_tail(400), 60,
+                 "both consumers to be assigned partitions")  # fmt: skip
+    registered = inbox.query("SELECT name FROM outbox_bridge.handlers ORDER BY name")
+    assert ("outbox.tests.extra",) in registered
+    total = 200
+    inbox.produce([
+        (str(i % 10).encode(), json.dumps({"k": str(i % 10), "seq": i // 10}).encode(), None)
+        for i in range(total)
+    ])  # fmt: skip
+    for handler in ("record", "switchable", "extra"):
+        wait_for(lambda h=handler: len(inbox.effects(h)) == total, 120, f"{handler}'s effects")
+    assert {
+        n
+        for (_m, n) in inbox.query(
+            "SELECT message_id, count(*) FROM outbox_bridge.deliveries GROUP BY 1"
+        )
+    } == {3}

@@ -6,7 +6,13 @@ import uuid
 import pytest
 
 from outbox_bridge.config import get_settings
-from outbox_bridge.inbox import message_identity, store, store_each, stored_headers
+from outbox_bridge.inbox import (
+    message_identity,
+    register_handlers,
+    store,
+    store_each,
+    stored_headers,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -46,23 +52,24 @@ def test_duplicates_are_ignored_and_each_handler_gets_one_delivery(conn):
     settings = get_settings()
     mid = uuid.uuid4()
     header = [("message_id", str(mid).encode())]
-    handlers = {"t": ["h1", "h2"]}
     with conn, conn.cursor() as cur:
-        assert store(cur, settings, [FakeMessage(0, headers=header)] * 2, handlers) == 1
-        assert store(cur, settings, [FakeMessage(5, headers=header)], handlers) == 0
+        register_handlers(cur, settings, [("h1", "t", 5), ("h2", "t", 5), ("other", "u", 5)])
+        assert store(cur, settings, [FakeMessage(0, headers=header)] * 2) == 1
+        assert store(cur, settings, [FakeMessage(5, headers=header)]) == 0
         cur.execute("SELECT handler, state FROM outbox_bridge.deliveries ORDER BY handler")
         assert cur.fetchall() == [("h1", "pending"), ("h2", "pending")]
 
 
 def test_a_message_the_database_refuses_becomes_dead_and_the_rest_is_stored(conn):
     settings = get_settings()
-    handlers = {"t": ["h"]}
     refused = FakeMessage(1, headers=[("bad\x00name", b"v")])  # jsonb refuses NUL
     batch = [FakeMessage(0), refused, FakeMessage(2)]
-    with conn, conn.cursor() as cur, pytest.raises(Exception, match="Unicode"):
-        store(cur, settings, batch, handlers)
     with conn, conn.cursor() as cur:
-        assert store_each(cur, settings, batch, handlers) == 3
+        register_handlers(cur, settings, [("h", "t", 5)])
+    with conn, conn.cursor() as cur, pytest.raises(Exception, match="Unicode"):
+        store(cur, settings, batch)
+    with conn, conn.cursor() as cur:
+        assert store_each(cur, settings, batch) == 3
         cur.execute(
             'SELECT i."offset", d.state, d.last_error FROM outbox_bridge.deliveries d'
             " JOIN outbox_bridge.inbox i USING (message_id) ORDER BY 1"
@@ -97,7 +104,8 @@ def test_header_values_are_stored_readably_or_as_base64():
 
 def test_a_timestamp_python_cannot_hold_is_stored_as_null(conn):
     with conn, conn.cursor() as cur:
-        store(cur, get_settings(), [FakeMessage(0, timestamp=300_000_000_000_000)], {"t": ["h"]})
+        register_handlers(cur, get_settings(), [("h", "t", 5)])
+        store(cur, get_settings(), [FakeMessage(0, timestamp=300_000_000_000_000)])
         cur.execute('SELECT "timestamp" FROM outbox_bridge.inbox')
         assert cur.fetchall() == [(None,)]
 
@@ -107,7 +115,8 @@ def test_prune_forgets_only_old_fully_handled_messages(conn):
 
     settings = get_settings()
     with conn, conn.cursor() as cur:
-        store(cur, settings, [FakeMessage(i) for i in range(3)], {"t": ["h"]})
+        register_handlers(cur, settings, [("h", "t", 5)])
+        store(cur, settings, [FakeMessage(i) for i in range(3)])
         cur.execute(
             "UPDATE outbox_bridge.inbox SET received_at = now() - interval '8 days'"
             ' WHERE "offset" < 2'
@@ -123,3 +132,16 @@ def test_prune_forgets_only_old_fully_handled_messages(conn):
         assert cur.fetchall() == [(1,), (2,)]
         cur.execute("SELECT count(*) FROM outbox_bridge.deliveries")
         assert cur.fetchone() == (2,)
+
+
+def test_the_default_consumer_group_is_derived_from_the_inbox_database(conn, db_url):
+    from outbox_bridge.config import Settings
+    from outbox_bridge.inbox import consumer_group
+
+    with conn, conn.cursor() as cur:
+        derived = consumer_group(cur, Settings(database_url=db_url))
+        assert derived.startswith(f"outbox-bridge-{conn.info.dbname}-")
+        assert consumer_group(cur, Settings(consumer_group="mine")) == "mine"
+        # a new inbox (another application's database) gets another identity
+        cur.execute("UPDATE outbox_bridge.identity SET id = gen_random_uuid()")
+        assert consumer_group(cur, Settings(database_url=db_url)) != derived
