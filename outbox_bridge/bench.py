@@ -33,6 +33,7 @@ from .config import Settings
 from .db import connect, q, transaction
 from .message import kafka_headers
 from .migrate import migrate
+from .ops import ensure_topics
 from .outbox import publish
 from .producer import producer_config
 
@@ -93,6 +94,7 @@ class Bench:
     def __init__(self, settings: Settings, options: Options):
         self.opts = options
         self.run_id = uuid.uuid4().hex[:6]
+        self._topics: set[str] = set()
         dsn = psycopg2.extensions.parse_dsn(settings.database_url)
         self.admin_dsn = settings.database_url
         dsn["dbname"] = BENCH_DB
@@ -118,7 +120,11 @@ class Bench:
             return cur.fetchall() if cur.description else []
 
     def topic(self, name: str) -> str:
-        return f"bench.{self.run_id}.{name}"
+        topic = f"bench.{self.run_id}.{name}"
+        if topic not in self._topics:  # the cluster may not create topics on first use
+            ensure_topics(self.settings, [topic])
+            self._topics.add(topic)
+        return topic
 
     def env(self) -> dict[str, str]:
         return {

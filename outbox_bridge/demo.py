@@ -10,6 +10,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from .config import Settings
 from .db import connect, q
+from .ops import ensure_topics
 from .outbox import publish
 
 
@@ -33,6 +34,7 @@ def _kafka_total(settings: Settings, topic: str) -> int:
 def run_demo(settings: Settings, count: int, topic: str, timeout: float = 120) -> int:
     """Write ``count`` orders, each with its outbox message, and wait until the demo
     handler has recorded a shipment for each. Returns how many are still missing."""
+    ensure_topics(settings, [topic])
     before = _kafka_total(settings, topic)
     conn = connect(settings, name="outbox-bridge demo")
     try:

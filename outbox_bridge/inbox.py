@@ -52,8 +52,9 @@ _INSERT_DELIVERIES = """
 INSERT INTO {deliveries} (message_id, handler, topic, key, shard, state, last_error, dead_at)
 SELECT x.m, h.name, x.t, x.k, x.s, x.st, x.e, CASE WHEN x.st = 'dead' THEN now() END
 FROM unnest(%s::uuid[], %s::text[], %s::bytea[], %s::int[], %s::text[], %s::text[])
-     AS x(m, t, k, s, st, e)
+     WITH ORDINALITY AS x(m, t, k, s, st, e, n)
 JOIN {handlers} h ON h.topic = x.t
+ORDER BY x.n, h.name  -- delivery ids in Kafka order: handlers run them in id order
 ON CONFLICT (message_id, handler) DO NOTHING
 """
 

@@ -282,3 +282,20 @@ def forget_handler(settings: Settings, name: str) -> int:
         if not cur.rowcount:
             raise ValueError(f"no handler {name!r} is registered")
         return dropped
+
+
+def ensure_topics(settings: Settings, topics: list[str], partitions: int = 4) -> None:
+    """Create the topics that do not exist yet (for the demo and the bench: clusters
+    that, like most production ones, do not create topics on first use)."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    futures = admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+    for future in futures.values():
+        try:
+            future.result(30)
+        except Exception as exc:
+            err = exc.args[0] if exc.args else None
+            if getattr(err, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise

@@ -16,7 +16,6 @@ import pytest
 
 from outbox_bridge import publish, send
 from outbox_bridge.config import reset_settings
-from tests.acceptance.test_inbox import inbox  # noqa: F401 - the fixture
 from tests.conftest import create_topic, rows, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
@@ -39,7 +38,7 @@ def per_key_in_order(effects) -> dict:
 
 
 # -- 0. liveness: a released key goes on at once --------------------------------
-def test_keys_whose_head_failed_once_go_on_within_seconds_of_the_retry(inbox, topic):  # noqa: F811
+def test_keys_whose_head_failed_once_go_on_within_seconds_of_the_retry(inbox, topic):
     keys, per_key = 30, 20
     # few shards, many keys: running tasks often own the shard of a key being released;
     # a 30 s lease keeps the periodic safety net out of the picture
@@ -140,7 +139,7 @@ def test_a_key_too_long_to_keep_in_order_is_refused_and_the_transaction_stays_us
 
 
 def test_a_foreign_message_with_a_huge_key_and_a_broken_id_is_dead_and_the_loop_goes_on(
-    inbox,  # noqa: F811
+    inbox,
 ):
     inbox.start()
     inbox.produce([
@@ -160,7 +159,7 @@ def test_a_foreign_message_with_a_huge_key_and_a_broken_id_is_dead_and_the_loop_
 
 
 # -- 5. thread pools keep exactly-once ------------------------------------------
-def test_threads_pool_effects_match_done_deliveries_exactly(inbox, topic):  # noqa: F811
+def test_threads_pool_effects_match_done_deliveries_exactly(inbox, topic):
     inbox.start(concurrency=8, args_extra=("-P", "threads"), OUTBOX_BRIDGE_BATCH_SIZE="10")
     messages = []
     for seq in range(60):
@@ -186,7 +185,7 @@ def test_threads_pool_effects_match_done_deliveries_exactly(inbox, topic):  # no
 
 
 # -- 7. a handler's own retry settings are the schedule that runs ---------------
-def test_a_handlers_own_backoff_is_the_schedule_that_runs(inbox, topic):  # noqa: F811
+def test_a_handlers_own_backoff_is_the_schedule_that_runs(inbox, topic):
     inbox.start()  # lease 5 s: shorter than the handler's later countdowns
     slow = topic + "-slow"
     inbox.produce([(b"a", json.dumps({"k": "a", "seq": 0}).encode(), None)], topic=slow)
@@ -411,7 +410,7 @@ def test_worker_memory_stays_bounded_with_large_messages(start_worker, db_url, t
 def test_two_workers_with_different_handlers_in_one_group_every_handler_gets_every_message(
     inbox,
     topic,
-    worker_env,  # noqa: F811
+    worker_env,
 ):
     extra_queue = worker_env["OUTBOX_BRIDGE_CELERY_QUEUE"] + "-extra"
     queues = f"{worker_env['OUTBOX_BRIDGE_CELERY_QUEUE']},{extra_queue}"

@@ -145,3 +145,18 @@ def test_the_default_consumer_group_is_derived_from_the_inbox_database(conn, db_
         # a new inbox (another application's database) gets another identity
         cur.execute("UPDATE outbox_bridge.identity SET id = gen_random_uuid()")
         assert consumer_group(cur, Settings(database_url=db_url)) != derived
+
+
+def test_deliveries_are_numbered_in_the_order_of_the_batch(conn):
+    settings = get_settings()
+    batch = [FakeMessage(i, key=str(i % 3).encode()) for i in range(200)]
+    with conn, conn.cursor() as cur:
+        register_handlers(cur, settings, [(f"h{i}", "t", 5) for i in range(5)])
+        store(cur, settings, batch)
+        cur.execute(
+            'SELECT d.handler, i."offset" FROM outbox_bridge.deliveries d'
+            " JOIN outbox_bridge.inbox i USING (message_id) ORDER BY d.id"
+        )
+        found = cur.fetchall()
+    for h in range(5):
+        assert [o for name, o in found if name == f"h{h}"] == list(range(200))
