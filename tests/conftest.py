@@ -101,27 +101,48 @@ def _with_db(url: str, dbname: str) -> str:
     return psycopg2.extensions.make_dsn(**dsn)
 
 
+# Databases of this test session start with this prefix (its pid): two sessions
+# on one server never drop each other's databases.
+SESSION_PREFIX = f"ob_{os.getpid()}_"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture(scope="session")
-def template_db(services) -> str:
+def template_db(services) -> Iterator[str]:
     """A migrated database that every test's database is cloned from."""
     admin = psycopg2.connect(services["OUTBOX_BRIDGE_DATABASE_URL"])
     admin.autocommit = True
+    template = SESSION_PREFIX + "template"
     with admin.cursor() as cur:
-        cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'ob\\_test\\_%'")
-        for (stale,) in cur.fetchall():  # left by an interrupted run
-            cur.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
-        cur.execute("DROP DATABASE IF EXISTS ob_template WITH (FORCE)")
-        cur.execute("CREATE DATABASE ob_template")
+        cur.execute(r"SELECT datname FROM pg_database WHERE datname ~ '^ob_\d+_'")
+        for (stale,) in cur.fetchall():  # left by a session that is gone
+            if not _pid_alive(int(stale.split("_")[1])):
+                cur.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{template}"')
     admin.close()
-    url = _with_db(services["OUTBOX_BRIDGE_DATABASE_URL"], "ob_template")
+    url = _with_db(services["OUTBOX_BRIDGE_DATABASE_URL"], template)
     migrate(Settings(database_url=url))
-    return "ob_template"
+    yield template
+    admin = psycopg2.connect(services["OUTBOX_BRIDGE_DATABASE_URL"])
+    admin.autocommit = True
+    with contextlib.suppress(psycopg2.Error), admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+    admin.close()
 
 
 @pytest.fixture
 def db_url(services, template_db, monkeypatch) -> Iterator[str]:
     """A fresh, migrated database for this test; the process's settings point at it."""
-    name = "ob_test_" + uuid.uuid4().hex[:12]
+    name = SESSION_PREFIX + uuid.uuid4().hex[:12]
     admin = psycopg2.connect(services["OUTBOX_BRIDGE_DATABASE_URL"])
     admin.autocommit = True
     with admin.cursor() as cur:

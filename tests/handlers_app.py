@@ -70,6 +70,11 @@ def record(message, tx):
             (message.message_id,),
         )
         raise RuntimeError(f"injected first-attempt failure of {value}")
+    if value.get("hang_once"):  # the first call hangs (past any time limit)
+        tx.execute("SELECT count(*) FROM started WHERE message_id = %s", (message.message_id,))
+        if tx.fetchone()[0] == 0:
+            _side("INSERT INTO started VALUES (%s)", (message.message_id,))
+            time.sleep(value["hang_once"])
     if value.get("sleep"):
         # tell the test we are inside the handler, outside our own transaction
         _side("INSERT INTO started VALUES (%s)", (message.message_id,))

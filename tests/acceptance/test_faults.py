@@ -438,3 +438,16 @@ def test_two_workers_with_different_handlers_in_one_group_every_handler_gets_eve
             "SELECT message_id, count(*) FROM outbox_bridge.deliveries GROUP BY 1"
         )
     } == {3}
+
+
+# -- 13. a hung handler ------------------------------------------------------------
+def test_a_hung_handler_is_ended_by_its_time_limit_and_its_delivery_runs_again_once(inbox):
+    worker = inbox.start(concurrency=1, OUTBOX_BRIDGE_HANDLER_TIME_LIMIT="3")
+    inbox.produce([
+        (b"h", json.dumps({"k": "h", "seq": 0, "hang_once": 120}).encode(), None),
+        (b"h", json.dumps({"k": "h", "seq": 1}).encode(), None),
+    ])  # fmt: skip
+    wait_for(lambda: inbox.query("SELECT 1 FROM started"), 60, "the handler to hang")
+    wait_for(lambda: len(inbox.effects()) == 2, 60, "both messages handled after the hang")
+    assert "Hard time limit (3" in worker.log_tail(400)  # the hang was ended, not waited out
+    assert [seq for _m, _k, seq in inbox.effects()] == [0, 1]
