@@ -39,13 +39,10 @@ def per_key_in_order(effects) -> dict:
 
 # -- 0. liveness: a released key goes on at once --------------------------------
 def test_keys_whose_head_failed_once_go_on_within_seconds_of_the_retry(inbox, topic):
-    keys, per_key = 30, 20
-    # few shards, many keys: running tasks often own the shard of a key being released;
-    # a 30 s lease keeps the periodic safety net out of the picture
-    inbox.start(
-        concurrency=4, OUTBOX_BRIDGE_SHARDS="2", OUTBOX_BRIDGE_LEASE_SECONDS="30",
-        OUTBOX_BRIDGE_BATCH_SIZE="50",
-    )  # fmt: skip
+    # as tried by a new user: 1,500 messages over 30 keys, two handlers, 4 processes,
+    # 5% failing their first attempt; a 30 s lease keeps the periodic safety net out
+    keys, per_key = 30, 50
+    inbox.start(concurrency=4, OUTBOX_BRIDGE_LEASE_SECONDS="30")
     messages = []
     for seq in range(per_key):
         for k in range(keys):
@@ -66,6 +63,32 @@ def test_keys_whose_head_failed_once_go_on_within_seconds_of_the_retry(inbox, to
     )[0]
     # the last retry comes ~1 s after the last failure; its key then goes on at once
     assert tail < 8, f"the last effect came {tail:.1f}s after the last failure"
+
+
+def test_a_key_released_while_its_shard_is_claimed_goes_on_within_a_round(
+    start_worker, db_url, topic, kafka_reader
+):
+    # one shard, and rows of the held key keep arriving: the shard is claimed (by a
+    # task that finds only held rows) most of the time, also when the head's retry
+    # delivers it and wakes the shard; a 30 s lease keeps the safety net out of it
+    start_worker(
+        concurrency=1, OUTBOX_BRIDGE_SHARDS="1", OUTBOX_BRIDGE_LEASE_SECONDS="30",
+        OUTBOX_BRIDGE_BEFORE_PRODUCE="tests.faults.fail_once_per_process",
+    )  # fmt: skip
+    ids = commit(db_url, topic, [{"k": "k", "seq": 0, "fail": True}], key="k")
+    wait_for(lambda: rows(db_url, "state = 'retrying'"), 30, "the head to fail once")
+    deadline = time.monotonic() + 4  # past the head's retry (1 s)
+    seq = 1
+    while time.monotonic() < deadline:
+        ids += commit(db_url, topic, [{"k": "k", "seq": seq}], key="k")
+        seq += 1
+        time.sleep(0.02)
+    last_commit = time.monotonic()
+    reader = kafka_reader(topic)
+    reader.read_message_ids({str(i) for i in ids}, timeout=60)
+    took = time.monotonic() - last_commit
+    assert [json.loads(m.value())["seq"] for m in reader.messages] == list(range(seq))
+    assert took < 6, f"the released key waited {took:.1f}s after the last commit"
 
 
 # -- 1. one topic Kafka cannot take stalls nothing else -------------------------
@@ -160,28 +183,34 @@ def test_a_foreign_message_with_a_huge_key_and_a_broken_id_is_dead_and_the_loop_
 
 # -- 5. thread pools keep exactly-once ------------------------------------------
 def test_threads_pool_effects_match_done_deliveries_exactly(inbox, topic):
+    # 1,500 messages, 20% failing their first attempt, a handler that sleeps after
+    # its INSERT while others fail and roll back
     inbox.start(concurrency=8, args_extra=("-P", "threads"), OUTBOX_BRIDGE_BATCH_SIZE="10")
+    keys, per_key = 30, 50
     messages = []
-    for seq in range(60):
-        for k in range(10):
-            value = {"k": str(k), "seq": seq, "sleep_after": 0.01,
-                     "fail_first": (seq * 10 + k) % 20 == 3}  # fmt: skip
+    for seq in range(per_key):
+        for k in range(keys):
+            value = {"k": str(k), "seq": seq, "sleep_after": 0.05,
+                     "fail_first": (seq * keys + k) % 5 == 3}  # fmt: skip
             messages.append((str(k).encode(), json.dumps(value).encode(), None))
     inbox.produce(messages)
+    total = keys * per_key
     wait_for(
         lambda: inbox.query(
             "SELECT count(*) FROM outbox_bridge.deliveries WHERE state <> 'done'"
-        ) == [(0,)] and inbox.query("SELECT count(*) FROM outbox_bridge.deliveries") == [(1200,)],
-        180, "every delivery done",
+        ) == [(0,)] and inbox.query("SELECT count(*) FROM outbox_bridge.deliveries")
+        == [(2 * total,)],
+        300, "every delivery done",
     )  # fmt: skip
-    assert inbox.query("SELECT count(*) FROM failures")[0][0] == 30
+    assert inbox.query("SELECT count(*) FROM failures")[0][0] == total // 5
     for handler in ("record", "switchable"):
         effects = inbox.query(
             "SELECT message_id, count(*) FROM effects WHERE handler = %s GROUP BY 1", (handler,)
         )
-        assert len(effects) == 600 and {n for _m, n in effects} == {1}, handler
+        # effects match done deliveries exactly: none lost, none doubled
+        assert len(effects) == total and {n for _m, n in effects} == {1}, handler
     seen = per_key_in_order(inbox.effects())
-    assert all(seen[str(k)] == list(range(60)) for k in range(10))
+    assert all(seen[str(k)] == list(range(per_key)) for k in range(keys))
 
 
 # -- 7. a handler's own retry settings are the schedule that runs ---------------
@@ -209,9 +238,10 @@ def test_a_handlers_own_backoff_is_the_schedule_that_runs(inbox, topic):
 
 # -- 8. send() never writes a message twice -------------------------------------
 class CommitBreaker:
-    """A TCP proxy to PostgreSQL that forwards the first COMMIT, then cuts the client
-    off without its answer (the commit happened, the client never hears it) and
-    holds the socket until ``release`` is set. Later connections pass through."""
+    """A TCP proxy to PostgreSQL that passes the first COMMIT to the server but
+    withholds the server's answer (the commit happened, the client never hears
+    of it), and cuts that connection once ``release`` is set. Later connections
+    pass through."""
 
     def __init__(self, port: int):
         self.port = port
@@ -221,6 +251,7 @@ class CommitBreaker:
         self.address = self.listener.getsockname()
         self.cut = threading.Event()
         self.release = threading.Event()
+        self.withheld = 0  # bytes of the server's answer the client never got
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -230,20 +261,23 @@ class CommitBreaker:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.port))
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            state = {"cut": False}
+            threading.Thread(target=self._pipe, args=(client, server, state, True),
+                             daemon=True).start()  # fmt: skip
+            threading.Thread(target=self._pipe, args=(server, client, state, False),
+                             daemon=True).start()  # fmt: skip
 
-    def _pipe(self, src, dst, from_client: bool) -> None:
+    def _pipe(self, src, dst, state: dict, from_client: bool) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
                 if from_client and b"COMMIT" in data and not self.cut.is_set():
+                    state["cut"] = True  # before the server can answer
                     self.cut.set()
+                if not from_client and state["cut"]:
+                    self.withheld += len(data)
                     self.release.wait(120)
-                    client, server = src, dst
-                    client.close()
-                    server.close()
                     return
+                dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -281,6 +315,7 @@ def test_send_after_a_lost_commit_outcome_writes_the_message_once(
         proxy.release.set()
         thread.join(60)
         proxy.close()
+    assert proxy.withheld > 0, "the commit's answer was not withheld: no fault happened"
     assert str(result["id"]) == json_id(reader.messages[0])
     assert len(reader.drain(quiet=4)) == 1, "send() wrote the message twice"
     assert rows(db_url) == []

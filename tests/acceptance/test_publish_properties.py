@@ -8,7 +8,7 @@ import json
 
 import psycopg2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from outbox_bridge import InvalidMessage, publish
@@ -49,6 +49,12 @@ def test_what_publish_accepts_reaches_kafka_byte_for_byte(db_url, topic, start_w
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(key=keys, value=json_values | st.binary(max_size=50), hdrs=headers)
+    # the inputs that once aborted the caller's transaction or were sent as non-JSON
+    @example(key=None, value=float("nan"), hdrs=None)
+    @example(key="\ud800", value=1, hdrs=None)
+    @example(key=b"k", value=1, hdrs=[("a\x00b", "v")])
+    @example(key=b"k", value=1, hdrs=[("n", "\udc80")])
+    @example(key=b"k", value=1, hdrs=[("n", "a\x00b")])
     def publish_one(key, value, hdrs):
         with conn.cursor() as cur:
             try:

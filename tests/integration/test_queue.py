@@ -103,3 +103,31 @@ def test_claims_split_into_groups_with_one_token_each(db_url, conn):
     assert sorted(s for group, _ in claims for s in group) == list(range(10))
     assert len(claims) == 3 and len({token for _, token in claims}) == 3
     assert [group for group, _ in again] == [[10], [11]]  # only the free ones
+
+
+def test_a_wake_up_while_the_shard_is_claimed_survives_the_tasks_held_release(db_url, conn):
+    """The interleaving behind minutes-long tails: a task claims the shard and finds
+    only rows held by a retrying head; the head is delivered (a wake-up) while the
+    task still holds the claim; the task then releases the shard as "all held"."""
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 0, key="a")
+        publish(cur, "t", 1, key="a")
+        cur.execute("SELECT id, shard FROM outbox_bridge.outbox ORDER BY id")
+        (head, shard), _ = cur.fetchall()
+        queue.hold(cur, {head: "E: once"}, uuid.uuid4(), 30)
+        ((shards, token),) = queue.claim(cur, [shard], 30)
+    with conn, conn.cursor() as cur:  # the task: nothing to fetch, all held
+        assert queue.fetch(cur, shards, 100) == ([], set())
+    other = psycopg2.connect(db_url)
+    with other, other.cursor() as cur:  # the retry task delivers the head meanwhile
+        queue.complete(cur, [head])
+        queue.wake_shards(cur, [shard])
+    other.close()
+    with conn, conn.cursor() as cur:  # the task's release, from its older view
+        queue.release(cur, shards, token, held=shards)
+    with conn, conn.cursor() as cur:  # the watcher's next look
+        assert queue.ready_shards(cur) == [shard], "the released key waits for the safety net"
+        ((again, _token),) = queue.claim(cur, [shard], 30)
+        rows_now, _full = queue.fetch(cur, again, 100)
+    assert [r.value for r in rows_now] == [b"1"]
