@@ -131,3 +131,29 @@ def test_a_wake_up_while_the_shard_is_claimed_survives_the_tasks_held_release(db
         ((again, _token),) = queue.claim(cur, [shard], 30)
         rows_now, _full = queue.fetch(cur, again, 100)
     assert [r.value for r in rows_now] == [b"1"]
+
+
+@pytest.mark.kafka
+def test_each_task_thread_has_its_own_connection_and_producer(db_url, services):
+    """-P threads and gevent run tasks concurrently in one process: one shared
+    connection would share one transaction between them."""
+    import threading
+
+    from outbox_bridge.db import task_connection
+    from outbox_bridge.producer import get_relay
+
+    settings = get_settings()
+    got: dict[str, tuple] = {}
+
+    def grab(name: str) -> None:
+        got[name] = (task_connection(settings), get_relay(settings))
+
+    threads = [threading.Thread(target=grab, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (conn_a, relay_a), (conn_b, relay_b) = got["a"], got["b"]
+    assert conn_a is not conn_b and relay_a is not relay_b
+    assert conn_a.info.backend_pid != conn_b.info.backend_pid
+    assert task_connection(settings) is task_connection(settings)  # kept per thread
