@@ -281,7 +281,9 @@ class CommitBreaker:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
+            for s in (src, dst):  # shutdown wakes the other direction's recv, and says EOF
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     s.close()
 
@@ -301,9 +303,12 @@ def test_send_after_a_lost_commit_outcome_writes_the_message_once(
     result: dict = {}
 
     def sender():
-        result["id"] = send(topic, {"n": 1}, key="k", retries=3)
+        try:
+            result["id"] = send(topic, {"n": 1}, key="k", retries=3)
+        except Exception as exc:  # shown by the assertion below
+            result["error"] = exc
 
-    thread = threading.Thread(target=sender)
+    thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     try:
         assert proxy.cut.wait(30), "the proxy never saw the COMMIT"
@@ -315,6 +320,8 @@ def test_send_after_a_lost_commit_outcome_writes_the_message_once(
         proxy.release.set()
         thread.join(60)
         proxy.close()
+    assert not thread.is_alive(), "send() hung after its connection was cut"
+    assert "error" not in result, result
     assert proxy.withheld > 0, "the commit's answer was not withheld: no fault happened"
     assert str(result["id"]) == json_id(reader.messages[0])
     assert len(reader.drain(quiet=4)) == 1, "send() wrote the message twice"

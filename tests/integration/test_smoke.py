@@ -49,7 +49,9 @@ def test_in_process_celery_worker_runs_a_task_over_rabbitmq(services, monkeypatc
         pool="solo",
         perform_ping_check=False,
         queues=[queue],
+        # this process may have imported test handlers: no consumer for them here
         without_outbox_watcher=True,
+        without_inbox_consumer=True,
         shutdown_timeout=30,
     ):
         echo.apply_async((queue,), queue=queue)
