@@ -54,7 +54,7 @@ def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
 
 def _outbox_status(cur, schema: str) -> dict[str, Any]:
     cur.execute(q("SELECT state, count(*) FROM {outbox} GROUP BY state", schema))
-    counts = {"pending": 0, "retrying": 0, "dead": 0, **dict(cur.fetchall())}
+    counts = {"pending": 0, "waiting": 0, "retrying": 0, "dead": 0, **dict(cur.fetchall())}
     cur.execute(
         q(
             "SELECT extract(epoch FROM now() - min(created_at)) FROM {outbox}"
@@ -67,7 +67,7 @@ def _outbox_status(cur, schema: str) -> dict[str, Any]:
         q(
             "SELECT h.topic, h.key, h.state, h.attempts, h.last_error,"
             " (SELECT count(*) FROM {outbox} w WHERE w.shard = h.shard AND w.topic = h.topic"
-            "  AND w.key = h.key AND w.state = 'pending')"
+            "  AND w.key = h.key AND w.state IN ('pending', 'waiting'))"
             f" FROM {{outbox}} h WHERE h.{_HELD} AND h.key IS NOT NULL ORDER BY h.id LIMIT 100",
             schema,
         )
@@ -96,7 +96,7 @@ def _inbox_status(cur, schema: str) -> dict[str, Any]:
     for handler, state, count, oldest in cur.fetchall():
         entry = handlers.setdefault(
             handler,
-            {"counts": {"pending": 0, "retrying": 0, "dead": 0, "done": 0},
+            {"counts": {"pending": 0, "waiting": 0, "retrying": 0, "dead": 0, "done": 0},
              "oldest_pending_seconds": None},
         )  # fmt: skip
         entry["counts"][state] = count
@@ -107,7 +107,7 @@ def _inbox_status(cur, schema: str) -> dict[str, Any]:
             "SELECT h.handler, h.topic, h.key, h.state, h.attempts,"
             " h.last_error, (SELECT count(*) FROM {deliveries} w WHERE w.handler = h.handler"
             "  AND w.shard = h.shard AND w.topic = h.topic AND w.key = h.key"
-            "  AND w.state = 'pending')"
+            "  AND w.state IN ('pending', 'waiting'))"
             f" FROM {{deliveries}} h WHERE h.{_HELD} AND h.key IS NOT NULL"
             " ORDER BY h.id LIMIT 100",
             schema,
@@ -223,13 +223,20 @@ def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
                 if retry
                 else f"DELETE FROM {{{table}}} WHERE {where}"
             )
-            cur.execute(q(f"{action} RETURNING {queue_of}, shard", settings.schema), params)
-            woken: dict[str, set[int]] = {}
-            for queue, shard in cur.fetchall():
-                woken.setdefault(queue, set()).add(shard)
+            cur.execute(
+                q(f"{action} RETURNING {queue_of}, shard, topic, key", settings.schema), params
+            )
+            freed: dict[str, set[tuple]] = {}
+            for queue, shard, topic_, key_ in cur.fetchall():
+                freed.setdefault(queue, set()).add(
+                    (shard, topic_, None if key_ is None else bytes(key_))
+                )
                 total += 1
-            for queue, shards in woken.items():
-                Queue(queue, table, settings.schema).wake_shards(cur, shards)
+            for queue, keys in freed.items():
+                scope = queue.removeprefix("inbox:") if table == "deliveries" else None
+                found = Queue(queue, table, settings.schema, scope=scope)
+                found.unpark(cur, keys)  # the rows that waited behind them
+                found.wake_shards(cur, {shard for shard, _t, _k in keys})
     return total
 
 

@@ -220,7 +220,19 @@ class Queue:
         return cur.fetchall()
 
     def forget_held(self, cur) -> None:
-        """Look at every shard again (a safety net for rows that committed late)."""
+        """Look at every shard again (a safety net for rows that committed late), park
+        rows that arrived behind held keys, and free waiting rows whose key has no
+        held head any more (a repair; releasing a key frees them at once)."""
+        self.park(cur)
+        cur.execute(
+            self._q(
+                "UPDATE {table} o SET state = 'pending' WHERE o.state = 'waiting' {scope_o}"
+                " AND NOT EXISTS (SELECT 1 FROM {table} h WHERE h.shard = o.shard"
+                "  AND h.state IN ('retrying', 'dead') {scope_h}"
+                "  AND h.topic = o.topic AND h.key = o.key)"
+            ),
+            self._params(),
+        )
         cur.execute(
             self._q(
                 "UPDATE {claims} SET idle_above = NULL WHERE (queue, shard) IN ("
@@ -361,6 +373,42 @@ class Queue:
             {"token": token, "lease": lease, "ids": list(failures),
              "errors": list(failures.values())},
         )  # fmt: skip
+
+    def park(self, cur, shards: Sequence[int] | None = None) -> int:
+        """Pending rows of held keys become 'waiting', out of the pending index: a
+        fetch no longer walks past them. Heads being retried right now are skipped
+        (SKIP LOCKED); those locked here make their release wait for this commit,
+        so the release always sees, and frees, what was parked."""
+        cur.execute(
+            self._q(
+                "WITH heads AS (SELECT h.shard, h.topic, h.key FROM {table} h"
+                "  WHERE h.state IN ('retrying', 'dead') {scope_h} AND h.key IS NOT NULL"
+                "  AND (%(all)s OR h.shard = ANY(%(shards)s)) FOR SHARE SKIP LOCKED)"
+                " UPDATE {table} o SET state = 'waiting' FROM heads"
+                " WHERE o.shard = heads.shard AND o.state = 'pending' {scope_o}"
+                "  AND o.topic = heads.topic AND o.key = heads.key"
+            ),
+            self._params(all=shards is None, shards=list(shards or ())),
+        )
+        return cur.rowcount
+
+    def unpark(self, cur, keys: Iterable[tuple[int, str, bytes | None]]) -> None:
+        """These (shard, topic, key) are free again (their head was delivered, retried
+        or purged): their waiting rows become pending, in their original order."""
+        found = sorted({k for k in keys if k[2] is not None})
+        if not found:
+            return
+        shards, topics, keys_ = (list(c) for c in zip(*found, strict=True))
+        cur.execute(
+            self._q(
+                "UPDATE {table} o SET state = 'pending'"
+                " FROM unnest(%(shards)s::int[], %(topics)s::text[], %(keys)s::bytea[])"
+                "  AS k(shard, topic, key)"
+                " WHERE o.state = 'waiting' AND o.shard = k.shard AND o.topic = k.topic"
+                "  AND o.key = k.key {scope_o}"
+            ),
+            self._params(shards=shards, topics=topics, keys=keys_),
+        )
 
     def fetch_held(self, cur, ids: Sequence[int], token: uuid.UUID) -> list[tuple[Row, int]]:
         """Retrying rows still owned by ``token``, locked, with their attempts and shard."""

@@ -134,6 +134,8 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 )
                 heads = first_per_key(by_id, outcome.failed)
                 queue.hold(cur, heads, retry_token, first_lease)
+                if heads:  # the rows behind them wait out of the fetch's way
+                    queue.park(cur, owned)
                 retry_ids = list(heads)
                 stats["delivered"] += len(outcome.delivered)
                 stats["failed"] += len(heads)
@@ -231,6 +233,10 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
             rows = [row for row, _attempts, _shard in held]
             shard_of = {row.id: shard for row, _attempts, shard in held}
             outcome = relay.deliver(rows)
+            by_id = {row.id: row for row in rows}
+            queue.unpark(
+                cur, [(shard_of[i], by_id[i].topic, by_id[i].key) for i in outcome.delivered]
+            )
             queue.complete(cur, outcome.delivered)
             if outcome.delivered:
                 queue.wake_shards(cur, (shard_of[i] for i in outcome.delivered))

@@ -60,3 +60,16 @@ CREATE TABLE identity (
     id   uuid    NOT NULL DEFAULT gen_random_uuid()
 );
 INSERT INTO identity DEFAULT VALUES;
+
+-- Rows behind a held key (a retrying or dead head) are parked as 'waiting',
+-- out of the pending index, so a fetch does not walk them again and again.
+-- They become pending again when their key is released.
+ALTER TABLE outbox DROP CONSTRAINT outbox_state_check;
+ALTER TABLE outbox ADD CONSTRAINT outbox_state_check
+    CHECK (state IN ('pending', 'retrying', 'dead', 'waiting'));
+CREATE INDEX outbox_waiting ON outbox (shard, topic, key, id) WHERE state = 'waiting';
+ALTER TABLE deliveries DROP CONSTRAINT deliveries_state_check;
+ALTER TABLE deliveries ADD CONSTRAINT deliveries_state_check
+    CHECK (state IN ('pending', 'retrying', 'dead', 'done', 'waiting'));
+CREATE INDEX deliveries_waiting ON deliveries (handler, shard, topic, key, id)
+    WHERE state = 'waiting';

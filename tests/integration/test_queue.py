@@ -157,3 +157,39 @@ def test_each_task_thread_has_its_own_connection_and_producer(db_url, services):
     assert conn_a is not conn_b and relay_a is not relay_b
     assert conn_a.info.backend_pid != conn_b.info.backend_pid
     assert task_connection(settings) is task_connection(settings)  # kept per thread
+
+
+def test_rows_behind_a_held_key_are_parked_and_freed_in_order_when_it_is_released(db_url, conn):
+    """Parked rows leave the pending index, so a fetch does not walk them; releasing the
+    key (delivery of its head, dead retry, purge) frees them in their original order."""
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        for n in range(5):
+            publish(cur, "t", n, key="a")
+        publish(cur, "t", "other", key="b")
+        cur.execute("SELECT id, shard FROM outbox_bridge.outbox ORDER BY id")
+        (head, shard), *_ = cur.fetchall()
+        queue.hold(cur, {head: "E: once"}, uuid.uuid4(), 30)
+        assert queue.park(cur, [shard]) == 4
+        cur.execute("SELECT state, count(*) FROM outbox_bridge.outbox GROUP BY 1 ORDER BY 1")
+        assert cur.fetchall() == [("pending", 1), ("retrying", 1), ("waiting", 4)]
+    with conn, conn.cursor() as cur:  # the head is delivered: its key is free
+        queue.unpark(cur, [(shard, "t", b"a")])
+        queue.complete(cur, [head])
+        rows_now, _ = queue.fetch(cur, list(range(16)), 100)
+    assert [r.value for r in rows_now if r.key == b"a"] == [b"1", b"2", b"3", b"4"]
+
+
+def test_the_safety_net_frees_waiting_rows_whose_head_is_gone(db_url, conn):
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 0, key="a")
+        publish(cur, "t", 1, key="a")
+        cur.execute("SELECT id, shard FROM outbox_bridge.outbox ORDER BY id")
+        (head, shard), _ = cur.fetchall()
+        queue.hold(cur, {head: "E"}, uuid.uuid4(), 30)
+        queue.park(cur, [shard])
+        cur.execute("DELETE FROM outbox_bridge.outbox WHERE id = %s", (head,))  # no unpark
+        queue.forget_held(cur)
+        cur.execute("SELECT state FROM outbox_bridge.outbox")
+        assert cur.fetchall() == [("pending",)]
