@@ -57,7 +57,7 @@ TOPIC_UNAVAILABLE = frozenset(
     }
 )
 
-TOPIC_INFO_SECONDS = 30.0  # how long a topic's existence and limits are trusted
+TOPIC_INFO_SECONDS = 30.0  # how long a topic's limits are trusted
 UNDESCRIBED_TOPIC_SECONDS = 2.0  # how soon a topic without an answer is asked again
 
 
@@ -146,7 +146,7 @@ def _connection_setting(key: str) -> bool:
     return key.split(".")[0] in ("bootstrap", "client", "security", "sasl", "ssl")
 
 
-def too_large(row: Row, info: TopicInfo) -> str | None:
+def refusal(row: Row, info: TopicInfo) -> str | None:
     """Why the topic would refuse this row, or None."""
     if info.compacted and row.key is None:
         return "INVALID_RECORD: a compacted topic needs a key"
@@ -206,9 +206,9 @@ class Relay:
                 outcome.later.append(row.id)
                 continue
             try:
-                refused = too_large(row, self.topics.get(row.topic))
+                refused = refusal(row, self.topics.get(row.topic))
                 if refused:  # the limits may have changed since: ask again first
-                    refused = too_large(row, self.topics.get(row.topic, fresh=True))
+                    refused = refusal(row, self.topics.get(row.topic, fresh=True))
                 if refused:
                     raise _Refused(refused)
                 if hook is not None:

@@ -105,17 +105,23 @@ def test_claims_split_into_groups_with_one_token_each(db_url, conn):
     assert [group for group, _ in again] == [[10], [11]]  # only the free ones
 
 
+def _held_key(cur, queue, values) -> tuple[int, int]:
+    """Publish ``values`` with key "a"; the first becomes a retrying head. (head id, shard)"""
+    for value in values:
+        publish(cur, "t", value, key="a")
+    cur.execute("SELECT id, shard FROM outbox_bridge.outbox WHERE key = 'a' ORDER BY id LIMIT 1")
+    head, shard = cur.fetchone()
+    queue.hold(cur, {head: "E: once"}, uuid.uuid4(), 30)
+    return head, shard
+
+
 def test_a_wake_up_while_the_shard_is_claimed_survives_the_tasks_held_release(db_url, conn):
     """The interleaving behind minutes-long tails: a task claims the shard and finds
     only rows held by a retrying head; the head is delivered (a wake-up) while the
     task still holds the claim; the task then releases the shard as "all held"."""
     queue = outbox_queue(get_settings())
     with conn, conn.cursor() as cur:
-        publish(cur, "t", 0, key="a")
-        publish(cur, "t", 1, key="a")
-        cur.execute("SELECT id, shard FROM outbox_bridge.outbox ORDER BY id")
-        (head, shard), _ = cur.fetchall()
-        queue.hold(cur, {head: "E: once"}, uuid.uuid4(), 30)
+        head, shard = _held_key(cur, queue, [0, 1])
         ((shards, token),) = queue.claim(cur, [shard], 30)
     with conn, conn.cursor() as cur:  # the task: nothing to fetch, all held
         assert queue.fetch(cur, shards, 100) == ([], set())
@@ -164,12 +170,8 @@ def test_rows_behind_a_held_key_are_parked_and_freed_in_order_when_it_is_release
     key (delivery of its head, dead retry, purge) frees them in their original order."""
     queue = outbox_queue(get_settings())
     with conn, conn.cursor() as cur:
-        for n in range(5):
-            publish(cur, "t", n, key="a")
+        head, shard = _held_key(cur, queue, range(5))
         publish(cur, "t", "other", key="b")
-        cur.execute("SELECT id, shard FROM outbox_bridge.outbox ORDER BY id")
-        (head, shard), *_ = cur.fetchall()
-        queue.hold(cur, {head: "E: once"}, uuid.uuid4(), 30)
         assert queue.park(cur, [shard]) == 4
         cur.execute("SELECT state, count(*) FROM outbox_bridge.outbox GROUP BY 1 ORDER BY 1")
         assert cur.fetchall() == [("pending", 1), ("retrying", 1), ("waiting", 4)]
@@ -183,11 +185,7 @@ def test_rows_behind_a_held_key_are_parked_and_freed_in_order_when_it_is_release
 def test_the_safety_net_frees_waiting_rows_whose_head_is_gone(db_url, conn):
     queue = outbox_queue(get_settings())
     with conn, conn.cursor() as cur:
-        publish(cur, "t", 0, key="a")
-        publish(cur, "t", 1, key="a")
-        cur.execute("SELECT id, shard FROM outbox_bridge.outbox ORDER BY id")
-        (head, shard), _ = cur.fetchall()
-        queue.hold(cur, {head: "E"}, uuid.uuid4(), 30)
+        head, shard = _held_key(cur, queue, [0, 1])
         queue.park(cur, [shard])
         cur.execute("DELETE FROM outbox_bridge.outbox WHERE id = %s", (head,))  # no unpark
         queue.forget_held(cur)
