@@ -12,10 +12,11 @@ from .errors import (
     InvalidMessage,
     InvalidTopic,
     MessageTooLarge,
+    NotInTransaction,
     NotSerializable,
 )
 from .message import Message
-from .outbox import publish, send
+from .outbox import publish, publish_async, send
 
 __all__ = [
     "DecodeError",
@@ -25,10 +26,12 @@ __all__ = [
     "InvalidTopic",
     "Message",
     "MessageTooLarge",
+    "NotInTransaction",
     "NotSerializable",
     "app",
     "outbox_handler",
     "publish",
+    "publish_async",
     "send",
 ]
 __version__ = "0.1.0"

@@ -117,6 +117,26 @@ def q(template: str, schema: str | None = None) -> sql.Composed:
     return _compose(template, schema or get_settings().schema)
 
 
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier, exactly as ``psycopg2.sql.Identifier``
+    renders it (libpq's PQescapeIdentifier), for drivers that take plain text."""
+    if "\x00" in name:
+        raise ValueError(f"an SQL identifier cannot contain NUL: {name!r}")
+    return '"' + name.replace('"', '""') + '"'
+
+
+@functools.lru_cache(maxsize=64)
+def text(template: str, schema: str) -> str:
+    """``template`` with {outbox}, {inbox}, ... as plain SQL text (one text for every
+    driver: psycopg 3, asyncpg, SQLAlchemy and Django take no psycopg2 ``Composed``)."""
+    names = ("outbox", "claims", "wakeup", "migrations", "inbox", "deliveries", "wakes",
+             "handlers", "topic_pauses")  # fmt: skip
+    return template.format(
+        schema=quote_ident(schema),
+        **{n: f"{quote_ident(schema)}.{quote_ident(n)}" for n in names},
+    )
+
+
 def channel(schema: str, queue: str) -> str:
     """The NOTIFY channel of one queue (matches the trigger's). PostgreSQL cuts
     names at 63 bytes, so a long one is shortened with a hash that keeps it apart."""

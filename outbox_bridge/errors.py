@@ -39,3 +39,8 @@ class InvalidKey(InvalidMessage):
 
 class TransientError(OutboxBridgeError):
     """A database error after which the same work may succeed; tasks retry it."""
+
+
+class NotInTransaction(OutboxBridgeError):
+    """``publish()`` was given a connection with no transaction open (autocommit):
+    the message would commit on its own, apart from the caller's writes."""

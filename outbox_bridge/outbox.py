@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -11,10 +12,10 @@ from typing import Any
 from uuid import UUID
 
 import psycopg2
-from psycopg2.extras import Json
 
+from . import adapters
 from .config import Settings, get_settings
-from .db import connect, is_transient, q
+from .db import connect, is_transient, text
 from .errors import MessageTooLarge
 from .message import (
     Headers,
@@ -30,9 +31,12 @@ log = logging.getLogger(__name__)
 
 _json = JSONSerializer()
 
+# One text for every driver (CAST, not "::", which SQLAlchemy's text() would take
+# for a bind name). Values go as text, bytes and int, which every driver passes as
+# they are; headers through text, so a jsonb codec of the caller's does not apply.
 _INSERT = (
     "INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)"
-    " VALUES (%s, %s, %s, %s, %s, %s)"
+    " VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb), %s)"
 )
 
 
@@ -63,11 +67,12 @@ def _row(
             f" outbox_bridge_max_message_bytes ({settings.max_message_bytes})"
         )
     shard = shard_of(topic, key_bytes, settings.shards)
-    return (message_id, topic, key_bytes, data, Json(stored_headers), shard)
+    headers_json = json.dumps(stored_headers, separators=(",", ":"))
+    return (str(message_id), topic, key_bytes, data, headers_json, shard)
 
 
 def publish(
-    conn_or_cursor: Any,
+    tx: Any,
     topic: str,
     value: Any,
     *,
@@ -77,9 +82,13 @@ def publish(
 ) -> UUID:
     """Write a message to the outbox inside the caller's transaction.
 
-    ``conn_or_cursor`` is a psycopg2 connection or cursor; nothing is committed
-    here, and nothing is sent if the caller's transaction rolls back. ``value``
-    is serialized as JSON unless it is ``bytes`` (sent as is) or a
+    ``tx`` is what the application already holds: a psycopg2 or psycopg 3
+    connection or cursor, a SQLAlchemy ``Session`` or ``Connection``, or a
+    Django connection or cursor inside ``transaction.atomic()``. Nothing is
+    committed here, and nothing is sent if that transaction rolls back. A
+    connection with no transaction open (autocommit) is refused with
+    ``NotInTransaction``: use :func:`send` to write a message on its own.
+    ``value`` is serialized as JSON unless it is ``bytes`` (sent as is) or a
     ``serializer`` is given. Returns the message id, which travels to Kafka as
     the ``message_id`` header.
 
@@ -87,15 +96,33 @@ def publish(
     writes nothing, for an illegal topic, a key or header of the wrong type, an
     unserializable value or a message over ``outbox_bridge_max_message_bytes``.
     """
+    message_id, sql, row = _prepare(topic, value, key, headers, serializer)
+    adapters.execute(tx, sql, row)
+    return message_id
+
+
+async def publish_async(
+    tx: Any,
+    topic: str,
+    value: Any,
+    *,
+    key: str | bytes | None = None,
+    headers: Headers | None = None,
+    serializer: Serializer | None = None,
+) -> UUID:
+    """:func:`publish` for asynchronous code: ``tx`` is an asyncpg connection, a
+    psycopg 3 ``AsyncConnection`` or ``AsyncCursor``, or a SQLAlchemy
+    ``AsyncSession`` or ``AsyncConnection``. Same validation, errors and guarantees."""
+    message_id, sql, row = _prepare(topic, value, key, headers, serializer)
+    await adapters.execute_async(tx, sql, row)
+    return message_id
+
+
+def _prepare(topic, value, key, headers, serializer) -> tuple[UUID, str, tuple]:
     settings = get_settings()
     message_id = uuid.uuid4()
     row = _row(topic, value, key, headers, serializer, settings, message_id)
-    if hasattr(conn_or_cursor, "cursor"):
-        with conn_or_cursor.cursor() as cur:
-            cur.execute(q(_INSERT, settings.schema), row)
-    else:
-        conn_or_cursor.execute(q(_INSERT, settings.schema), row)
-    return message_id
+    return message_id, text(_INSERT, settings.schema), row
 
 
 def send(
@@ -141,7 +168,7 @@ def send(
                     unknown = None  # aborted (or gone): write it again
                 cur.execute("SELECT txid_current(), pg_backend_pid()")
                 txid = cur.fetchone()
-                cur.execute(q(_INSERT, settings.schema), row)
+                cur.execute(text(_INSERT, settings.schema), row)
             conn.commit()
             return message_id
         except psycopg2.Error as exc:

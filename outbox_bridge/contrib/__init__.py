@@ -1,0 +1,1 @@
+"""Integrations: each module imports its library only when it is used."""
