@@ -109,6 +109,11 @@ def use_conf(conf: Any) -> None:
     _conf, _current = conf, None
 
 
+def current_conf() -> Any:
+    """The mapping settings are read from (None: environment and defaults only)."""
+    return _conf
+
+
 def get_settings() -> Settings:
     """The current settings, read once per process."""
     global _current

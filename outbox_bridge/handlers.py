@@ -41,6 +41,19 @@ class HandlerSpec:
     task: Task
     func: Callable[[Message, Any], None]
     serializer: Serializer
+    # a SQLAlchemy sessionmaker or Session class: the handler gets a Session, not a cursor
+    session: Callable[..., Any] | None = None
+
+
+def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
+    if spec.session is None:
+        spec.func(message, cur)
+        return
+    from .contrib.sqlalchemy import session_for
+
+    with session_for(spec.session, cur.connection) as session:
+        spec.func(message, session)
+        session.flush()  # the ORM's pending writes join "done" in this transaction
 
 
 # topic -> handlers, filled as handler modules are imported
@@ -142,6 +155,10 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
     dead: dict[int, str] = {}
     retry_token = uuid.uuid4()
     first_countdown = backoff(task, 0)
+    if spec.session is not None:
+        from .contrib.sqlalchemy import bind
+
+        bind(conn)  # made while the connection is idle: see bind()
     with conn, conn.cursor() as cur:
         if shards is not None:
             # locked until commit: a handler slower than the lease still finishes;
@@ -178,14 +195,14 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
             )  # fmt: skip
             if not careful:
                 try:
-                    spec.func(message, cur)
+                    _call(spec, message, cur)
                 except Exception as exc:
                     raise _NeedsSavepoints() from exc
                 done.append(delivery_id)
                 continue
             cur.execute("SAVEPOINT outbox_bridge_delivery")
             try:
-                spec.func(message, cur)
+                _call(spec, message, cur)
                 cur.execute("RELEASE SAVEPOINT outbox_bridge_delivery")
                 done.append(delivery_id)
             except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
@@ -226,6 +243,7 @@ def outbox_handler(
     *,
     name: str | None = None,
     serializer: Serializer | None = None,
+    session: Callable[..., Any] | None = None,
     **task_options: Any,
 ) -> Callable[[Callable[[Message, Any], None]], Task]:
     """Declare ``func(message, tx)`` as the handler of every message on ``topic``.
@@ -234,7 +252,11 @@ def outbox_handler(
     ``name``). ``tx`` is a cursor of the transaction that also marks the
     delivery done, so the handler's writes commit exactly when it succeeds;
     ``publish(tx, ...)`` in a handler chains messages atomically. Do not commit
-    or roll back ``tx`` yourself. Celery options such as ``max_retries``,
+    or roll back ``tx`` yourself. With ``session=`` (a SQLAlchemy ``sessionmaker``
+    or ``Session`` class, ``pip install outbox-bridge[sqlalchemy]``) ``tx`` is a
+    ``Session`` of that factory bound to the same transaction, so the handler can
+    use the service's own models: its ``commit()`` only flushes, its
+    ``rollback()`` raises (raise an exception to undo). Celery options such as ``max_retries``,
     ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter`` and ``queue``
     work as for any task (defaults: ``max_retries=outbox_bridge_max_retries``,
     ``retry_backoff=True``). Values are decoded as JSON unless ``serializer``
@@ -265,7 +287,7 @@ def outbox_handler(
             autoretry_for=(HandlerFailed, TransientError),
             **options,
         )(run)  # fmt: skip
-        spec = HandlerSpec(topic, task, func, serializer or JSONSerializer())
+        spec = HandlerSpec(topic, task, func, serializer or JSONSerializer(), session)
         spec_box.append(spec)
         REGISTRY.setdefault(topic, [])
         REGISTRY[topic] = [s for s in REGISTRY[topic] if s.task.name != task_name] + [spec]

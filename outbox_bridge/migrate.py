@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-
-from psycopg2 import sql
+from typing import Any
 
 from .config import Settings, get_settings
-from .db import q, transaction
+from .db import quote_ident, text, transaction
 
 _MIGRATION = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -26,29 +25,39 @@ def available() -> list[tuple[int, str, str]]:
 def migrate(settings: Settings | None = None) -> list[str]:
     """Apply the migrations not yet applied; returns their names. Safe to run concurrently."""
     settings = settings or get_settings()
-    schema = settings.schema
-    applied_now = []
     with transaction(settings, "outbox-bridge migrate") as cur:
-        # one migrator at a time, per database
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('outbox_bridge.migrate'))")
-        cur.execute(q("CREATE SCHEMA IF NOT EXISTS {schema}", schema))
-        cur.execute(
-            q(
-                "CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY,"
-                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-                schema,
-            )
+        return apply(cur, settings.schema)
+
+
+def apply(cur: Any, schema: str, upto: int | None = None) -> list[str]:
+    """Apply, with the DB-API cursor ``cur`` and in its transaction, the migrations not
+    yet applied (up to version ``upto``); returns their names. ``outbox-bridge migrate``
+    and the Django app's migrations both come here: one copy of the DDL."""
+    applied_now = []
+    # one migrator at a time, per database
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext('outbox_bridge.migrate'))")
+    cur.execute(text("CREATE SCHEMA IF NOT EXISTS {schema}", schema))
+    cur.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY,"
+            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+            schema,
         )
-        cur.execute(q("SELECT version FROM {migrations}", schema))
-        done = {row[0] for row in cur.fetchall()}
-        cur.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
-        for version, name, text in available():
-            if version in done:
-                continue
-            cur.execute(text)
-            cur.execute(
-                q("INSERT INTO {migrations} (version, name) VALUES (%s, %s)", schema),
-                (version, name),
-            )
-            applied_now.append(f"{version:04d}_{name}")
+    )
+    cur.execute(text("SELECT version FROM {migrations}", schema))
+    done = {row[0] for row in cur.fetchall()}
+    # the SQL files name our tables without a schema; the caller's path comes back after
+    cur.execute("SELECT current_setting('search_path')")
+    (search_path,) = cur.fetchone()
+    cur.execute("SELECT set_config('search_path', %s, true)", (quote_ident(schema),))
+    for version, name, sql_text in available():
+        if version in done or (upto is not None and version > upto):
+            continue
+        cur.execute(sql_text)
+        cur.execute(
+            text("INSERT INTO {migrations} (version, name) VALUES (%s, %s)", schema),
+            (version, name),
+        )
+        applied_now.append(f"{version:04d}_{name}")
+    cur.execute("SELECT set_config('search_path', %s, true)", (search_path,))
     return applied_now

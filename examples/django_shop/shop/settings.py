@@ -1,0 +1,33 @@
+"""Settings of the example shop: one PostgreSQL database, outbox-bridge installed."""
+
+import os
+
+from psycopg2.extensions import parse_dsn
+
+_db = parse_dsn(
+    os.environ.get(
+        "OUTBOX_BRIDGE_DATABASE_URL", "postgresql://postgres@127.0.0.1:55432/outbox_bridge"
+    )
+)
+
+SECRET_KEY = "example-only"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
+ROOT_URLCONF = "shop.urls"
+USE_TZ = True
+INSTALLED_APPS = [
+    "outbox_bridge.contrib.django",  # manage.py migrate creates outbox-bridge's schema
+    "orders",
+]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("SHOP_DATABASE_NAME", _db.get("dbname")),
+        "USER": _db.get("user", ""),
+        "PASSWORD": _db.get("password", ""),
+        "HOST": _db.get("host", ""),
+        "PORT": _db.get("port", ""),
+    }
+}
+# outbox-bridge settings, named like its environment variables
+OUTBOX_BRIDGE_MAX_MESSAGE_BYTES = 100_000
