@@ -139,25 +139,34 @@ def template_db(services) -> Iterator[str]:
     admin.close()
 
 
+def create_database(admin_url: str, template: str) -> tuple[str, Callable[[], None]]:
+    """A new database cloned from ``template``: its URL, and how to drop it."""
+    name = SESSION_PREFIX + uuid.uuid4().hex[:12]
+    admin = psycopg2.connect(admin_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+
+    def drop() -> None:
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg2.Error:
+            pass  # PostgreSQL may be restarting in a fault test; the next run drops leftovers
+        admin.close()
+
+    return _with_db(admin_url, name), drop
+
+
 @pytest.fixture
 def db_url(services, template_db, monkeypatch) -> Iterator[str]:
     """A fresh, migrated database for this test; the process's settings point at it."""
-    name = SESSION_PREFIX + uuid.uuid4().hex[:12]
-    admin = psycopg2.connect(services["OUTBOX_BRIDGE_DATABASE_URL"])
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    url = _with_db(services["OUTBOX_BRIDGE_DATABASE_URL"], name)
+    url, drop = create_database(services["OUTBOX_BRIDGE_DATABASE_URL"], template_db)
     monkeypatch.setenv("OUTBOX_BRIDGE_DATABASE_URL", url)
     reset_settings()
     yield url
     reset_settings()
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    except psycopg2.Error:
-        pass  # PostgreSQL may be restarting in a fault test; the next run drops leftovers
-    admin.close()
+    drop()
 
 
 @pytest.fixture
