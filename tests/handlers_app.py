@@ -8,6 +8,7 @@ order they were written, even within one batch.
 
 import os
 import time
+import uuid
 
 import psycopg2
 
@@ -26,6 +27,7 @@ CREATE TABLE IF NOT EXISTS started (message_id uuid);
 CREATE TABLE IF NOT EXISTS failures (
     message_id uuid PRIMARY KEY, at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS calls (attempt int, at timestamptz DEFAULT clock_timestamp());
+CREATE TABLE IF NOT EXISTS orm_effects (message_id uuid PRIMARY KEY, k text, seq int);
 """
 
 
@@ -112,3 +114,40 @@ if os.environ.get("TEST_EXTRA_HANDLER"):
     @outbox_handler(TOPIC, name="outbox.tests.extra", queue=os.environ["TEST_EXTRA_QUEUE"])
     def extra(message, tx):
         _effect(tx, "extra", message)
+
+
+if os.environ.get("TEST_ORM_TOPIC"):
+    # a handler written with the service's SQLAlchemy models: tx is a Session
+    from sqlalchemy import Integer, String, Uuid, text
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+    class Base(DeclarativeBase):
+        pass
+
+    class OrmEffect(Base):
+        __tablename__ = "orm_effects"
+        message_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+        k: Mapped[str] = mapped_column(String)
+        seq: Mapped[int] = mapped_column(Integer)
+
+    @outbox_handler(
+        os.environ["TEST_ORM_TOPIC"], name="outbox.tests.orm", session=sessionmaker(),
+        max_retries=3, retry_backoff_max=1,
+    )  # fmt: skip
+    def orm(message, session):
+        """Adds an OrmEffect; ``fail_first`` fails the first attempt after its write;
+        ``chain`` publishes through the session."""
+        value = message.value
+        session.add(OrmEffect(message_id=message.message_id, k=value["k"], seq=value["seq"]))
+        session.flush()
+        attempts = session.execute(
+            text("SELECT attempts FROM outbox_bridge.deliveries"
+                 " WHERE message_id = :m AND handler = 'outbox.tests.orm'"),
+            {"m": message.message_id},
+        ).scalar_one()  # fmt: skip
+        if value.get("fail_first") and attempts == 0:
+            _side("INSERT INTO failures (message_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                  (message.message_id,))  # fmt: skip
+            raise RuntimeError(f"injected first-attempt failure of {value}")
+        if value.get("chain"):
+            publish(session, CHAINED, {"from": str(message.message_id)}, key=message.key)

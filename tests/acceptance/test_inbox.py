@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
-from tests.conftest import wait_for
+from tests.conftest import create_topic, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -158,3 +158,35 @@ def test_a_handler_that_publishes_chains_the_message_once(inbox, topic, kafka_re
     assert msg.key() == b"c"
     assert len(reader.drain(quiet=3)) == 1
     assert len(inbox.effects()) == 1
+
+
+def test_a_handler_with_a_sqlalchemy_session_writes_once_and_chains(
+    inbox, topic, kafka_admin, kafka_reader
+):
+    """@outbox_handler(..., session=sessionmaker()): the handler gets a Session bound to
+    the delivery's transaction; a failed attempt's ORM writes are undone, the retry's
+    commit with "done", and publish(session, ...) chains in the same transaction."""
+    orm_topic = topic + "-orm"
+    create_topic(kafka_admin, orm_topic, 2)
+    inbox.start(TEST_ORM_TOPIC=orm_topic)
+    values = [{"k": k, "seq": s} for k in "ab" for s in range(3)]
+    values[1]["fail_first"] = True
+    values[4]["chain"] = True
+    inbox.produce(
+        [(v["k"].encode(), json.dumps(v).encode(), None) for v in values], topic=orm_topic
+    )
+    wait_for(
+        lambda: inbox.query(
+            "SELECT count(*) FROM outbox_bridge.deliveries"
+            " WHERE handler = 'outbox.tests.orm' AND state = 'done'"
+        )[0][0] == 6,
+        60, "six deliveries done",
+    )  # fmt: skip
+    assert len(inbox.query("SELECT * FROM failures")) == 1  # the first attempt did fail
+    assert sorted(inbox.query("SELECT k, seq FROM orm_effects")) == sorted(
+        (v["k"], v["seq"]) for v in values
+    )  # each write once: the failed attempt's was rolled back
+    reader = kafka_reader(inbox.topic_chained)
+    (msg,) = reader.read(1, timeout=60)
+    assert msg.key() == b"b"
+    assert len(reader.drain(quiet=3)) == 1
