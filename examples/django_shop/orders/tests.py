@@ -2,8 +2,11 @@
 
 from django.db import connection, transaction
 from django.test import TestCase, TransactionTestCase
+from psycopg2.extensions import parse_dsn
 
 from outbox_bridge import MessageTooLarge, NotInTransaction, publish
+from outbox_bridge.config import get_settings
+from outbox_bridge.migrate import migrate
 
 from .models import Order
 
@@ -49,6 +52,12 @@ class CreateOrder(TestCase):
         with connection.cursor() as cur:
             cur.execute("SELECT version FROM outbox_bridge.migrations ORDER BY version")
             self.assertEqual([v for (v,) in cur.fetchall()], [1, 2, 3])
+
+    def test_outbox_bridge_migrate_finds_nothing_left_to_do(self):
+        # its settings come from Django's: the database is the test database
+        database = parse_dsn(get_settings().database_url)["dbname"]
+        self.assertTrue(database.startswith("test_"), database)
+        self.assertEqual(migrate(), [])
 
 
 class OutsideAtomic(TransactionTestCase):

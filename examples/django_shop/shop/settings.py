@@ -5,9 +5,7 @@ import os
 from psycopg2.extensions import parse_dsn
 
 _db = parse_dsn(
-    os.environ.get(
-        "OUTBOX_BRIDGE_DATABASE_URL", "postgresql://postgres@127.0.0.1:55432/outbox_bridge"
-    )
+    os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:55432/outbox_bridge")
 )
 
 SECRET_KEY = "example-only"
