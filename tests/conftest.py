@@ -176,6 +176,17 @@ def conn(db_url) -> Iterator[psycopg2.extensions.connection]:
     c.close()
 
 
+def sqlalchemy_url(url: str, driver: str) -> str:
+    """The libpq ``url`` as a SQLAlchemy URL for ``driver`` (psycopg2, psycopg, asyncpg)."""
+    from sqlalchemy.engine import make_url
+
+    dsn = psycopg2.extensions.parse_dsn(url)
+    return make_url(f"postgresql+{driver}://").set(
+        username=dsn.get("user"), password=dsn.get("password"), host=dsn.get("host"),
+        port=int(dsn["port"]) if dsn.get("port") else None, database=dsn.get("dbname"),
+    ).render_as_string(hide_password=False)  # fmt: skip
+
+
 def rows(url: str, where: str = "true") -> list[tuple]:
     """(id, topic, key, state, attempts, last_error) of outbox rows, oldest first."""
     c = psycopg2.connect(url)

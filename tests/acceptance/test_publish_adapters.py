@@ -32,7 +32,15 @@ from outbox_bridge import (
     publish_async,
 )
 from outbox_bridge.config import reset_settings
-from tests.conftest import ROOT, KafkaReader, WorkerProcess, create_database, create_topic, wait_for
+from tests.conftest import (
+    ROOT,
+    KafkaReader,
+    WorkerProcess,
+    create_database,
+    create_topic,
+    sqlalchemy_url,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq]
 
@@ -288,16 +296,6 @@ class TestPsycopgConnection(TestPsycopgCursor):
             yield self.tx_of(conn, self.writer(conn))
 
 
-def _engine_url(url: str, driver: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    dsn = psycopg2.extensions.parse_dsn(url)
-    return make_url(f"postgresql+{driver}://").set(
-        username=dsn.get("user"), password=dsn.get("password"), host=dsn.get("host"),
-        port=int(dsn["port"]) if dsn.get("port") else None, database=dsn.get("dbname"),
-    ).render_as_string(hide_password=False)  # fmt: skip
-
-
 class SQLAlchemyContract(SyncContract):
     driver = "psycopg2"
 
@@ -305,7 +303,7 @@ class SQLAlchemyContract(SyncContract):
     def engine(self, env):
         from sqlalchemy import create_engine
 
-        self._engine = create_engine(_engine_url(env.url, self.driver))
+        self._engine = create_engine(sqlalchemy_url(env.url, self.driver))
         yield
         self._engine.dispose()
 
@@ -554,7 +552,7 @@ class AsyncSQLAlchemyContract(AsyncContract):
     def engine(self, run, **options):
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        engine = create_async_engine(_engine_url(os.environ["OUTBOX_BRIDGE_DATABASE_URL"],
+        engine = create_async_engine(sqlalchemy_url(os.environ["OUTBOX_BRIDGE_DATABASE_URL"],
                                                  self.driver), **options)  # fmt: skip
         try:
             yield engine
