@@ -5,6 +5,8 @@ import uuid
 
 import psycopg2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outbox_bridge import (
     InvalidHeaders,
@@ -135,3 +137,21 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
         cur.execute('SELECT count(*) FROM "Odd ""Schema""".outbox')
         assert cur.fetchone() == (0,)
     c.close()
+
+
+@pytest.fixture(scope="module")
+def ident_conn(services):
+    c = psycopg2.connect(services["OUTBOX_BRIDGE_DATABASE_URL"])
+    yield c
+    c.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s))
+def test_quote_ident_renders_what_psycopg2_sql_identifier_renders(ident_conn, name):
+    """The plain-text SQL of the adapters quotes names exactly as psycopg2 does."""
+    from psycopg2 import sql
+
+    from outbox_bridge.db import quote_ident
+
+    assert quote_ident(name) == sql.Identifier(name).as_string(ident_conn)
