@@ -34,12 +34,19 @@ _SUPPORTED_ASYNC = (
 )
 
 
+_by_type: dict[type, Any] = {}
+
+
 def _adapter(tx: Any) -> Any:
-    for cls in type(tx).__mro__:
-        module = _ADAPTERS.get(cls.__module__.partition(".")[0])
-        if module:
-            return importlib.import_module(module)
-    return None
+    kind = type(tx)
+    if kind not in _by_type:
+        module = next(
+            (_ADAPTERS[top] for cls in kind.__mro__
+             if (top := cls.__module__.partition(".")[0]) in _ADAPTERS),
+            None,
+        )  # fmt: skip
+        _by_type[kind] = module and importlib.import_module(module)
+    return _by_type[kind]
 
 
 def execute(tx: Any, sql: str, params: tuple) -> None:

@@ -29,6 +29,7 @@ import click
 import psycopg2
 from confluent_kafka import Consumer, Producer
 
+from .bench_drivers import compare as compare_drivers
 from .config import Settings
 from .db import connect, q, transaction
 from .message import kafka_headers
@@ -418,6 +419,7 @@ class Bench:
             ("relay_steady", self.steady),
             ("end_to_end", self.end_to_end),
             ("notify_cost", self.notify_cost),
+            ("drivers", lambda: compare_drivers(self.settings, size=self.opts.size)),
         ]
         for rows in self.opts.scale_rows:
             steps.append(
