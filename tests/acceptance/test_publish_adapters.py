@@ -345,6 +345,17 @@ class TestSQLAlchemySession(SQLAlchemyContract):
         assert env.outbox_ids(topic) == {str(message_id)}
         env.query("DELETE FROM outbox_bridge.outbox WHERE topic = %s", (topic,))
 
+    def test_a_session_that_cannot_begin_is_refused(self, env):
+        from sqlalchemy.orm import Session
+
+        with Session(self._engine, autobegin=False) as session:
+            with pytest.raises(NotInTransaction, match="cannot begin"):
+                publish(session, "never-x", {"n": 1})
+            with session.begin():
+                publish(session, "never-x", {"n": 2})
+        assert len(env.outbox_ids("never-x")) == 1
+        env.query("DELETE FROM outbox_bridge.outbox WHERE topic = 'never-x'")
+
 
 class TestSQLAlchemySessionOnPsycopg(TestSQLAlchemySession):
     name = "sqlalchemy-session-psycopg"
