@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -241,6 +242,46 @@ def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only) -
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=2, default=str)
+
+
+@main.command()
+@click.option("--seconds", default=60.0, show_default=True, help="Seconds of traffic.")
+@click.option("--rate", default=100.0, show_default=True, help="Messages/s, all writers.")
+@click.option("--writers", default=4, show_default=True, help="Writer threads.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes (>= 2).")
+@click.option("--concurrency", default=2, show_default=True, help="-c of each worker.")
+@click.option("--pool", default="prefork", show_default=True,
+              help="Celery pool: prefork, threads, gevent.")  # fmt: skip
+@click.option("--adapter", default="psycopg2", show_default=True,
+              help="How writers publish: psycopg2, psycopg, sqlalchemy, asyncpg.")  # fmt: skip
+@click.option("--faults", default=6, show_default=True, help="Faults to inject.")
+@click.option("--kinds", default="kill_child,kill_worker,kafka,postgres,rabbitmq,rebalance",
+              show_default=True, help="Fault kinds, taken in turn.")  # fmt: skip
+@click.option("--seed", default=1, show_default=True, help="Same seed, same schedule.")
+@click.option("--poison", default=2, show_default=True, help="Messages a handler always fails.")
+@click.option("--max-tail", default=120.0, show_default=True,
+              help="Seconds from the last write or fault to drained, at most.")  # fmt: skip
+@click.option("--services", default="scripts/services", show_default=True,
+              help="The script that kills and restarts the services.")  # fmt: skip
+@click.option("--logdir", default="soak-logs", show_default=True, help="Ledger and logs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+def soak(json_path, kinds, logdir, **options) -> None:
+    """Traffic through the whole pipeline under faults, reconciled against a ledger."""
+    from pathlib import Path
+
+    from .soak import Options, Soak, summary
+
+    opts = Options(kinds=tuple(k for k in kinds.split(",") if k), logdir=Path(logdir), **options)
+    try:
+        result = Soak(get_settings(), opts).run()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(summary(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    if result["violations"]:
+        sys.exit(1)
 
 
 celery_command = main

@@ -1,0 +1,319 @@
+"""``outbox-bridge soak``: traffic through the whole pipeline under injected faults,
+reconciled against a ledger of every message.
+
+Writers (``writers.py``) publish in real transactions; two or more workers
+(``celery -A outbox_bridge worker`` with watcher and consumer) relay them and
+run two handlers (``handlers.py``); faults (``faults.py``) hit the workers
+and the services at seeded times; after the drain, ``reconcile.py`` checks
+the ledger (``ledger.py``) against Kafka and the database.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ..config import Settings
+from ..db import connect
+from ..migrate import migrate
+from .faults import KINDS, Faults, Worker, schedule
+from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
+from .reconcile import read_topic, reconcile
+from .writers import ADAPTERS, Writer
+
+_DRAINED = """
+SELECT (SELECT count(*) FROM outbox_bridge.outbox),
+       (SELECT count(*) FROM outbox_bridge.inbox WHERE message_id = ANY(%s::uuid[])),
+       (SELECT count(*) FROM outbox_bridge.deliveries WHERE state NOT IN ('done', 'dead')),
+       (SELECT count(*) FROM outbox_bridge.deliveries)
+"""
+_SCHEMA = """
+CREATE TABLE soak_effects (seq bigserial PRIMARY KEY, message_id uuid NOT NULL,
+                           handler text NOT NULL, key bytea);
+"""
+
+
+@dataclass
+class Options:
+    seconds: float = 60.0  # of traffic
+    rate: float = 100.0  # messages/s offered, all writers together
+    writers: int = 4
+    workers: int = 2
+    concurrency: int = 2
+    pool: str = "prefork"
+    adapter: str = "psycopg2"
+    faults: int = 6
+    kinds: tuple[str, ...] = KINDS
+    seed: int = 1
+    rollback_rate: float = 0.1
+    keyless_rate: float = 0.1
+    fail_rate: float = 0.2
+    poison: int = 2
+    max_tail: float = 120.0  # seconds from the last write or fault to drained, at most
+    services: str = "scripts/services"
+    logdir: Path = field(default_factory=lambda: Path("soak-logs"))
+
+
+def say(text: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+class Soak:
+    def __init__(self, settings: Settings, opts: Options) -> None:
+        if opts.pool not in ("prefork", "threads", "solo", "gevent", "eventlet"):
+            raise ValueError(f"unknown pool {opts.pool!r}")
+        if opts.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {opts.adapter!r}: one of {', '.join(ADAPTERS)}")
+        if set(opts.kinds) - set(KINDS):
+            raise ValueError(f"unknown fault kinds {set(opts.kinds) - set(KINDS)}: {KINDS}")
+        if opts.workers < 2:
+            raise ValueError("the soak needs at least two workers")
+        if {"kafka", "postgres", "rabbitmq"} & set(opts.kinds) and not os.access(
+            opts.services, os.X_OK
+        ):
+            raise ValueError(f"service faults need {opts.services} (--services PATH)")
+        self.opts = opts
+        self.run_id = uuid.uuid4().hex[:8]
+        dsn = psycopg2.extensions.parse_dsn(settings.database_url)
+        self.admin_dsn = settings.database_url
+        self.db = f"{dsn.get('dbname', 'outbox_bridge')}_soak"
+        self.url = psycopg2.extensions.make_dsn(**{**dsn, "dbname": self.db})
+        self.settings = replace(settings, database_url=self.url)
+        self.topic, self.chained = f"soak-{self.run_id}", f"soak-{self.run_id}-chained"
+        opts.logdir.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        self.ledger = Ledger(opts.logdir / f"ledger-{self.run_id}.jsonl", self.started)
+        self.fault_log: list[dict[str, Any]] = []
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.started, 2)
+
+    # -- set-up ---------------------------------------------------------------
+    def prepare(self) -> None:
+        admin = psycopg2.connect(self.admin_dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{self.db}"')
+        admin.close()
+        migrate(self.settings)
+        conn = connect(self.settings)
+        with conn, conn.cursor() as cur:
+            cur.execute(_SCHEMA)
+        conn.close()
+        kafka = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+        futures = kafka.create_topics([NewTopic(t, 3, 1) for t in (self.topic, self.chained)])
+        for future in futures.values():
+            future.result(30)
+
+    def worker_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "OUTBOX_BRIDGE_DATABASE_URL": self.url,
+            "OUTBOX_BRIDGE_CELERY_QUEUE": f"soak-{self.run_id}",
+            "OUTBOX_BRIDGE_SOAK_TOPIC": self.topic,
+            "OUTBOX_BRIDGE_SOAK_CHAINED": self.chained,
+            "OUTBOX_BRIDGE_SOAK_FAIL_RATE": str(self.opts.fail_rate),
+        }
+
+    # -- the run --------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        o = self.opts
+        say(
+            f"run {self.run_id}: {o.seconds:.0f}s at {o.rate:.0f}/s, {o.writers} writers"
+            f" ({o.adapter}), {o.workers} workers (-P {o.pool}), {o.faults} faults, seed {o.seed}"
+        )
+        self.prepare()
+        env = self.worker_env()
+        make = lambda name: Worker(name, env, o.logdir, o.pool, o.concurrency)  # noqa: E731
+        workers = [make(f"soak{i}-{self.run_id}") for i in range(o.workers)]
+        spare = make(f"soak-spare-{self.run_id}")
+        try:
+            for w in workers:
+                w.start()
+            return self._traffic(workers, spare)
+        finally:
+            for w in [*workers, spare]:
+                w.stop()
+            self.ledger.close()
+
+    def _traffic(self, workers: list[Worker], spare: Worker) -> dict[str, Any]:
+        """Writers run for ``seconds`` and until the last fault is over, so that
+        every fault meets traffic."""
+        o = self.opts
+        t0 = time.monotonic()
+        stop = threading.Event()
+        writers = [Writer(i, self.url, self.topic, self.ledger, stop, o) for i in range(o.writers)]
+        for w in writers:
+            w.start()
+        plan = self.plan = schedule(o.seed, o.faults, o.kinds, 0.1 * o.seconds, 0.85 * o.seconds)
+        faults = Faults(workers, spare, o.services, self._addresses(), random.Random(o.seed))
+        for at, kind in plan:
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            began = self.now()
+            say(f"fault {len(self.fault_log) + 1}/{len(plan)} at {began}s: {kind}")
+            result = faults.inject(kind)
+            result.update(planned=at, began=began, ended=self.now())
+            say(f"  {result['detail']} (verified: {result['verified']})")
+            self.fault_log.append(result)
+        # traffic goes on a moment after the last fault, and for ``seconds`` at least
+        time.sleep(max(2.0, t0 + o.seconds - time.monotonic()))
+        stop.set()
+        for w in writers:
+            w.join()
+        last_write = self.now()
+        last_fault = max((f["ended"] for f in self.fault_log), default=0.0)
+        say(f"traffic over at {last_write}s: {self.ledger.attempted()} messages attempted")
+        settled = self._resolve_unknown()
+        drained_at = self._drain(max(last_write, last_fault))
+        return self._report(last_write, last_fault, drained_at, settled)
+
+    def _addresses(self) -> dict[str, tuple[str, int]]:
+        """Where each service listens, to show that it is really down."""
+        kafka = self.settings.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)
+        pg = psycopg2.extensions.parse_dsn(self.url)
+        amqp = os.environ.get("CELERY_BROKER_URL", "amqp://127.0.0.1:5672//")
+        amqp_port = amqp.split("@")[-1].split("/")[0].rpartition(":")[2] or "5672"
+        return {
+            "kafka": (kafka[0], int(kafka[1])),
+            "postgres": (pg.get("host", "127.0.0.1"), int(pg.get("port", 5432))),
+            "rabbitmq": ("127.0.0.1", int(amqp_port)),
+        }
+
+    def _query(self, sql: str, params: Any = None) -> list[tuple]:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn = connect(self.settings, name="outbox-bridge soak")
+                try:
+                    with conn, conn.cursor() as cur:
+                        cur.execute(sql, params)
+                        return cur.fetchall()
+                finally:
+                    conn.close()
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def _resolve_unknown(self) -> dict[str, int]:
+        txids = sorted({e.txid for e in self.ledger.entries
+                        if e.outcome == UNKNOWN and e.txid is not None})  # fmt: skip
+        status = dict(self._query("SELECT t, txid_status(t) FROM unnest(%s::bigint[]) t",
+                                  (txids,))) if txids else {}  # fmt: skip
+        return self.ledger.resolve(status)
+
+    def _drain(self, since: float) -> float | None:
+        """Seconds after ``since`` when all is drained and handled; None: not within max_tail."""
+        committed = [e.message_id for e in self.ledger.entries if e.outcome == COMMITTED]
+        self._progress = time.monotonic()
+        while True:
+            ((outbox, stored, unsettled, deliveries),) = self._query(_DRAINED, (committed,))
+            if outbox == 0 and stored == len(committed) and not unsettled \
+                    and deliveries >= 2 * len(committed):  # fmt: skip
+                return round(self.now() - since, 1)
+            if time.monotonic() - self._progress > 10:
+                self._progress = time.monotonic()
+                say(f"  draining: outbox {outbox}, stored {stored}/{len(committed)},"
+                    f" deliveries unsettled {unsettled}")  # fmt: skip
+            if self.now() - since > self.opts.max_tail:
+                say(
+                    f"not drained {self.opts.max_tail:.0f}s after the last write or fault:"
+                    f" outbox {outbox}, stored {stored}/{len(committed)}, unsettled {unsettled}"
+                )
+                return None
+            time.sleep(0.5)
+
+    def _report(self, last_write: float, last_fault: float, drained: float | None,
+                settled: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+        bootstrap = self.settings.kafka_bootstrap_servers
+        events, chained = read_topic(bootstrap, self.topic), read_topic(bootstrap, self.chained)
+        outbox = dict(self._query("SELECT state, count(*) FROM outbox_bridge.outbox GROUP BY 1"))
+        deliveries: dict[str, dict[str, int]] = {}
+        for handler, state, n in self._query(
+            "SELECT handler, state, count(*) FROM outbox_bridge.deliveries GROUP BY 1, 2"
+        ):
+            deliveries.setdefault(handler, {})[state] = n
+        db = {
+            "effects": [
+                (h, None if k is None else bytes(k).decode(), str(m))
+                for h, k, m in self._query(
+                    "SELECT handler, key, message_id FROM soak_effects ORDER BY seq"
+                )
+            ],
+            "outbox": outbox, "deliveries": deliveries,
+            "dead": [(str(m), h) for m, h in self._query(
+                "SELECT message_id, handler FROM outbox_bridge.deliveries WHERE state = 'dead'")],
+            "retried": self._query("SELECT count(*) FROM outbox_bridge.deliveries"
+                                   " WHERE handler = 'soak.flaky' AND attempts > 0")[0][0],
+            "fail_rate": self.opts.fail_rate,
+        }  # fmt: skip
+        result = reconcile(self.ledger.entries, events, chained, db)
+        counts = {k: sum(1 for e in self.ledger.entries if e.outcome == k)
+                  for k in (COMMITTED, ROLLED_BACK, UNKNOWN)}  # fmt: skip
+        violations = result["violations"]
+        if drained is None:
+            violations.append(f"not drained within {self.opts.max_tail:.0f}s of the last write"
+                              " or fault")  # fmt: skip
+        unverified = [f for f in self.fault_log if not f["verified"]]
+        if unverified:
+            violations.append(f"{len(unverified)} faults not shown to have happened: {unverified}")
+        missing_kinds = {k for _, k in self.plan} - {f["kind"] for f in self.fault_log}
+        if self.opts.pool != "prefork":
+            missing_kinds.discard("kill_child")  # run as kill_worker: no pool processes
+        if missing_kinds:
+            violations.append(f"fault kinds that did not run: {sorted(missing_kinds)}")
+        return {
+            "run": self.run_id, "options": {k: str(v) for k, v in self.opts.__dict__.items()},
+            "ledger": {"path": str(self.ledger.path), "attempted": self.ledger.attempted(),
+                       **counts, "unknown_settled": settled,
+                       "poison": sum(1 for e in self.ledger.entries
+                                     if e.poison and e.outcome == COMMITTED)},
+            "faults": self.fault_log,
+            "last_write_s": last_write, "last_fault_s": last_fault,
+            "drained_after_s": drained,
+            "drained_after_last_write_s": None if drained is None
+            else round(max(last_write, last_fault) + drained - last_write, 1),
+            **result,
+        }  # fmt: skip
+
+
+def summary(r: dict[str, Any]) -> str:
+    led, fig = r["ledger"], r["figures"]
+    lines = [
+        f"soak {r['run']}: {led['attempted']} messages attempted: {led['committed']} committed,"
+        f" {led['rolled_back']} rolled back, {led['unknown']} unknown after settling"
+        f" ({led['unknown_settled']}); {led['poison']} poison",
+        f"faults: {len(r['faults'])} ("
+        + ", ".join(f"{f['kind']}@{f['began']}s{'' if f['verified'] else ' UNVERIFIED'}"
+                    for f in r["faults"]) + ")",
+        f"kafka: {fig['kafka_records']} records, {fig['kafka_distinct']} distinct,"
+        f" {fig['kafka_duplicates']} duplicates; chained {fig['chained_records']}"
+        f" ({fig['chained_duplicates']} duplicates); lost {fig['lost']}, phantom"
+        f" {fig['phantom']}, keys out of order {fig['keys_out_of_order']} of {fig['keys']}",
+    ]  # fmt: skip
+    for handler in ("soak.effect", "soak.flaky"):
+        h = fig[handler]
+        lines.append(f"{handler}: once {h['once']}, missing {h['missing']}, doubled"
+                     f" {h['doubled']}, stray {h['stray']}, keys out of order"
+                     f" {h['keys_out_of_order']}")  # fmt: skip
+    lines.append(
+        f"flaky deliveries retried {fig['flaky_deliveries_retried']}; dead on purpose"
+        f" {fig['dead_deliveries_injected']}; outbox left {fig['outbox_left']}"
+    )
+    lines.append(
+        f"drained {r['drained_after_s']}s after the last write or fault"
+        f" (last write {r['last_write_s']}s, last fault {r['last_fault_s']}s)"
+    )
+    lines.append("violations: " + ("none" if not r["violations"] else ""))
+    lines += [f"  - {v}" for v in r["violations"]]
+    return "\n".join(lines)

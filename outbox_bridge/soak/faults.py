@@ -1,0 +1,171 @@
+"""The soak's workers and its faults, each one checked to have happened.
+
+Service faults go through ``scripts/services`` (``kill``: PostgreSQL in
+immediate mode, Kafka with SIGKILL; ``down``: RabbitMQ), then ``up``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+KINDS = ("kill_child", "kill_worker", "kafka", "postgres", "rabbitmq", "rebalance")
+
+
+class Worker:
+    """``celery -A outbox_bridge worker`` with the soak's handlers, stopped by its pid."""
+
+    def __init__(self, name: str, env: dict[str, str], logdir: Path, pool: str, concurrency: int):
+        self.name, self.env, self.pool = name, env, pool
+        self.log = logdir / f"{name}.log"
+        self.cmd = [
+            sys.executable, "-m", "celery", "-A", "outbox_bridge", "worker", "-P", pool,
+            "-c", str(concurrency), "-n", f"{name}@%h", "-l", "info", "--without-mingle",
+            "--without-gossip", "--include", "outbox_bridge.soak.handlers",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=out)
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log.read_bytes()[offset:]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} did not start; see {self.log}")
+            time.sleep(0.2)
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True)  # fmt: skip
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self) -> list[int]:
+        """SIGKILL the main process and its pool processes; returns their pids."""
+        pids = [self.proc.pid, *self.children()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        return pids
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        children = self.children()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    """Whether ``pid`` has ended (or is a zombie) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def refused(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port`` (the service is really down)."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((host, port)) != 0
+
+
+def schedule(seed: int, count: int, kinds: tuple[str, ...], start: float, end: float
+             ) -> list[tuple[float, str]]:  # fmt: skip
+    """``count`` faults between ``start`` and ``end`` seconds: every kind in turn (each
+    round shuffled), evenly spaced with jitter. The same seed gives the same schedule."""
+    rng = random.Random(seed)
+    order: list[str] = []
+    while len(order) < count:
+        round_ = list(kinds)
+        rng.shuffle(round_)
+        order += round_
+    gap = (end - start) / max(count, 1)
+    return [(round(start + gap * (i + 0.5) + rng.uniform(-0.25, 0.25) * gap, 2), order[i])
+            for i in range(count)]  # fmt: skip
+
+
+class Faults:
+    """Injects one fault at a time and says how it went."""
+
+    def __init__(self, workers: list[Worker], spare: Worker, services: str,
+                 urls: dict[str, tuple[str, int]], rng: random.Random) -> None:  # fmt: skip
+        self.workers, self.spare, self.services = workers, spare, services
+        self.urls, self.rng = urls, rng
+
+    def inject(self, kind: str) -> dict[str, Any]:
+        if kind == "kill_child" and self.workers[0].pool != "prefork":
+            kind = "kill_worker"  # threads and gevent pools have no child processes
+        return {"kind": kind, **getattr(self, kind)()}
+
+    def kill_child(self) -> dict[str, Any]:
+        worker = self.rng.choice(self.workers)
+        children = worker.children()
+        pid = self.rng.choice(children)
+        os.kill(pid, signal.SIGKILL)
+        ok = gone(pid)
+        deadline = time.monotonic() + 30  # the worker replaces its pool process
+        while len(worker.children()) < len(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        replaced = len(worker.children()) >= len(children)
+        return {"detail": f"SIGKILL pool process {pid} of {worker.name} (ended: {ok},"
+                          f" replaced: {replaced})", "verified": ok and replaced}  # fmt: skip
+
+    def kill_worker(self) -> dict[str, Any]:
+        worker = self.rng.choice(self.workers)
+        pids = worker.kill()
+        ok = worker.proc.returncode == -signal.SIGKILL and all(gone(p) for p in pids)
+        time.sleep(self.rng.uniform(0.5, 2))
+        worker.start()
+        return {"detail": f"SIGKILL {worker.name} (pids {pids}), restarted", "verified": ok}
+
+    def _service(self, name: str, stop: str) -> dict[str, Any]:
+        subprocess.run([self.services, stop, name], check=True, timeout=120,
+                       capture_output=True)  # fmt: skip
+        down = refused(*self.urls[name])
+        held = self.rng.uniform(1, 4)
+        time.sleep(held)
+        subprocess.run([self.services, "up", name], check=True, timeout=300,
+                       capture_output=True)  # fmt: skip
+        return {"detail": f"{name}: {stop}, down {held:.1f}s, up", "verified": down}
+
+    def kafka(self) -> dict[str, Any]:
+        return self._service("kafka", "kill")
+
+    def postgres(self) -> dict[str, Any]:
+        return self._service("postgres", "kill")
+
+    def rabbitmq(self) -> dict[str, Any]:
+        return self._service("rabbitmq", "down")
+
+    def rebalance(self) -> dict[str, Any]:
+        """A worker joins the consumer group, stays a moment, and leaves."""
+        self.spare.start()
+        joined = self.spare.proc.poll() is None
+        time.sleep(self.rng.uniform(3, 6))
+        code = self.spare.stop()
+        return {"detail": f"{self.spare.name} joined, left (exit {code})",
+                "verified": joined and code == 0}  # fmt: skip

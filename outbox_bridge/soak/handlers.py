@@ -1,0 +1,39 @@
+"""The soak's handlers, loaded by its workers (``--include outbox_bridge.soak.handlers``).
+
+``soak.effect`` writes an effect row and chains a message; ``soak.flaky`` fails
+at random (and always on a poison message) before it writes its effect row.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from outbox_bridge import outbox_handler, publish
+
+TOPIC = os.environ.get("OUTBOX_BRIDGE_SOAK_TOPIC", "soak-events")
+CHAINED = os.environ.get("OUTBOX_BRIDGE_SOAK_CHAINED", "soak-chained")
+FAIL_RATE = float(os.environ.get("OUTBOX_BRIDGE_SOAK_FAIL_RATE", "0.2"))
+RETRIES = {"max_retries": 8, "retry_backoff": 0.5, "retry_backoff_max": 2}
+
+
+def _effect(tx, handler: str, message) -> None:
+    tx.execute(
+        "INSERT INTO soak_effects (message_id, handler, key) VALUES (%s, %s, %s)",
+        (message.message_id, handler, message.key),
+    )
+
+
+@outbox_handler(TOPIC, name="soak.effect", **RETRIES)
+def effect(message, tx) -> None:
+    _effect(tx, "soak.effect", message)
+    publish(tx, CHAINED, {"from": str(message.message_id)}, key=message.key)
+
+
+@outbox_handler(TOPIC, name="soak.flaky", **RETRIES)
+def flaky(message, tx) -> None:
+    if message.value.get("poison"):
+        raise RuntimeError("poison: fails on purpose, every time")
+    if random.random() < FAIL_RATE:
+        raise RuntimeError("injected handler failure")
+    _effect(tx, "soak.flaky", message)

@@ -1,0 +1,67 @@
+"""The soak's ledger: every message a writer tried, and what became of it.
+
+It lives outside the system under test (a JSON-lines file and this process's
+memory), so no fault of PostgreSQL, Kafka or RabbitMQ can change it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+COMMITTED, ROLLED_BACK, UNKNOWN = "committed", "rolled_back", "unknown"
+
+
+@dataclass
+class Entry:
+    message_id: str
+    writer: int
+    txid: int | None
+    key: str | None
+    poison: bool
+    outcome: str
+    at: float  # seconds since the soak began
+
+
+class Ledger:
+    def __init__(self, path: Path, started: float) -> None:
+        self.path = path
+        self.started = started
+        self.entries: list[Entry] = []
+        self._lock = threading.Lock()
+        self._file = open(path, "a")  # noqa: SIM115 - kept open for the run
+
+    def record(self, writer: int, txid: int | None, messages: list[tuple[str, str | None, bool]],
+               outcome: str) -> None:  # fmt: skip
+        at = round(time.monotonic() - self.started, 3)
+        new = [Entry(m, writer, txid, k, p, outcome, at) for m, k, p in messages]
+        with self._lock:
+            self.entries += new
+            self._file.writelines(json.dumps(asdict(e)) + "\n" for e in new)
+            self._file.flush()
+
+    def attempted(self) -> int:
+        return len(self.entries)
+
+    def resolve(self, status: dict[int, str | None]) -> dict[str, int]:
+        """Unknown outcomes, settled by ``txid_status()`` of their transaction."""
+        settled = {"committed": 0, "aborted": 0, "unresolved": 0}
+        for e in self.entries:
+            if e.outcome != UNKNOWN:
+                continue
+            found = status.get(e.txid) if e.txid is not None else None
+            if found == "committed":
+                e.outcome = COMMITTED
+                settled["committed"] += 1
+            elif found == "aborted":
+                e.outcome = ROLLED_BACK
+                settled["aborted"] += 1
+            else:
+                settled["unresolved"] += 1
+        return settled
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,194 @@
+"""The soak's writers: threads that publish in real transactions through one adapter.
+
+Each writer owns its keys (so a key's publish order is that writer's order),
+sends a share of its messages to a few hot keys and some without a key, rolls
+some transactions back on purpose, and records every message in the ledger.
+An error before the commit means the transaction never committed; an error
+from the commit itself leaves the outcome unknown until ``txid_status()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from typing import Any
+
+from ..outbox import publish, publish_async
+from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
+
+ADAPTERS = ("psycopg2", "psycopg", "sqlalchemy", "asyncpg")
+_TXID = "SELECT txid_current()"
+
+
+class _Psycopg2:
+    def __init__(self, url: str) -> None:
+        import psycopg2
+
+        self.conn = psycopg2.connect(url, connect_timeout=5)
+
+    def begin(self) -> int:
+        self.cur = self.conn.cursor()
+        self.cur.execute(_TXID)
+        return self.cur.fetchone()[0]
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        return publish(self.cur, *args, **kwargs)
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Psycopg(_Psycopg2):
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(url, connect_timeout=5)
+
+
+class _SQLAlchemy:
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        self.engine = create_engine("postgresql+psycopg2://", poolclass=NullPool,
+                                    connect_args={"dsn": url, "connect_timeout": 5})  # fmt: skip
+
+    def begin(self) -> int:
+        from sqlalchemy import text
+        from sqlalchemy.orm import Session
+
+        self.session = Session(self.engine)
+        return self.session.execute(text(_TXID)).scalar_one()
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        return publish(self.session, *args, **kwargs)
+
+    def commit(self) -> None:
+        self.session.commit()
+
+    def rollback(self) -> None:
+        self.session.rollback()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class _Asyncpg:
+    def __init__(self, url: str) -> None:
+        import asyncio
+
+        import asyncpg
+        from psycopg2.extensions import parse_dsn
+
+        dsn = parse_dsn(url)
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(asyncpg.connect(
+            host=dsn.get("host"), port=dsn.get("port"), user=dsn.get("user"),
+            password=dsn.get("password"), database=dsn.get("dbname"), timeout=5,
+        ))  # fmt: skip
+
+    def begin(self) -> int:
+        self.tx = self.conn.transaction()
+        self.loop.run_until_complete(self.tx.start())
+        return self.loop.run_until_complete(self.conn.fetchval(_TXID))
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        return self.loop.run_until_complete(publish_async(self.conn, *args, **kwargs))
+
+    def commit(self) -> None:
+        self.loop.run_until_complete(self.tx.commit())
+
+    def rollback(self) -> None:
+        self.loop.run_until_complete(self.tx.rollback())
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.conn.close(timeout=2))
+        except Exception:  # noqa: BLE001 - the server may be gone
+            self.conn.terminate()
+        self.loop.close()
+
+
+_SESSIONS = {"psycopg2": _Psycopg2, "psycopg": _Psycopg, "sqlalchemy": _SQLAlchemy,
+             "asyncpg": _Asyncpg}  # fmt: skip
+
+
+class Writer(threading.Thread):
+    """Publishes about ``rate / writers`` messages/s until ``stop`` is set."""
+
+    def __init__(self, index: int, url: str, topic: str, ledger: Ledger,
+                 stop: threading.Event, options: Any) -> None:  # fmt: skip
+        super().__init__(name=f"soak-writer-{index}", daemon=True)
+        self.index, self.url, self.topic, self.ledger = index, url, topic, ledger
+        self.make = _SESSIONS[options.adapter]
+        writers = options.writers
+        self.interval = writers / options.rate
+        self.stop = stop
+        self.rng = random.Random(options.seed * 1000 + index)
+        self.opts = options
+        self.poison_left = options.poison // writers + (index < options.poison % writers)
+        self.errors = 0
+        self.seq = 0
+
+    def _key(self) -> str | None:
+        if self.rng.random() < self.opts.keyless_rate:
+            return None
+        hot = self.rng.random() < 0.3
+        return f"w{self.index}-k{self.rng.randrange(3) if hot else self.rng.randrange(3, 50)}"
+
+    def run(self) -> None:
+        session = None
+        next_at = time.monotonic()
+        while not self.stop.wait(max(0.0, next_at - time.monotonic())):
+            count = self.rng.randint(1, 5)
+            next_at += count * self.interval
+            plan = [self._key() for _ in range(count)]
+            rollback = self.rng.random() < self.opts.rollback_rate
+            written: list[tuple[str, str | None, bool]] = []
+            txid = None
+            try:
+                session = session or self.make(self.url)
+                txid = session.begin()
+                for key in plan:
+                    poison = key is None and self.poison_left > 0 and not rollback
+                    self.seq += 1
+                    value = {"w": self.index, "n": self.seq, **({"poison": True} if poison else {})}
+                    written.append((str(session.publish(self.topic, value, key=key)), key, poison))
+                    self.poison_left -= poison
+            except Exception:  # noqa: BLE001 - before the commit: it never committed
+                self.ledger.record(self.index, txid, written, ROLLED_BACK)
+                session = self._drop(session)
+                continue
+            if rollback:
+                try:
+                    session.rollback()
+                except Exception:  # noqa: BLE001
+                    session = self._drop(session)
+                self.ledger.record(self.index, txid, written, ROLLED_BACK)
+                continue
+            try:
+                session.commit()
+            except Exception:  # noqa: BLE001 - did it commit? txid_status() will tell
+                self.ledger.record(self.index, txid, written, UNKNOWN)
+                session = self._drop(session)
+                continue
+            self.ledger.record(self.index, txid, written, COMMITTED)
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
+
+    def _drop(self, session: Any) -> None:
+        self.errors += 1
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
+        time.sleep(0.2 + self.rng.random() * 0.3)  # the database may be restarting
+        return None
