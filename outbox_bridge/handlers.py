@@ -172,9 +172,11 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
         cur.execute(q(_LOAD, settings.schema), (list(mine),))
         held: set[tuple[str, bytes]] = set()
         shard_of = {}
+        key_of: dict[int, tuple[int, str, bytes | None]] = {}
         for row in cur.fetchall():
             delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
             shard_of[delivery_id] = row_shard
+            key_of[delivery_id] = (row_shard, topic, None if key is None else bytes(key))
             if shards is not None and row_shard not in owned:
                 continue  # no longer ours: its new owner runs it
             key = None if key is None else bytes(key)
@@ -221,7 +223,8 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
             lease = lease_for(task, task.request.retries, settings.lease_seconds)
             queue.hold(cur, {**failed, **dead}, token, lease)
             queue.bury(cur, list(dead), token, None)
-            if done:
+            if done:  # released heads: the rows parked behind them go on now, in order
+                queue.unpark(cur, (key_of[i] for i in done))
                 queue.wake_shards(cur, (shard_of[i] for i in done))
     result = {"done": len(done), "failed": len(failed), "dead": len(dead)}
     if shards is not None:

@@ -128,11 +128,13 @@ class Faults:
         os.kill(pid, signal.SIGKILL)
         ok = gone(pid)
         deadline = time.monotonic() + 30  # the worker replaces its pool process
-        while len(worker.children()) < len(children) and time.monotonic() < deadline:
+        while not (replaced := set(worker.children()) - set(children)):
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.2)
-        replaced = len(worker.children()) >= len(children)
         return {"detail": f"SIGKILL pool process {pid} of {worker.name} (ended: {ok},"
-                          f" replaced: {replaced})", "verified": ok and replaced}  # fmt: skip
+                          f" replaced by {sorted(replaced)})",
+                "verified": ok and bool(replaced)}  # fmt: skip
 
     def kill_worker(self) -> dict[str, Any]:
         worker = self.rng.choice(self.workers)
