@@ -70,6 +70,51 @@ def _from_containers(stack) -> dict[str, str]:
     }
 
 
+class NativeServices:
+    """Stops and starts the services of ``scripts/services``; each stop is checked: the
+    service's port refuses connections afterwards."""
+
+    script = str(ROOT / "scripts" / "services")
+
+    def __init__(self, urls: dict[str, str]):
+        from outbox_bridge.soak import Soak  # the same port lookup as the soak's faults
+
+        self.ports = Soak.addresses(urls)
+
+    def _run(self, *args: str, timeout: float = 300) -> None:
+        subprocess.run([self.script, *args], check=True, timeout=timeout, capture_output=True)
+
+    def down(self, name: str, how: str = "down") -> None:
+        from outbox_bridge.soak.faults import refused
+
+        self._run(how, name)
+        assert refused(*self.ports[name]), f"{name} still answers after `services {how}`"
+
+    def up(self, name: str) -> None:
+        self._run("up", name)
+
+
+@pytest.fixture
+def native_services(services) -> NativeServices:
+    """For tests marked ``services``: the running services must be the native ones of
+    ``scripts/services``, which these tests stop and start (skip otherwise; fail on CI)."""
+    status = subprocess.run([NativeServices.script, "status"], capture_output=True, text=True)
+    if status.returncode != 0 or "pid -" in status.stdout:
+        reason = ("this test stops and starts the native services; scripts/services does not"
+                  f" run them here:\n{status.stdout}")  # fmt: skip
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return NativeServices(services)
+
+
+@pytest.fixture(autouse=True)
+def _services_marker_needs_native(request):
+    """A test that stops services must say so (marker) and get them from the script."""
+    if "native_services" in request.fixturenames:
+        assert request.node.get_closest_marker("services"), "mark it @pytest.mark.services"
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[dict[str, str]]:
     """URLs of the three services, from the environment or testcontainers."""

@@ -156,7 +156,10 @@ class Soak:
         for w in writers:
             w.start()
         plan = self.plan = schedule(o.seed, o.faults, o.kinds, 0.1 * o.seconds, 0.85 * o.seconds)
-        faults = Faults(workers, spare, o.services, self._addresses(), random.Random(o.seed))
+        urls = {"OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka_bootstrap_servers,
+                "OUTBOX_BRIDGE_DATABASE_URL": self.url,
+                "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", "")}  # fmt: skip
+        faults = Faults(workers, spare, o.services, self.addresses(urls), random.Random(o.seed))
         for at, kind in plan:
             time.sleep(max(0.0, t0 + at - time.monotonic()))
             began = self.now()
@@ -177,17 +180,19 @@ class Soak:
         drained_at = self._drain(max(last_write, last_fault))
         return self._report(last_write, last_fault, drained_at, settled)
 
-    def _addresses(self) -> dict[str, tuple[str, int]]:
-        """Where each service listens, to show that it is really down."""
-        kafka = self.settings.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)
-        pg = psycopg2.extensions.parse_dsn(self.url)
-        amqp = os.environ.get("CELERY_BROKER_URL", "amqp://127.0.0.1:5672//")
-        amqp_port = amqp.split("@")[-1].split("/")[0].rpartition(":")[2] or "5672"
+    @staticmethod
+    def addresses(urls: dict[str, str]) -> dict[str, tuple[str, int]]:
+        """Where each service listens (from the settings' URLs), to show it is down."""
+        kafka = urls["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"].split(",")[0].rsplit(":", 1)
+        pg = psycopg2.extensions.parse_dsn(urls["OUTBOX_BRIDGE_DATABASE_URL"])
+        amqp = urls.get("CELERY_BROKER_URL") or "amqp://127.0.0.1:5672//"
+        host_port = amqp.split("@")[-1].split("/")[0]
         return {
             "kafka": (kafka[0], int(kafka[1])),
             "postgres": (pg.get("host", "127.0.0.1"), int(pg.get("port", 5432))),
-            "rabbitmq": ("127.0.0.1", int(amqp_port)),
-        }
+            "rabbitmq": (host_port.rpartition(":")[0] or "127.0.0.1",
+                         int(host_port.rpartition(":")[2] or 5672)),
+        }  # fmt: skip
 
     def _query(self, sql: str, params: Any = None) -> list[tuple]:
         deadline = time.monotonic() + 120

@@ -13,6 +13,7 @@ from tests.conftest import ROOT, create_topic
 @pytest.fixture
 def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
     """Set up this test's handler topics and tables; returns helpers."""
+    db_url_ = db_url
     from tests.handlers_app import SCHEMA
 
     c = psycopg2.connect(db_url)
@@ -33,6 +34,7 @@ def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
 
     class Inbox:
         topic_chained = chained
+        db_url = db_url_
 
         def start(self, concurrency=2, args_extra=(), **extra):
             args = ("--include", "tests.handlers_app", *args_extra)

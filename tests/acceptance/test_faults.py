@@ -65,6 +65,30 @@ def test_keys_whose_head_failed_once_go_on_within_seconds_of_the_retry(inbox, to
     assert tail < 8, f"the last effect came {tail:.1f}s after the last failure"
 
 
+def test_deliveries_parked_behind_a_handlers_failed_head_go_on_when_it_succeeds(inbox, topic):
+    """Found by the soak: a handler's head that succeeds on retry must free the
+    deliveries parked behind it at once, not at the watcher's next repair (a lease)."""
+    from outbox_bridge.config import Settings
+    from outbox_bridge.handlers import inbox_queue
+
+    inbox.query("INSERT INTO switches VALUES ('broken', true) RETURNING name")
+    inbox.start(OUTBOX_BRIDGE_LEASE_SECONDS="120")  # the repair would come after 2 minutes
+    inbox.produce([(b"a", json.dumps({"k": "a", "seq": s}).encode(), None) for s in range(5)])
+    held = "SELECT state, count(*) FROM outbox_bridge.deliveries" \
+           " WHERE handler = 'outbox.tests.switchable' GROUP BY 1 ORDER BY 1"  # fmt: skip
+    wait_for(lambda: ("retrying", 1) in inbox.query(held), 60, "the head to fail")
+    # the watcher's periodic repair parks the rows behind a held key; do it now
+    settings = Settings(database_url=inbox.db_url)
+    conn = psycopg2.connect(inbox.db_url)
+    with conn, conn.cursor() as cur:
+        parked = inbox_queue(settings, "outbox.tests.switchable").park(cur)
+    conn.close()
+    assert parked == 4, inbox.query(held)
+    inbox.query("UPDATE switches SET on_ = false RETURNING name")
+    wait_for(lambda: len(inbox.effects("switchable")) == 5, 20, "the parked deliveries")
+    assert [r[2] for r in inbox.effects("switchable")] == list(range(5))
+
+
 def test_a_key_released_while_its_shard_is_claimed_goes_on_within_a_round(
     start_worker, db_url, topic, kafka_reader
 ):

@@ -58,7 +58,7 @@ def test_per_key_order_with_four_worker_processes_and_injected_failures(
     start_worker, db_url, topic, kafka_reader
 ):
     keys, per_key = 40, 30
-    start_worker(
+    worker = start_worker(
         concurrency=4,
         OUTBOX_BRIDGE_BEFORE_PRODUCE="tests.faults.fail_once_per_process",
         OUTBOX_BRIDGE_BATCH_SIZE="25",
@@ -88,11 +88,14 @@ def test_per_key_order_with_four_worker_processes_and_injected_failures(
             seen[v["k"]].append(v["seq"])
     for k in range(keys):
         assert seen[k] == list(range(per_key)), f"key-{k} out of order or duplicated"
+    # the faults did happen: rows failed and were retried
+    assert "injected failure of" in worker.log_path.read_text()
     wait_for(lambda: rows(db_url) == [], 30, "every row to be deleted")
 
 
+@pytest.mark.services
 def test_kafka_down_longer_than_the_retry_schedule_turns_nothing_dead(
-    start_worker, db_url, topic, kafka_admin, kafka_reader, services
+    start_worker, db_url, topic, kafka_admin, kafka_reader, native_services
 ):
     worker = start_worker(
         OUTBOX_BRIDGE_MAX_RETRIES="2",
@@ -101,22 +104,22 @@ def test_kafka_down_longer_than_the_retry_schedule_turns_nothing_dead(
     )
     commit(db_url, topic, [{"n": 0}], key="k")
     kafka_reader(topic).read(1, timeout=60)
-    services_cmd = [str(ROOT / "scripts" / "services")]
-    subprocess.run([*services_cmd, "down", "kafka"], check=True, timeout=120)
+    native_services.down("kafka")  # checked: its port refuses connections
     try:
-        commit(db_url, topic, [{"n": i} for i in range(1, 51)], key="k")
-        commit(db_url, topic, [{"n": i} for i in range(51, 61)])
+        ids = commit(db_url, topic, [{"n": i} for i in range(1, 51)], key="k")
+        ids += commit(db_url, topic, [{"n": i} for i in range(51, 61)])
         # retry schedule: 2 retries, backoff <= 2s; stay down well past it
         wait_for(lambda: "paused for" in worker.log_tail(), 30, "the circuit breaker to open")
         threading.Event().wait(12)
         assert rows(db_url, "state <> 'pending'") == []
     finally:
-        subprocess.run([*services_cmd, "up", "kafka"], check=True, timeout=300)
+        native_services.up("kafka")
     reader = kafka_reader(topic)
-    messages = reader.read(61, timeout=120)
-    keyed = [json.loads(m.value())["n"] for m in messages if m.key() == b"k"]
+    reader.read_message_ids({str(i) for i in ids}, timeout=120)  # every one, duplicates or not
+    keyed = [json.loads(m.value())["n"] for m in reader.messages if m.key() == b"k"]
     assert sorted(set(keyed)) == list(range(51))
-    assert keyed == sorted(keyed)
+    firsts = list(dict.fromkeys(keyed))  # first occurrences: in publish order
+    assert firsts == sorted(firsts)
     wait_for(lambda: rows(db_url) == [], 30, "every row to be deleted")
 
 
@@ -183,16 +186,16 @@ def test_a_worker_killed_mid_batch_loses_nothing(start_worker, db_url, topic, ka
     wait_for(lambda: rows(db_url) == [], 60, "every row to be deleted")
 
 
+@pytest.mark.services
 def test_watcher_survives_a_postgres_restart_and_catches_up(
-    start_worker, db_url, topic, kafka_reader
+    start_worker, db_url, topic, kafka_reader, native_services
 ):
     worker = start_worker()
     reader = kafka_reader(topic)
     commit(db_url, topic, [{"n": 0}])
     reader.read(1, timeout=60)
-    services_cmd = str(ROOT / "scripts" / "services")
-    subprocess.run([services_cmd, "down", "postgres"], check=True, timeout=120)
-    subprocess.run([services_cmd, "up", "postgres"], check=True, timeout=120)
+    native_services.down("postgres")  # checked: its port refuses connections
+    native_services.up("postgres")
     # committed as soon as PostgreSQL is back, likely before the watcher reconnected
     commit(db_url, topic, [{"n": i} for i in range(1, 11)])
     reader.read(11, timeout=60)
@@ -215,10 +218,33 @@ def test_a_missed_notify_is_caught_by_the_fallback_timer(start_worker, db_url, t
     with c, c.cursor() as cur:
         cur.execute("ALTER TABLE outbox_bridge.outbox DISABLE TRIGGER outbox_wakeup")
     c.close()
+    started = _db_now(db_url)
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="1")
-    threading.Event().wait(1.5)  # let the startup look pass: only the timer can find the row
+    # the watcher has looked (the flag went off at its first look), found nothing for
+    # IDLE_AFTER and waits idle: without NOTIFY, only its fallback timer can find a row now
+    wait_for(lambda: _idle_since(db_url, started), 30, "the watcher to be idle")
     commit(db_url, topic, [{"n": 1}])
     assert len(kafka_reader(topic).read(1, timeout=10)) == 1
+
+
+def _db_now(db_url: str):
+    return _one(db_url, "SELECT now()")
+
+
+def _idle_since(db_url: str, since) -> bool:
+    """The watcher set the outbox idle after ``since`` (the flag is true by default)."""
+    return bool(_one(db_url, "SELECT idle AND seen_at > %s FROM outbox_bridge.wakeup"
+                             " WHERE queue = 'outbox'", (since,)))  # fmt: skip
+
+
+def _one(db_url: str, sql: str, params=()):
+    c = psycopg2.connect(db_url)
+    try:
+        with c, c.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchone()[0]
+    finally:
+        c.close()
 
 
 def test_rows_committed_out_of_id_order_are_all_delivered(
@@ -240,32 +266,40 @@ def test_rows_committed_out_of_id_order_are_all_delivered(
     late.close()
 
 
-def test_a_rabbitmq_restart_loses_nothing(start_worker, db_url, topic, kafka_reader):
-    start_worker()
+@pytest.mark.services
+def test_a_rabbitmq_restart_loses_nothing(
+    start_worker, db_url, topic, kafka_reader, native_services
+):
+    worker = start_worker()
     reader = kafka_reader(topic)
     commit(db_url, topic, [{"n": 0}])
     reader.read(1, timeout=60)
-    services_cmd = str(ROOT / "scripts" / "services")
-    subprocess.run([services_cmd, "down", "rabbitmq"], check=True, timeout=120)
+    native_services.down("rabbitmq")  # checked: its port refuses connections
     try:
         # committed while the Celery broker is away: PostgreSQL keeps them
         ids = commit(db_url, topic, [{"n": i} for i in range(1, 21)], key="k")
+        # and the worker noticed that its broker was gone
+        wait_for(lambda: "Connection to broker lost" in worker.log_path.read_text(), 30,
+                 "the worker to lose RabbitMQ")  # fmt: skip
     finally:
-        subprocess.run([services_cmd, "up", "rabbitmq"], check=True, timeout=180)
+        native_services.up("rabbitmq")
     reader.read_message_ids({str(i) for i in ids}, timeout=120)
     wait_for(lambda: rows(db_url) == [], 60, "every row to be deleted")
 
 
 def test_two_watchers_at_once_deliver_each_row_once(
-    start_worker, worker_env, db_url, topic, kafka_reader
+    start_worker, worker_env, db_url, topic, kafka_reader, tmp_path
 ):
     start_worker(args=("--without-outbox-watcher",))
-    watchers = [
-        subprocess.Popen(["outbox-bridge", "watch"], env=worker_env, cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(2)
-    ]  # fmt: skip
+    logs = [tmp_path / f"watcher-{i}.log" for i in range(2)]
+    watchers = []
+    for log in logs:
+        with open(log, "wb") as out:
+            watchers.append(subprocess.Popen(["outbox-bridge", "watch"], env=worker_env,
+                                             cwd=ROOT, stdout=out, stderr=out))  # fmt: skip
     try:
+        for log in logs:  # both watch before the first commit
+            wait_for(lambda log=log: b"watcher listening" in log.read_bytes(), 30, "a watcher")
         ids = []
         for start in range(0, 2000, 100):
             ids += commit(db_url, topic, [{"n": i} for i in range(start, start + 100)],
@@ -274,6 +308,7 @@ def test_two_watchers_at_once_deliver_each_row_once(
         reader.read_message_ids({str(i) for i in ids}, timeout=120)
         reader.drain(quiet=2)
         assert len(reader.messages) == len(ids)  # no duplicates: one owner per shard
+        assert [w.poll() for w in watchers] == [None, None]  # both watched to the end
     finally:
         for w in watchers:
             w.terminate()

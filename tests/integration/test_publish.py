@@ -64,7 +64,9 @@ def test_bad_input_raises_a_clear_error_and_writes_nothing(
     with conn, conn.cursor() as cur:
         with pytest.raises(error, match=words) as exc:
             publish(cur, *args, **kwargs)
-        assert isinstance(exc.value, (ValueError, InvalidMessage))
+        assert type(exc.value) is error  # the documented type itself
+        assert isinstance(exc.value, InvalidMessage)
+        assert isinstance(exc.value, ValueError)
         cur.execute("SELECT 1")  # the caller's transaction is still usable
     assert rows(db_url) == []
     with pytest.raises(error):

@@ -51,12 +51,14 @@ class _Msg:
 
 @pytest.mark.parametrize(
     "code", [KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
-             KafkaError.UNKNOWN_MEMBER_ID],
+             KafkaError.UNKNOWN_MEMBER_ID, KafkaError.NOT_COORDINATOR,
+             KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError._TRANSPORT],
 )  # fmt: skip
-def test_a_commit_refused_by_a_rebalance_is_not_an_error(code):
+def test_a_commit_refused_by_a_rebalance_or_a_moving_coordinator_is_skipped(code):
+    # the soak found NOT_COORDINATOR after a Kafka restart stopping the consumer loop
     assert commit_offsets(_Consumer(code), [_Msg()]) is False
 
 
 def test_other_commit_errors_still_raise():
     with pytest.raises(KafkaException):
-        commit_offsets(_Consumer(KafkaError._TRANSPORT), [_Msg()])
+        commit_offsets(_Consumer(KafkaError.GROUP_AUTHORIZATION_FAILED), [_Msg()])
