@@ -4,6 +4,7 @@
 import os
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Annotated
 
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
@@ -28,7 +29,7 @@ class NewOrder(BaseModel):
 
 
 @app.post("/orders", status_code=201)
-async def create_order(new: NewOrder, db: AsyncSession = Depends(session)) -> dict:
+async def create_order(new: NewOrder, db: Annotated[AsyncSession, Depends(session)]) -> dict:
     async with db.begin():  # the order and its message commit together, or neither
         order = Order(total=new.total)
         db.add(order)

@@ -173,6 +173,7 @@ class Soak:
         stop.set()
         for w in writers:
             w.join()
+        self.writer_errors = {w.index: (w.errors, w.first_error) for w in writers if w.errors}
         last_write = self.now()
         last_fault = max((f["ended"] for f in self.fault_log), default=0.0)
         say(f"traffic over at {last_write}s: {self.ledger.attempted()} messages attempted")
@@ -269,6 +270,9 @@ class Soak:
         if drained is None:
             violations.append(f"not drained within {self.opts.max_tail:.0f}s of the last write"
                               " or fault")  # fmt: skip
+        if counts[COMMITTED] < 10 * max(1, self.opts.faults):
+            violations.append(f"too little traffic to judge: {counts[COMMITTED]} committed"
+                              f" (writers' errors: {self.writer_errors})")  # fmt: skip
         unverified = [f for f in self.fault_log if not f["verified"]]
         if unverified:
             violations.append(f"{len(unverified)} faults not shown to have happened: {unverified}")
@@ -284,6 +288,7 @@ class Soak:
                        "poison": sum(1 for e in self.ledger.entries
                                      if e.poison and e.outcome == COMMITTED)},
             "faults": self.fault_log,
+            "writer_errors": {str(k): v for k, v in self.writer_errors.items()},
             "last_write_s": last_write, "last_fault_s": last_fault,
             "drained_after_s": drained,
             "drained_after_last_write_s": None if drained is None

@@ -55,11 +55,12 @@ class _Psycopg(_Psycopg2):
 
 class _SQLAlchemy:
     def __init__(self, url: str) -> None:
+        import psycopg2
         from sqlalchemy import create_engine
         from sqlalchemy.pool import NullPool
 
-        self.engine = create_engine("postgresql+psycopg2://", poolclass=NullPool,
-                                    connect_args={"dsn": url, "connect_timeout": 5})  # fmt: skip
+        connect = lambda: psycopg2.connect(url, connect_timeout=5)  # noqa: E731
+        self.engine = create_engine("postgresql+psycopg2://", poolclass=NullPool, creator=connect)
 
     def begin(self) -> int:
         from sqlalchemy import text
@@ -136,6 +137,7 @@ class Writer(threading.Thread):
         self.opts = options
         self.poison_left = options.poison // writers + (index < options.poison % writers)
         self.errors = 0
+        self.first_error: str | None = None
         self.seq = 0
 
     def _key(self) -> str | None:
@@ -163,7 +165,8 @@ class Writer(threading.Thread):
                     value = {"w": self.index, "n": self.seq, **({"poison": True} if poison else {})}
                     written.append((str(session.publish(self.topic, value, key=key)), key, poison))
                     self.poison_left -= poison
-            except Exception:  # noqa: BLE001 - before the commit: it never committed
+            except Exception as exc:  # noqa: BLE001 - before the commit: it never committed
+                self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"
                 self.ledger.record(self.index, txid, written, ROLLED_BACK)
                 session = self._drop(session)
                 continue
