@@ -26,7 +26,7 @@ from .db import q, task_connection
 from .errors import DecodeError, OutboxBridgeError, TransientError
 from .message import JSONSerializer, Message, Serializer
 from .queue import Queue
-from .retrying import backoff, lease_for, reraise_database_error
+from .retrying import again_later, backoff, lease_for, reraise_database_error, transient_countdown
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,12 @@ class HandlerTask(Task):
     """Base of handler tasks: marks deliveries dead after the last retry."""
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):  # noqa: D102
-        bury_deliveries(self.name, args, kwargs, exc)
+        bury_deliveries(self.name, args, kwargs, exc, self.max_retries)
 
 
-def bury_deliveries(handler: str, args: Any, kwargs: Any, exc: BaseException) -> int:
+def bury_deliveries(
+    handler: str, args: Any, kwargs: Any, exc: BaseException, max_retries: int | None = None
+) -> int:
     """Mark the retrying deliveries of a failed handler task dead (idempotent)."""
     params = {**dict(zip(("ids", "token", "shards"), args or (), strict=False)), **(kwargs or {})}
     ids, token = params.get("ids"), params.get("token")
@@ -104,7 +106,9 @@ def bury_deliveries(handler: str, args: Any, kwargs: Any, exc: BaseException) ->
     conn = task_connection(settings)
     conn.rollback()
     with conn, conn.cursor() as cur:
-        count = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}")
+        # only deliveries that used up their own attempts; the others (their task ran
+        # out of retries for another reason) are re-driven after their lease
+        count = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}", max_retries)
     if count:
         log.error("%d deliveries to %s are dead after their last retry: %s", count, handler, exc)
     return count
@@ -281,13 +285,17 @@ def outbox_handler(
         spec_box: list[HandlerSpec] = []
 
         def run(self: Task, ids: list[int], token: str, shards: list[int] | None = None) -> dict:
-            return run_deliveries(self, spec_box[0], ids, token, shards)
+            try:
+                return run_deliveries(self, spec_box[0], ids, token, shards)
+            except TransientError as exc:  # the database is away: not the handler's failure
+                again_later(self, transient_countdown(get_settings().pause_seconds), exc)
+                return {"transient": True}
 
         run.__name__ = func.__name__
         run.__doc__ = func.__doc__
         task = app.task(
             bind=True, name=task_name, base=HandlerTask,
-            autoretry_for=(HandlerFailed, TransientError),
+            autoretry_for=(HandlerFailed,),
             **options,
         )(run)  # fmt: skip
         spec = HandlerSpec(topic, task, func, serializer or JSONSerializer(), session)

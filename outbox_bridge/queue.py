@@ -442,14 +442,19 @@ class Queue:
             (lease, list(ids), token),
         )
 
-    def bury(self, cur, ids: Sequence[int], token: Any, error: str | None) -> int:
-        """Retrying rows of ``token`` become dead (idempotent); returns how many."""
+    def bury(
+        self, cur, ids: Sequence[int], token: Any, error: str | None,
+        max_retries: int | None = None,
+    ) -> int:  # fmt: skip
+        """Retrying rows of ``token`` become dead (idempotent); returns how many. With
+        ``max_retries``, only rows that failed more often than that."""
         cur.execute(
             self._q(
                 "UPDATE {table} SET state = 'dead', dead_at = now(),"
                 " last_error = coalesce(last_error, %s), claim_token = NULL"
                 " WHERE id = ANY(%s) AND state = 'retrying' AND claim_token = %s"
+                " AND attempts > %s"
             ),
-            (error, list(ids), token),
+            (error, list(ids), token, -1 if max_retries is None else max_retries),
         )
         return cur.rowcount

@@ -26,7 +26,13 @@ from .db import drop_task_connection, q, task_connection, transaction
 from .errors import DeliveryFailed, TransientError
 from .producer import Outcome, get_relay, reset_relay
 from .queue import Queue
-from .retrying import backoff, lease_for, reraise_database_error
+from .retrying import (
+    again_later,
+    backoff,
+    lease_for,
+    reraise_database_error,
+    transient_countdown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +207,11 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
         return 0  # other errors: the lease runs out and the watcher re-drives the rows
     settings = get_settings()
     with transaction(settings, "outbox-bridge bury") as cur:
-        count = outbox_queue(settings).bury(cur, ids, token, f"{type(exc).__name__}: {exc}")
+        # only rows that used up their own attempts: a row whose task ran out of
+        # retries for another reason is re-driven by the watcher after its lease
+        count = outbox_queue(settings).bury(
+            cur, ids, token, f"{type(exc).__name__}: {exc}", max_retries=settings.max_retries
+        )
     if count:
         log.error("%d outbox rows are dead after their last retry: %s", count, exc)
     return count
@@ -211,7 +221,7 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     bind=True,
     base=RetryTask,
     name=RETRY_TASK,
-    autoretry_for=(DeliveryFailed, TransientError),
+    autoretry_for=(DeliveryFailed,),
     retry_backoff=_settings.retry_backoff,
     retry_backoff_max=_settings.retry_backoff_max,
     retry_jitter=_settings.retry_jitter,
@@ -255,11 +265,15 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
                     lease_for(self, self.request.retries, settings.lease_seconds),
                 )
     except Exception as exc:
-        reraise_database_error(exc)
+        try:
+            reraise_database_error(exc)
+        except TransientError as transient:  # the database is away: not these rows' fault
+            again_later(self, transient_countdown(settings.pause_seconds), transient)
+            return {"delivered": 0, "transient": True}
         raise
     if later and not failed:
         # the topic or the producer is away: try again later without spending a retry
-        self.apply_async((ids, token), countdown=pause, retries=self.request.retries)
+        again_later(self, pause, "topic paused")
         return {"delivered": len(outcome.delivered), "paused": True}
     if failed:
         raise DeliveryFailed(next(iter(failed.values())))

@@ -3,6 +3,8 @@ database errors are worth another attempt."""
 
 from __future__ import annotations
 
+import logging
+import random
 from typing import Any
 
 import psycopg2
@@ -10,6 +12,8 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from .db import drop_task_connection, is_transient
 from .errors import TransientError
+
+log = logging.getLogger(__name__)
 
 
 def backoff(task: Any, retries: int, jitter: bool | None = None) -> float:
@@ -41,3 +45,21 @@ def reraise_database_error(exc: BaseException) -> None:
     drop_task_connection()
     if is_transient(exc):
         raise TransientError(f"{type(exc).__name__}: {str(exc).strip()}") from exc
+
+
+def again_later(task: Any, countdown: float, why: object) -> None:
+    """Send ``task`` again with the same arguments and the same retry count: the
+    work did not fail, its surroundings did (the database or a topic is away), so
+    its own retry budget (``max_retries``) is not spent. If even that send fails,
+    the lease brings the work back to the watcher."""
+    try:
+        task.apply_async(task.request.args, task.request.kwargs, countdown=countdown,
+                         retries=task.request.retries)  # fmt: skip
+        log.warning("%s: %s; again in %.1fs (not counted as a retry)", task.name, why, countdown)
+    except Exception:  # noqa: BLE001
+        log.exception("%s: could not send it again; the lease brings its work back", task.name)
+
+
+def transient_countdown(pause_seconds: float) -> float:
+    """How long to wait after a transient error: about a pause, spread out."""
+    return pause_seconds * (1 + random.random())

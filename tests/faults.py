@@ -34,3 +34,9 @@ def slow_produce(row) -> None:
 
     if row.value and b'"slow":true' in row.value:
         time.sleep(1)
+
+
+def fail_marked(row) -> None:
+    """Rows whose JSON value has ``"fail_always": true`` always fail."""
+    if row.value and b'"fail_always":true' in row.value:
+        raise RuntimeError("injected failure: always")

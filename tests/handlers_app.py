@@ -62,6 +62,8 @@ def record(message, tx):
     """Records every message. ``fail``: fails the first time a process sees it;
     ``fail_first``: fails the delivery's first attempt (noted in ``failures``)."""
     value = message.value
+    if value.get("poison"):
+        raise RuntimeError("poison: fails every time")
     if value.get("fail") and message.message_id not in _failed_here:
         _failed_here.add(message.message_id)
         raise RuntimeError(f"injected failure of {value}")
@@ -86,6 +88,12 @@ def record(message, tx):
         time.sleep(value["sleep_after"])
     if value.get("chain"):
         publish(tx, CHAINED, {"from": str(message.message_id)}, key=message.key)
+    if value.get("chain_then_fail"):  # publishes, and raises on its first attempt
+        publish(tx, CHAINED, {"from": str(message.message_id)}, key=message.key)
+        if _attempts(tx, record.name, message) == 0:
+            _side("INSERT INTO failures (message_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                  (message.message_id,))  # fmt: skip
+            raise RuntimeError("fails after its publish(): that message must go too")
 
 
 @outbox_handler(TOPIC, name="outbox.tests.switchable", max_retries=2, retry_backoff_max=1)
@@ -106,6 +114,19 @@ def slow(message, tx):
     """Always fails; notes the attempt and the time of each call."""
     _side("INSERT INTO calls (attempt) VALUES (%s)", (_attempts(tx, slow.name, message),))
     raise RuntimeError("always fails")
+
+
+if os.environ.get("TEST_CRASH_BEFORE_OFFSET_COMMIT"):
+    # the worker dies between the inbox's database commit and its Kafka offset commit
+    import signal
+
+    import outbox_bridge.inbox
+
+    def _crash(consumer, messages):
+        _side("INSERT INTO started (message_id) VALUES (NULL)")  # the crash happened here
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    outbox_bridge.inbox.commit_offsets = _crash
 
 
 if os.environ.get("TEST_EXTRA_HANDLER"):

@@ -95,6 +95,23 @@ def test_burying_needs_the_current_retry_token_and_is_idempotent(db_url, conn):
     assert [(r[3], r[4], r[5]) for r in rows(db_url)] == [("dead", 1, "E: first")]
 
 
+def test_a_task_out_of_retries_buries_only_rows_that_used_up_their_own_attempts(db_url, conn):
+    """Found by the soak: retries spent on a database outage made a later real
+    failure bury a row after 2 attempts. Burying now counts the row's attempts."""
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        for n in range(2):
+            publish(cur, "t", n, key=f"k{n}")
+        cur.execute("SELECT id FROM outbox_bridge.outbox ORDER BY id")
+        ids = [r[0] for r in cur.fetchall()]
+        token = uuid.uuid4()
+        queue.hold(cur, {ids[0]: "E: once"}, token, 30)  # attempts 1
+        for _ in range(3):
+            queue.hold(cur, {ids[1]: "E: often"}, token, 30)  # attempts 3
+        assert queue.bury(cur, ids, token, "out of retries", max_retries=2) == 1
+    assert [(r[3], r[4]) for r in rows(db_url)] == [("retrying", 1), ("dead", 3)]
+
+
 def test_claims_split_into_groups_with_one_token_each(db_url, conn):
     queue = outbox_queue(get_settings())
     with conn, conn.cursor() as cur:

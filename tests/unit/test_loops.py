@@ -62,3 +62,17 @@ def test_a_commit_refused_by_a_rebalance_or_a_moving_coordinator_is_skipped(code
 def test_other_commit_errors_still_raise():
     with pytest.raises(KafkaException):
         commit_offsets(_Consumer(KafkaError.GROUP_AUTHORIZATION_FAILED), [_Msg()])
+
+
+def test_again_later_sends_the_same_work_without_spending_a_retry():
+    from types import SimpleNamespace
+
+    from outbox_bridge.retrying import again_later
+
+    sent = []
+    task = SimpleNamespace(
+        name="t", request=SimpleNamespace(args=([1, 2], "tok"), kwargs={}, retries=3),
+        apply_async=lambda args, kwargs, **options: sent.append((args, kwargs, options)),
+    )  # fmt: skip
+    again_later(task, 1.5, "database away")
+    assert sent == [(([1, 2], "tok"), {}, {"countdown": 1.5, "retries": 3})]
