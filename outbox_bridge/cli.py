@@ -91,7 +91,8 @@ def dead_list(topic, key, ids, handler, as_json) -> None:
     text = "\n".join(
         f"{r['queue']} {r['id']} {r['message_id']} {r['topic']}/{r['key']}"
         f" attempts={r['attempts']}"
-        f" dead_at={r['dead_at']:%Y-%m-%d %H:%M:%S} {r['last_error']}"
+        f" dead_at={r['dead_at'] and r['dead_at'].strftime('%Y-%m-%d %H:%M:%S')}"
+        f" {r['last_error']}"
         for r in rows
     )
     _emit(rows, as_json, text or "no dead messages")
@@ -259,6 +260,11 @@ def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only) -
               show_default=True, help="Fault kinds, taken in turn.")  # fmt: skip
 @click.option("--seed", default=1, show_default=True, help="Same seed, same schedule.")
 @click.option("--poison", default=2, show_default=True, help="Messages a handler always fails.")
+@click.option("--fail-rate", default=0.2, show_default=True,
+              help="Share of soak.flaky's attempts that fail (then retried).")  # fmt: skip
+@click.option("--rollback-rate", default=0.1, show_default=True,
+              help="Share of writers' transactions rolled back on purpose.")  # fmt: skip
+@click.option("--keyless-rate", default=0.1, show_default=True, help="Share without a key.")
 @click.option("--max-tail", default=120.0, show_default=True,
               help="Seconds from the last write or fault to drained, at most.")  # fmt: skip
 @click.option("--services", default="scripts/services", show_default=True,

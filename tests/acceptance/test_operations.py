@@ -33,7 +33,9 @@ def _sql(db_url: str, sql: str, params=()) -> list:
 
 
 def _dead(env: dict) -> list[tuple]:
-    listed = json.loads(cli(env, "dead", "list", "--json").stdout)
+    out = cli(env, "dead", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
     return sorted((d["queue"], d["topic"], d["key"]) for d in listed)
 
 
@@ -50,7 +52,7 @@ def test_dead_purge_with_every_filter(worker_env, db_url):
                 (message_id,),
             )
             cur.execute("INSERT INTO outbox_bridge.deliveries (message_id, handler, topic, key,"
-                        " shard, state) VALUES (%s, %s, 't3', 'a', 0, 'dead')",
+                        " shard, state, dead_at) VALUES (%s, %s, 't3', 'a', 0, 'dead', now())",
                         (message_id, handler))  # fmt: skip
     c.close()
     outbox = [("outbox", t, k) for t in ("t1", "t2") for k in "ab"]
