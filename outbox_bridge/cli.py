@@ -254,7 +254,8 @@ def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only) -
 @click.option("--pool", default="prefork", show_default=True,
               help="Celery pool: prefork, threads, gevent.")  # fmt: skip
 @click.option("--adapter", default="psycopg2", show_default=True,
-              help="How writers publish: psycopg2, psycopg, sqlalchemy, asyncpg.")  # fmt: skip
+              help="How writers publish: psycopg2, psycopg, sqlalchemy, django, asyncpg,"
+              " psycopg-async.")  # fmt: skip
 @click.option("--faults", default=6, show_default=True, help="Faults to inject.")
 @click.option("--kinds", default="kill_child,kill_worker,kafka,postgres,rabbitmq,rebalance",
               show_default=True, help="Fault kinds, taken in turn.")  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 from ..outbox import publish, publish_async
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
 
-ADAPTERS = ("psycopg2", "psycopg", "sqlalchemy", "asyncpg")
+ADAPTERS = ("psycopg2", "psycopg", "sqlalchemy", "django", "asyncpg", "psycopg-async")
 _TXID = "SELECT txid_current()"
 
 
@@ -118,8 +118,87 @@ class _Asyncpg:
         self.loop.close()
 
 
+class _Django:
+    """Django's connection of this thread, inside ``transaction.atomic()``."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, url: str) -> None:
+        import django
+        from django.conf import settings
+        from psycopg2.extensions import parse_dsn
+
+        with self._lock:
+            if not settings.configured:
+                dsn = parse_dsn(url)
+                settings.configure(DATABASES={"default": {
+                    "ENGINE": "django.db.backends.postgresql", "NAME": dsn.get("dbname"),
+                    "USER": dsn.get("user", ""), "PASSWORD": dsn.get("password", ""),
+                    "HOST": dsn.get("host", ""), "PORT": dsn.get("port", ""),
+                    "OPTIONS": {"connect_timeout": 5},
+                }})  # fmt: skip
+                django.setup()
+
+    def begin(self) -> int:
+        from django.db import connection, transaction
+
+        self.atomic = transaction.atomic()
+        self.atomic.__enter__()
+        with connection.cursor() as cur:
+            cur.execute(_TXID)
+            return cur.fetchone()[0]
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        from django.db import connection
+
+        return publish(connection, *args, **kwargs)
+
+    def commit(self) -> None:
+        self.atomic.__exit__(None, None, None)
+
+    def rollback(self) -> None:
+        error = RuntimeError("rolled back on purpose")
+        self.atomic.__exit__(RuntimeError, error, None)
+
+    def close(self) -> None:
+        from django.db import connection
+
+        connection.close()
+
+
+class _PsycopgAsync(_Asyncpg):
+    def __init__(self, url: str) -> None:
+        import asyncio
+
+        import psycopg
+
+        self.loop = asyncio.new_event_loop()
+        self.conn = self.loop.run_until_complete(
+            psycopg.AsyncConnection.connect(url, connect_timeout=5)
+        )
+
+    def begin(self) -> int:
+        async def txid() -> int:
+            cur = await self.conn.execute(_TXID)
+            return (await cur.fetchone())[0]
+
+        return self.loop.run_until_complete(txid())
+
+    def commit(self) -> None:
+        self.loop.run_until_complete(self.conn.commit())
+
+    def rollback(self) -> None:
+        self.loop.run_until_complete(self.conn.rollback())
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.conn.close())
+        finally:
+            self.loop.close()
+
+
 _SESSIONS = {"psycopg2": _Psycopg2, "psycopg": _Psycopg, "sqlalchemy": _SQLAlchemy,
-             "asyncpg": _Asyncpg}  # fmt: skip
+             "django": _Django, "asyncpg": _Asyncpg, "psycopg-async": _PsycopgAsync}  # fmt: skip
 
 
 class Writer(threading.Thread):
