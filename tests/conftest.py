@@ -252,15 +252,20 @@ def kafka_admin(services) -> AdminClient:
 
 
 @pytest.fixture
-def topic(request, kafka_admin) -> str:
+def topic(request, kafka_admin) -> Iterator[str]:
     """A new Kafka topic for this test, created before use (the test stack, like most
     production clusters, does not create topics on the fly): 4 partitions, unless
-    ``@pytest.mark.kafka_topic(partitions=..., config={...})`` says otherwise."""
+    ``@pytest.mark.kafka_topic(partitions=..., config={...})`` says otherwise. It and
+    the topics named after it are deleted afterwards: a broker with fewer partitions
+    restarts faster (the fault tests and the soak restart it)."""
     name = "t-" + uuid.uuid4().hex[:10]
     marker = request.node.get_closest_marker("kafka_topic")
     options = marker.kwargs if marker else {}
     create_topic(kafka_admin, name, options.get("partitions", 4), **options.get("config", {}))
-    return name
+    yield name
+    with contextlib.suppress(Exception):  # Kafka may be down after a fault test
+        mine = [t for t in kafka_admin.list_topics(timeout=5).topics if t.startswith(name)]
+        kafka_admin.delete_topics(mine)
 
 
 def create_topic(admin: AdminClient, name: str, partitions: int = 4, **config: str) -> None:

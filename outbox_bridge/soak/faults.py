@@ -150,8 +150,14 @@ class Faults:
         down = refused(*self.urls[name])
         held = self.rng.uniform(1, 4)
         time.sleep(held)
-        subprocess.run([self.services, "up", name], check=True, timeout=300,
-                       capture_output=True)  # fmt: skip
+        started = subprocess.run([self.services, "up", name], timeout=300, capture_output=True)
+        if started.returncode != 0:  # slower than the script waits (Kafka recovering its logs)
+            deadline = time.monotonic() + 300
+            while subprocess.run([self.services, "status", name],
+                                 capture_output=True).returncode != 0:  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not come back: {started.stderr[-2000:]!r}")
+                time.sleep(1)
         return {"detail": f"{name}: {stop}, down {held:.1f}s, up", "verified": down}
 
     def kafka(self) -> dict[str, Any]:
