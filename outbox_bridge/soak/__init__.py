@@ -137,17 +137,20 @@ class Soak:
         make = lambda name: Worker(name, env, o.logdir, o.pool, o.concurrency)  # noqa: E731
         workers = [make(f"soak{i}-{self.run_id}") for i in range(o.workers)]
         spare = make(f"soak-spare-{self.run_id}")
+        result: dict[str, Any] = {}
         try:
             for w in workers:
                 w.start()
-            return self._traffic(workers, spare)
+            result = self._traffic(workers, spare)
+            return result
         finally:
             for w in [*workers, spare]:
                 w.stop()
             self.ledger.close()
-            # fewer partitions: Kafka's next restart recovers faster
-            kafka = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
-            kafka.delete_topics([self.topic, self.chained])
+            if result and not result["violations"]:  # else they are evidence: kept
+                # fewer partitions: Kafka's next restart recovers faster
+                kafka = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+                kafka.delete_topics([self.topic, self.chained])
 
     def _traffic(self, workers: list[Worker], spare: Worker) -> dict[str, Any]:
         """Writers run for ``seconds`` and until the last fault is over, so that

@@ -174,6 +174,6 @@ class Faults:
         self.spare.start()
         joined = self.spare.proc.poll() is None
         time.sleep(self.rng.uniform(3, 6))
-        code = self.spare.stop()
+        code = self.spare.stop(timeout=90)  # a warm shutdown waits for running tasks
         return {"detail": f"{self.spare.name} joined, left (exit {code})",
                 "verified": joined and code == 0}  # fmt: skip
