@@ -109,6 +109,7 @@ def _compose(template: str, schema: str) -> sql.Composed:
         wakes=sql.Identifier(schema, "wakes"),
         handlers=sql.Identifier(schema, "handlers"),
         topic_pauses=sql.Identifier(schema, "topic_pauses"),
+        send_receipts=sql.Identifier(schema, "send_receipts"),
     )
 
 
@@ -130,7 +131,7 @@ def text(template: str, schema: str) -> str:
     """``template`` with {outbox}, {inbox}, ... as plain SQL text (one text for every
     driver: psycopg 3, asyncpg, SQLAlchemy and Django take no psycopg2 ``Composed``)."""
     names = ("outbox", "claims", "wakeup", "migrations", "inbox", "deliveries", "wakes",
-             "handlers", "topic_pauses")  # fmt: skip
+             "handlers", "topic_pauses", "send_receipts")  # fmt: skip
     return template.format(
         schema=quote_ident(schema),
         **{n: f"{quote_ident(schema)}.{quote_ident(n)}" for n in names},

@@ -125,6 +125,21 @@ def _prepare(topic, value, key, headers, serializer) -> tuple[UUID, str, tuple]:
     return message_id, text(_INSERT, settings.schema), row
 
 
+def sent(cur: Any, settings: Settings, message_id: UUID) -> bool:
+    """Whether a ``send()`` of ``message_id`` committed (its receipt is there)."""
+    cur.execute(
+        text("SELECT 1 FROM {send_receipts} WHERE message_id = %s", settings.schema),
+        (str(message_id),),
+    )
+    return cur.fetchone() is not None
+
+
+def prune_receipts(cur: Any, schema: str) -> None:
+    """Forget receipts of ``send()`` older than a day (a retry comes within seconds)."""
+    cur.execute(text("DELETE FROM {send_receipts} WHERE sent_at < now() - interval '1 day'",
+                     schema))  # fmt: skip
+
+
 def send(
     topic: str,
     value: Any,
@@ -139,10 +154,12 @@ def send(
     For code that has no transaction at hand. Transient database errors
     (connection lost, serialization failure, deadlock) are retried up to
     ``retries`` times (default ``outbox_bridge_send_retries``) with a short
-    backoff. A commit whose outcome was lost is never written twice: the next
-    attempt first asks PostgreSQL what became of that transaction
-    (``txid_status``). Invalid input raises as in :func:`publish`, before any
-    connection is made.
+    backoff. A commit whose outcome was lost is never written twice, nor
+    skipped: the transaction also writes a receipt (``send_receipts``), and the
+    next attempt writes the message again only if that receipt is not there.
+    (Not ``txid_status()`` alone: after a crash that lost the commit,
+    PostgreSQL can give the same transaction id to a later transaction.)
+    Invalid input raises as in :func:`publish`, before any connection is made.
     """
     settings = get_settings()
     message_id = uuid.uuid4()
@@ -156,19 +173,26 @@ def send(
             conn = connect(settings, name="outbox-bridge send")
             with conn.cursor() as cur:
                 if unknown is not None:
-                    cur.execute("SELECT txid_status(%s)", (unknown[0],))
-                    status = cur.fetchone()[0]
-                    if status == "committed":
-                        return message_id
-                    if status == "in progress":  # its backend has not noticed yet: end it
-                        cur.execute("SELECT pg_terminate_backend(%s)", (unknown[1],))
+                    # its backend may not have noticed yet that we left: end it first
+                    cur.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE pid = %s AND backend_xid::text = (%s %% 4294967296)::text",
+                        (unknown[1], unknown[0]),
+                    )
+                    if cur.fetchall():
                         raise psycopg2.errors.SerializationFailure(
-                            f"transaction {unknown[0]} still in progress"
+                            f"transaction {unknown[0]} was still in progress"
                         )
-                    unknown = None  # aborted (or gone): write it again
+                    if sent(cur, settings, message_id):
+                        return message_id
+                    unknown = None  # it did not commit: write it again
                 cur.execute("SELECT txid_current(), pg_backend_pid()")
                 txid = cur.fetchone()
                 cur.execute(text(_INSERT, settings.schema), row)
+                cur.execute(
+                    text("INSERT INTO {send_receipts} (message_id) VALUES (%s)", settings.schema),
+                    (str(message_id),),
+                )
             conn.commit()
             return message_id
         except psycopg2.Error as exc:

@@ -24,6 +24,7 @@ from psycopg2 import sql
 from .config import Settings
 from .db import connect
 from .loops import run_forever
+from .outbox import prune_receipts
 from .queue import Queue
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class Watcher:
             self._last_recheck = now
             for source in self.sources:
                 source.queue.forget_held(cur)
+            prune_receipts(cur, self.settings.schema)
         self.dispatched += sent
         return sent
 

@@ -39,6 +39,8 @@ SELECT (SELECT count(*) FROM outbox_bridge.outbox),
 _SCHEMA = """
 CREATE TABLE soak_effects (seq bigserial PRIMARY KEY, message_id uuid NOT NULL,
                            handler text NOT NULL, key bytea);
+-- one row per writer transaction, written in it: it exists iff the transaction committed
+CREATE TABLE soak_commits (tx uuid PRIMARY KEY DEFAULT gen_random_uuid());
 """
 
 
@@ -218,11 +220,11 @@ class Soak:
                 time.sleep(1)
 
     def _resolve_unknown(self) -> dict[str, int]:
-        txids = sorted({e.txid for e in self.ledger.entries
-                        if e.outcome == UNKNOWN and e.txid is not None})  # fmt: skip
-        status = dict(self._query("SELECT t, txid_status(t) FROM unnest(%s::bigint[]) t",
-                                  (txids,))) if txids else {}  # fmt: skip
-        return self.ledger.resolve(status)
+        txs = sorted({e.txid for e in self.ledger.entries
+                      if e.outcome == UNKNOWN and e.txid is not None})  # fmt: skip
+        found = {r[0] for r in self._query(
+            "SELECT tx::text FROM soak_commits WHERE tx = ANY(%s::uuid[])", (txs,))}  # fmt: skip
+        return self.ledger.resolve({t: "committed" if t in found else "aborted" for t in txs})
 
     def _drain(self, since: float) -> float | None:
         """Seconds after ``since`` when all is drained and handled; None: not within max_tail."""

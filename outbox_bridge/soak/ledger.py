@@ -19,7 +19,7 @@ COMMITTED, ROLLED_BACK, UNKNOWN = "committed", "rolled_back", "unknown"
 class Entry:
     message_id: str
     writer: int
-    txid: int | None
+    txid: str | None  # the transaction's marker (soak_commits)
     key: str | None
     poison: bool
     outcome: str
@@ -34,7 +34,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._file = open(path, "a")  # noqa: SIM115 - kept open for the run
 
-    def record(self, writer: int, txid: int | None, messages: list[tuple[str, str | None, bool]],
+    def record(self, writer: int, txid: str | None, messages: list[tuple[str, str | None, bool]],
                outcome: str) -> None:  # fmt: skip
         at = round(time.monotonic() - self.started, 3)
         new = [Entry(m, writer, txid, k, p, outcome, at) for m, k, p in messages]
@@ -46,8 +46,8 @@ class Ledger:
     def attempted(self) -> int:
         return len(self.entries)
 
-    def resolve(self, status: dict[int, str | None]) -> dict[str, int]:
-        """Unknown outcomes, settled by ``txid_status()`` of their transaction."""
+    def resolve(self, status: dict[str, str | None]) -> dict[str, int]:
+        """Unknown outcomes, settled by their transaction's marker row."""
         settled = {"committed": 0, "aborted": 0, "unresolved": 0}
         for e in self.entries:
             if e.outcome != UNKNOWN:

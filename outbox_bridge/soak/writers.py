@@ -4,7 +4,10 @@ Each writer owns its keys (so a key's publish order is that writer's order),
 sends a share of its messages to a few hot keys and some without a key, rolls
 some transactions back on purpose, and records every message in the ledger.
 An error before the commit means the transaction never committed; an error
-from the commit itself leaves the outcome unknown until ``txid_status()``.
+from the commit itself leaves the outcome unknown until the end, when the
+transaction's marker row (``soak_commits``) says whether it committed. (Not
+``txid_status()``: after a crash that lost the commit, PostgreSQL can hand the
+same transaction id to a later transaction, which then reads as committed.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ..outbox import publish, publish_async
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
 
 ADAPTERS = ("psycopg2", "psycopg", "sqlalchemy", "django", "asyncpg", "psycopg-async")
-_TXID = "SELECT txid_current()"
+_TXID = "INSERT INTO soak_commits DEFAULT VALUES RETURNING tx::text"
 
 
 class _Psycopg2:
@@ -28,7 +31,7 @@ class _Psycopg2:
 
         self.conn = psycopg2.connect(url, connect_timeout=5)
 
-    def begin(self) -> int:
+    def begin(self) -> str:
         self.cur = self.conn.cursor()
         self.cur.execute(_TXID)
         return self.cur.fetchone()[0]
@@ -62,7 +65,7 @@ class _SQLAlchemy:
         connect = lambda: psycopg2.connect(url, connect_timeout=5)  # noqa: E731
         self.engine = create_engine("postgresql+psycopg2://", poolclass=NullPool, creator=connect)
 
-    def begin(self) -> int:
+    def begin(self) -> str:
         from sqlalchemy import text
         from sqlalchemy.orm import Session
 
@@ -96,7 +99,7 @@ class _Asyncpg:
             password=dsn.get("password"), database=dsn.get("dbname"), timeout=5,
         ))  # fmt: skip
 
-    def begin(self) -> int:
+    def begin(self) -> str:
         self.tx = self.conn.transaction()
         self.loop.run_until_complete(self.tx.start())
         return self.loop.run_until_complete(self.conn.fetchval(_TXID))
@@ -139,7 +142,7 @@ class _Django:
                 }})  # fmt: skip
                 django.setup()
 
-    def begin(self) -> int:
+    def begin(self) -> str:
         from django.db import connection, transaction
 
         self.atomic = transaction.atomic()
@@ -177,8 +180,8 @@ class _PsycopgAsync(_Asyncpg):
             psycopg.AsyncConnection.connect(url, connect_timeout=5)
         )
 
-    def begin(self) -> int:
-        async def txid() -> int:
+    def begin(self) -> str:
+        async def txid() -> str:
             cur = await self.conn.execute(_TXID)
             return (await cur.fetchone())[0]
 
@@ -258,7 +261,7 @@ class Writer(threading.Thread):
                 continue
             try:
                 session.commit()
-            except Exception:  # noqa: BLE001 - did it commit? txid_status() will tell
+            except Exception:  # noqa: BLE001 - did it commit? its marker row will tell
                 self.ledger.record(self.index, txid, written, UNKNOWN)
                 session = self._drop(session)
                 continue

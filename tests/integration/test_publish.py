@@ -132,7 +132,7 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
     from outbox_bridge.config import Settings
 
     odd = Settings(database_url=db_url, schema='Odd "Schema"')
-    assert migrate(odd) == ["0001_outbox", "0002_inbox", "0003_faults"]
+    assert migrate(odd) == ["0001_outbox", "0002_inbox", "0003_faults", "0004_send_receipts"]
     assert migrate(odd) == []
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
@@ -157,3 +157,18 @@ def test_quote_ident_renders_what_psycopg2_sql_identifier_renders(ident_conn, na
     from outbox_bridge.db import quote_ident
 
     assert quote_ident(name) == sql.Identifier(name).as_string(ident_conn)
+
+
+def test_send_decides_by_its_receipt_not_by_a_transaction_id(db_url, conn):
+    """A crash that loses a commit lets PostgreSQL reuse its transaction id, so
+    txid_status() can read "committed" for a send() that never committed (found by
+    the soak). send() writes a receipt in its transaction and asks for that."""
+    from outbox_bridge.config import get_settings
+    from outbox_bridge.outbox import sent
+
+    message_id = send("orders", {"id": 1})
+    with conn, conn.cursor() as cur:
+        assert sent(cur, get_settings(), message_id)
+        assert not sent(cur, get_settings(), uuid.uuid4())  # never written: write it again
+        cur.execute("SELECT count(*) FROM outbox_bridge.send_receipts")
+        assert cur.fetchone() == (1,)
