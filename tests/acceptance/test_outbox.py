@@ -178,7 +178,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(start_worker, db_url, topic, ka
     wait_for(lambda: len(rows(db_url)) < 19000, 60, "delivery to be under way")
     for pid in [*worker.children(), worker.proc.pid]:
         os.kill(pid, signal.SIGKILL)
-    worker.proc.wait(10)
+    assert worker.proc.wait(10) == -signal.SIGKILL  # it was killed, not stopped
     assert rows(db_url), "the worker was killed too late to test anything"
     start_worker(concurrency=2)
     # duplicates allowed, loss not
