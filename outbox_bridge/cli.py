@@ -31,8 +31,19 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-def migrate() -> None:
+@click.option("--check", is_flag=True, help="Apply nothing; exit 1 if migrations are pending.")
+@click.option("--sql", "as_sql", is_flag=True, help="Print every migration as SQL; apply nothing.")
+def migrate(check: bool, as_sql: bool) -> None:
     """Apply the schema migrations (idempotent)."""
+    from .migrate import pending, script
+
+    if as_sql:
+        click.echo(script(get_settings().schema), nl=False)
+        return
+    if check:
+        missing = pending(get_settings())
+        click.echo("pending: " + ", ".join(missing) if missing else "schema is up to date")
+        sys.exit(1 if missing else 0)
     applied = run_migrations(get_settings())
     click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
 

@@ -61,3 +61,38 @@ def apply(cur: Any, schema: str, upto: int | None = None) -> list[str]:
         applied_now.append(f"{version:04d}_{name}")
     cur.execute("SELECT set_config('search_path', %s, true)", (search_path,))
     return applied_now
+
+
+def pending(settings: Settings | None = None) -> list[str]:
+    """Names of the shipped migrations this database has not applied yet."""
+    settings = settings or get_settings()
+    with transaction(settings, "outbox-bridge migrate --check") as cur:
+        cur.execute("SELECT to_regclass(%s)", (f"{quote_ident(settings.schema)}.migrations",))
+        done: set[int] = set()
+        if cur.fetchone()[0] is not None:
+            cur.execute(text("SELECT version FROM {migrations}", settings.schema))
+            done = {row[0] for row in cur.fetchall()}
+    return [f"{v:04d}_{name}" for v, name, _sql in available() if v not in done]
+
+
+def script(schema: str) -> str:
+    """Every migration as one SQL script, for teams whose own tool applies DDL
+    (Flyway, Alembic, Liquibase): each version also records itself, so that
+    ``outbox-bridge migrate --check`` and the worker see it applied."""
+    parts = [
+        f"-- outbox-bridge schema {quote_ident(schema)}: run each version once, in order",
+        text("CREATE SCHEMA IF NOT EXISTS {schema};", schema),
+        text("CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY,"
+             " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());", schema),
+    ]  # fmt: skip
+    for version, name, sql_text in available():
+        parts += [
+            f"\n-- {version:04d}_{name}",
+            "BEGIN;",
+            f"SET LOCAL search_path TO {quote_ident(schema)};",
+            sql_text.strip(),
+            text(f"INSERT INTO {{migrations}} (version, name) VALUES ({version}, '{name}');",
+                 schema),
+            "COMMIT;",
+        ]  # fmt: skip
+    return "\n".join(parts) + "\n"

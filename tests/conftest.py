@@ -232,6 +232,26 @@ def sqlalchemy_url(url: str, driver: str) -> str:
     ).render_as_string(hide_password=False)  # fmt: skip
 
 
+def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement in a transaction of its own; its rows ([] when it returns none)."""
+    c = psycopg2.connect(url)
+    try:
+        with c, c.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        c.close()
+
+
+def watcher_idle_since(url: str, since) -> bool:
+    """The watcher set the outbox idle after ``since``: it has looked (the flag goes
+    off at its first look), found nothing for a second, and waits for NOTIFY or its
+    timer. (The flag is true by default, hence ``since``.)"""
+    found = query(url, "SELECT idle AND seen_at > %s FROM outbox_bridge.wakeup"
+                       " WHERE queue = 'outbox'", (since,))  # fmt: skip
+    return bool(found and found[0][0])
+
+
 def rows(url: str, where: str = "true") -> list[tuple]:
     """(id, topic, key, state, attempts, last_error) of outbox rows, oldest first."""
     c = psycopg2.connect(url)

@@ -22,16 +22,6 @@ def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)  # fmt: skip
 
 
-def _sql(db_url: str, sql: str, params=()) -> list:
-    c = psycopg2.connect(db_url)
-    try:
-        with c, c.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        c.close()
-
-
 def _dead(env: dict) -> list[tuple]:
     out = cli(env, "dead", "list", "--json")
     assert out.returncode == 0, out.stderr

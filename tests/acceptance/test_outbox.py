@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
-from tests.conftest import ROOT, rows, wait_for
+from tests.conftest import ROOT, query, rows, wait_for, watcher_idle_since
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -218,33 +218,13 @@ def test_a_missed_notify_is_caught_by_the_fallback_timer(start_worker, db_url, t
     with c, c.cursor() as cur:
         cur.execute("ALTER TABLE outbox_bridge.outbox DISABLE TRIGGER outbox_wakeup")
     c.close()
-    started = _db_now(db_url)
+    (started,) = query(db_url, "SELECT now()")[0]
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="1")
     # the watcher has looked (the flag went off at its first look), found nothing for
     # IDLE_AFTER and waits idle: without NOTIFY, only its fallback timer can find a row now
-    wait_for(lambda: _idle_since(db_url, started), 30, "the watcher to be idle")
+    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to be idle")
     commit(db_url, topic, [{"n": 1}])
     assert len(kafka_reader(topic).read(1, timeout=10)) == 1
-
-
-def _db_now(db_url: str):
-    return _one(db_url, "SELECT now()")
-
-
-def _idle_since(db_url: str, since) -> bool:
-    """The watcher set the outbox idle after ``since`` (the flag is true by default)."""
-    return bool(_one(db_url, "SELECT idle AND seen_at > %s FROM outbox_bridge.wakeup"
-                             " WHERE queue = 'outbox'", (since,)))  # fmt: skip
-
-
-def _one(db_url: str, sql: str, params=()):
-    c = psycopg2.connect(db_url)
-    try:
-        with c, c.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchone()[0]
-    finally:
-        c.close()
 
 
 def test_rows_committed_out_of_id_order_are_all_delivered(

@@ -38,6 +38,7 @@ from tests.conftest import (
     WorkerProcess,
     create_database,
     create_topic,
+    query,
     sqlalchemy_url,
     wait_for,
 )
@@ -52,13 +53,7 @@ class Env:
     reader: KafkaReader
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        c = psycopg2.connect(self.url)
-        try:
-            with c, c.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            c.close()
+        return query(self.url, sql, params)
 
     def app_rows(self, note: str) -> int:
         return self.query("SELECT count(*) FROM app_rows WHERE note = %s", (note,))[0][0]

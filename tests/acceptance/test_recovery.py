@@ -21,7 +21,7 @@ import pytest
 from outbox_bridge import publish
 from outbox_bridge.config import Settings
 from outbox_bridge.relay import outbox_queue
-from tests.conftest import ROOT, rows, wait_for
+from tests.conftest import ROOT, query, rows, wait_for, watcher_idle_since
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -155,31 +155,12 @@ def test_a_lost_retry_task_is_redriven_after_its_lease_and_buried_at_max_retries
     assert dead[0][4] == attempts_before + 1 == 2  # one more attempt: the re-driven one
 
 
-def _db_now(db_url: str):
-    return _one(db_url, "SELECT now()")
-
-
-def _one(db_url: str, sql: str, params=()):
-    c = psycopg2.connect(db_url)
-    try:
-        with c, c.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchone()[0]
-    finally:
-        c.close()
-
-
-def _idle_since(db_url: str, since) -> bool:
-    return bool(_one(db_url, "SELECT idle AND seen_at > %s FROM outbox_bridge.wakeup"
-                             " WHERE queue = 'outbox'", (since,)))  # fmt: skip
-
-
 def test_notify_wakes_the_idle_watcher_with_the_fallback_poll_at_60s(
     start_worker, db_url, topic, kafka_reader
 ):
-    started = _db_now(db_url)
+    (started,) = query(db_url, "SELECT now()")[0]
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60")
-    wait_for(lambda: _idle_since(db_url, started), 30, "the watcher to wait idle")
+    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         publish(cur, topic, {"n": 1})
@@ -208,17 +189,17 @@ def test_commits_skip_notify_once_the_watchers_heartbeat_expired(
             publish(cur, topic, {"n": n})
         c.close()
 
-    started = _db_now(db_url)
+    (started,) = query(db_url, "SELECT now()")[0]
     worker = start_worker()
-    wait_for(lambda: _idle_since(db_url, started), 30, "the watcher to wait idle")
+    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")
     notified()
     commit(1)
     wait_for(notified, 10, "the commit's NOTIFY while a watcher is alive")
     reader = kafka_reader(topic)
     reader.read(1, timeout=30)
     _kill(worker)  # no goodbye: its heartbeat stays until it expires (10 s)
-    wait_for(lambda: _one(db_url, "SELECT seen_at < now() - interval '10 seconds'"
-                                  " FROM outbox_bridge.wakeup WHERE queue = 'outbox'"),
+    wait_for(lambda: query(db_url, "SELECT seen_at < now() - interval '10 seconds'"
+                                   " FROM outbox_bridge.wakeup WHERE queue = 'outbox'")[0][0],
              30, "the heartbeat to expire")  # fmt: skip
     notified()
     commit(2)
