@@ -11,6 +11,7 @@ and refuses a connection with no transaction open (``NotInTransaction``).
 from __future__ import annotations
 
 import importlib
+import itertools
 import re
 from typing import Any
 
@@ -86,5 +87,5 @@ _PLACEHOLDER = re.compile(r"%s")
 
 def numbered(sql: str, make: Any) -> str:
     """``sql`` with its n-th ``%s`` replaced by ``make(n)`` (n from 1)."""
-    count = iter(range(1, 1_000))
+    count = itertools.count(1)
     return _PLACEHOLDER.sub(lambda _: make(next(count)), sql)

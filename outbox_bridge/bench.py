@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, Producer
 
 from .bench_drivers import compare as compare_drivers
 from .config import Settings
-from .db import connect, q, transaction
+from .db import connect, q, recreate_database, transaction
 from .message import kafka_headers
 from .migrate import migrate
 from .ops import ensure_topics
@@ -105,12 +105,7 @@ class Bench:
 
     # -- set-up ---------------------------------------------------------------
     def fresh_database(self) -> None:
-        admin = psycopg2.connect(self.admin_dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-            cur.execute(f"CREATE DATABASE {BENCH_DB}")
-        admin.close()
+        recreate_database(self.admin_dsn, BENCH_DB)
         migrate(self.settings)
         self.sql("CREATE TABLE bench_done (message_id uuid, t double precision,"
                  " at timestamptz NOT NULL DEFAULT clock_timestamp())")  # fmt: skip

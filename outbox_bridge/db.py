@@ -85,6 +85,20 @@ def drop_task_connection() -> None:
             conn.close()
 
 
+def recreate_database(admin_url: str, name: str) -> None:
+    """Drop database ``name`` (ending its sessions) and create it empty: the
+    benchmark's and the soak's own databases."""
+    admin = psycopg2.connect(admin_url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))  # fmt: skip
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    finally:
+        admin.close()
+
+
 @contextmanager
 def transaction(settings: Settings | None = None, name: str = "outbox-bridge") -> Iterator[Any]:
     """A cursor in a transaction on a connection of its own, committed and closed after."""
@@ -96,20 +110,15 @@ def transaction(settings: Settings | None = None, name: str = "outbox-bridge") -
         conn.close()
 
 
+# the tables that SQL templates name as {outbox}, {claims}, ...
+_TABLES = ("outbox", "claims", "wakeup", "migrations", "inbox", "deliveries", "wakes",
+           "handlers", "topic_pauses", "send_receipts")  # fmt: skip
+
+
 @functools.lru_cache(maxsize=64)
 def _compose(template: str, schema: str) -> sql.Composed:
     return sql.SQL(template).format(
-        schema=sql.Identifier(schema),
-        outbox=sql.Identifier(schema, "outbox"),
-        claims=sql.Identifier(schema, "claims"),
-        wakeup=sql.Identifier(schema, "wakeup"),
-        migrations=sql.Identifier(schema, "migrations"),
-        inbox=sql.Identifier(schema, "inbox"),
-        deliveries=sql.Identifier(schema, "deliveries"),
-        wakes=sql.Identifier(schema, "wakes"),
-        handlers=sql.Identifier(schema, "handlers"),
-        topic_pauses=sql.Identifier(schema, "topic_pauses"),
-        send_receipts=sql.Identifier(schema, "send_receipts"),
+        schema=sql.Identifier(schema), **{n: sql.Identifier(schema, n) for n in _TABLES}
     )
 
 
@@ -130,11 +139,9 @@ def quote_ident(name: str) -> str:
 def text(template: str, schema: str) -> str:
     """``template`` with {outbox}, {inbox}, ... as plain SQL text (one text for every
     driver: psycopg 3, asyncpg, SQLAlchemy and Django take no psycopg2 ``Composed``)."""
-    names = ("outbox", "claims", "wakeup", "migrations", "inbox", "deliveries", "wakes",
-             "handlers", "topic_pauses", "send_receipts")  # fmt: skip
     return template.format(
         schema=quote_ident(schema),
-        **{n: f"{quote_ident(schema)}.{quote_ident(n)}" for n in names},
+        **{n: f"{quote_ident(schema)}.{quote_ident(n)}" for n in _TABLES},
     )
 
 

@@ -175,11 +175,9 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
             mine = queue.take_held(cur, ids, token)
         cur.execute(q(_LOAD, settings.schema), (list(mine),))
         held: set[tuple[str, bytes]] = set()
-        shard_of = {}
-        key_of: dict[int, tuple[int, str, bytes | None]] = {}
+        key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
         for row in cur.fetchall():
             delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
-            shard_of[delivery_id] = row_shard
             key_of[delivery_id] = (row_shard, topic, None if key is None else bytes(key))
             if shards is not None and row_shard not in owned:
                 continue  # no longer ours: its new owner runs it
@@ -229,7 +227,7 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
             queue.bury(cur, list(dead), token, None)
             if done:  # released heads: the rows parked behind them go on now, in order
                 queue.unpark(cur, (key_of[i] for i in done))
-                queue.wake_shards(cur, (shard_of[i] for i in done))
+                queue.wake_shards(cur, (key_of[i][0] for i in done))
     result = {"done": len(done), "failed": len(failed), "dead": len(dead)}
     if shards is not None:
         if failed:

@@ -23,7 +23,7 @@ import psycopg2
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ..config import Settings
-from ..db import connect
+from ..db import connect, recreate_database
 from ..migrate import migrate
 from .faults import KINDS, Faults, Worker, schedule
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
@@ -101,12 +101,7 @@ class Soak:
 
     # -- set-up ---------------------------------------------------------------
     def prepare(self) -> None:
-        admin = psycopg2.connect(self.admin_dsn)
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
-            cur.execute(f'CREATE DATABASE "{self.db}"')
-        admin.close()
+        recreate_database(self.admin_dsn, self.db)
         migrate(self.settings)
         conn = connect(self.settings)
         with conn, conn.cursor() as cur:
