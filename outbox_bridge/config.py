@@ -34,6 +34,12 @@ class Settings:
     # (0: the worker's concurrency; 4 for a standalone watcher).
     parallel_tasks: int = 0
     lease_seconds: float = 30.0
+    # A task that found rows keeps its shards while more come: it looks again every
+    # linger_poll seconds and gives them back after linger_seconds without rows
+    # (0: at once, one task per batch) or after linger_max_seconds in all.
+    linger_seconds: float = 0.1
+    linger_max_seconds: float = 2.0
+    linger_poll: float = 0.005
     # Celery hard time limit of handler tasks, seconds (0: none); per handler: time_limit=
     handler_time_limit: float = 300.0
     # Bytes of message values one fetch of the relay reads at most (rows: batch_size).
@@ -46,7 +52,10 @@ class Settings:
     # Circuit breaker while Kafka is unreachable: pause grows up to the max.
     pause_seconds: float = 1.0
     pause_max_seconds: float = 30.0
-    # Watcher: fallback look for work while idle (NOTIFY is the normal path).
+    # Watcher: seconds between reads of the outbox id sequence, its wake-up for new
+    # rows (0: off, for a deployment that runs the writer-side NOTIFY trigger).
+    wake_poll: float = 0.005
+    # Watcher: fallback look for work at every queue while idle.
     poll_interval: float = 1.0
     watcher: bool = True
     # Inbox: the Kafka consumer in the worker, its group, librdkafka overrides.

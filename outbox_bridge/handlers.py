@@ -24,6 +24,7 @@ from .celery import app
 from .config import Settings, get_settings
 from .db import q, task_connection
 from .errors import DecodeError, OutboxBridgeError, TransientError
+from .linger import Linger
 from .message import JSONSerializer, Message, Serializer
 from .queue import Queue
 from .retrying import again_later, backoff, lease_for, reraise_database_error, transient_countdown
@@ -137,20 +138,42 @@ def run_deliveries(
     bulk at the end. If a handler raises, that transaction is rolled back and
     the batch runs again with a savepoint per delivery, so that the failure
     undoes only its own delivery's writes. (A handler may thus be called twice
-    for one delivery; its database writes still commit once.)
+    for one delivery; its database writes still commit once.) A shard task
+    then lingers (see ``linger``): it fetches the next deliveries of its shards
+    itself while they keep coming.
     """
     try:
-        try:
-            return _run(task, spec, ids, token, shards, careful=False)
-        except _NeedsSavepoints:
-            task_connection(get_settings()).rollback()
-            return _run(task, spec, ids, token, shards, careful=True)
+        if shards is None:
+            return _attempt(task, spec, ids, token, None, None)
+        settings = get_settings()
+        clock = Linger(settings)
+        totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
+        batch: list[int] | None = ids
+        owned = list(shards)
+        while True:
+            result = _attempt(task, spec, batch, token, owned, clock)
+            for name in totals:
+                totals[name] += result.get(name, 0)
+            if result.get("stale") or result.get("released"):
+                return {**totals, **{k: v for k, v in result.items() if k not in totals}}
+            owned = result["owned"]
+            if result.get("idle"):
+                clock.wait()
+            batch = None  # the next ones: fetched by the task itself
     except Exception as exc:
         reraise_database_error(exc)
         raise
 
 
-def _run(task, spec, ids, token, shards, careful: bool) -> dict:
+def _attempt(task, spec, ids, token, shards, clock) -> dict:
+    try:
+        return _run(task, spec, ids, token, shards, False, clock)
+    except _NeedsSavepoints:
+        task_connection(get_settings()).rollback()
+        return _run(task, spec, ids, token, shards, True, clock)
+
+
+def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None) -> dict:
     settings = get_settings()
     queue = inbox_queue(settings, task.name)
     conn = task_connection(settings)
@@ -159,6 +182,7 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
     dead: dict[int, str] = {}
     retry_token = uuid.uuid4()
     first_countdown = backoff(task, 0)
+    result: dict[str, Any] = {}
     if spec.session is not None:
         from .contrib.sqlalchemy import bind
 
@@ -167,9 +191,18 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
         if shards is not None:
             # locked until commit: a handler slower than the lease still finishes;
             # one that hangs is ended by the task's time limit (handler_time_limit)
-            owned = queue.renew(cur, shards, token, settings.lease_seconds)
+            owned = queue.renew(cur, shards, token, settings.lease_seconds, clock.adopt)
             if not owned:
                 return {"stale": True}
+            result["owned"] = owned
+            if ids is None:
+                ids, _with_rows = queue.fetch_ids(cur, owned, settings.batch_size)
+                if not ids:
+                    if clock.idle():
+                        return {**result, "idle": True}
+                    queue.release(cur, owned, token, held=owned)
+                    return {"released": True}
+            clock.busy()
             mine = ids
         else:
             mine = queue.take_held(cur, ids, token)
@@ -220,7 +253,9 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
                 cur, {**failed, **dead}, retry_token, lease_for(task, 0, settings.lease_seconds)
             )
             queue.bury(cur, list(dead), retry_token, None)
-            queue.release(cur, owned, token)
+            if clock.over(len(ids) >= settings.batch_size):
+                queue.release(cur, owned, token)
+                result["released"] = True
         else:
             lease = lease_for(task, task.request.retries, settings.lease_seconds)
             queue.hold(cur, {**failed, **dead}, token, lease)
@@ -228,7 +263,7 @@ def _run(task, spec, ids, token, shards, careful: bool) -> dict:
             if done:  # released heads: the rows parked behind them go on now, in order
                 queue.unpark(cur, (key_of[i] for i in done))
                 queue.wake_shards(cur, (key_of[i][0] for i in done))
-    result = {"done": len(done), "failed": len(failed), "dead": len(dead)}
+    result.update({"done": len(done), "failed": len(failed), "dead": len(dead), "batches": 1})
     if shards is not None:
         if failed:
             try:

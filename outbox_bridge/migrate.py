@@ -96,3 +96,18 @@ def script(schema: str) -> str:
             "COMMIT;",
         ]  # fmt: skip
     return "\n".join(parts) + "\n"
+
+
+def notify_trigger(cur: Any, schema: str, on: bool) -> None:
+    """Create (``on``) or drop the writer-side NOTIFY trigger, an opt-in since 0005:
+    each INSERT statement on the outbox then wakes an idle watcher at commit,
+    at a cost to every writer. With it, ``wake_poll`` may be slower or 0."""
+    cur.execute(text("DROP TRIGGER IF EXISTS outbox_wakeup ON {outbox}", schema))
+    if on:
+        cur.execute(
+            text(
+                "CREATE TRIGGER outbox_wakeup AFTER INSERT ON {outbox}"
+                " FOR EACH STATEMENT EXECUTE FUNCTION {schema}.outbox_wakeup()",
+                schema,
+            )
+        )

@@ -231,7 +231,8 @@ class Relay:
                 # librdkafka should have timed them out: this producer is broken
                 self.broken = True
                 raise RuntimeError(f"{pending} delivery reports missing after the timeout")
-            self.producer.poll(0.05)
+            # flush, not poll: it sends what linger.ms would still hold back
+            self.producer.flush(0.05)
         if outcome.fatal:
             self.broken = True
             log.error("the Kafka producer hit a fatal error (%s); it is rebuilt", outcome.fatal)

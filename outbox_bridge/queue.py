@@ -89,6 +89,33 @@ WITH free AS (
 SELECT shard, token FROM claimed
 """
 
+# A lingering task keeps its shards (renews their lease) and takes on free shards
+# that have become ready, as the watcher would claim them (same rules as
+# _READY_SHARDS), so a busy period needs no new task per shard.
+_RENEW_ADOPT = """
+WITH free AS (
+    SELECT c.queue, c.shard FROM {claims} c
+    WHERE c.queue = %(queue)s AND c.lease_until < now()
+      AND EXISTS (SELECT 1 FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending' {scope_o})
+      AND (c.idle_above IS NULL OR c.idle_until < now()
+           OR EXISTS (SELECT 1 FROM {wakes} w WHERE w.queue = %(queue)s AND w.shard = c.shard)
+           OR EXISTS (SELECT 1 FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending'
+                      {scope_o} AND o.id > c.idle_above))
+    ORDER BY c.shard
+    FOR UPDATE SKIP LOCKED
+), mine AS (
+    UPDATE {claims} c SET token = %(token)s, lease_until = now() + %(lease)s * interval '1s',
+        idle_above = NULL, idle_until = NULL
+    WHERE c.queue = %(queue)s
+      AND ((c.shard = ANY(%(shards)s) AND c.token = %(token)s)
+           OR c.shard IN (SELECT shard FROM free))
+    RETURNING c.shard
+), woken AS (
+    DELETE FROM {wakes} w USING free WHERE w.queue = %(queue)s AND w.shard = free.shard
+)
+SELECT shard FROM mine
+"""
+
 # message id as text and empty headers as NULL: less to parse per row on the hot path
 _OUTBOX_COLUMNS = (
     "o.id, o.message_id::text, o.topic, o.key, o.value, nullif(o.headers, '[]'::jsonb)"
@@ -243,8 +270,17 @@ class Queue:
         )
 
     # -- the shard task's side ----------------------------------------------
-    def renew(self, cur, shards: Sequence[int], token: Any, lease: float) -> list[int]:
-        """Extend our claim; the shards still ours (none: a stale task)."""
+    def renew(
+        self, cur, shards: Sequence[int], token: Any, lease: float, adopt: bool = False
+    ) -> list[int]:
+        """Extend our claim; the shards still ours (none: a stale task). With
+        ``adopt``, also claim free shards that have become ready."""
+        if adopt:
+            cur.execute(
+                self._q(_RENEW_ADOPT),
+                self._params(shards=list(shards), token=token, lease=lease),
+            )
+            return sorted(r[0] for r in cur.fetchall())
         cur.execute(
             self._q(
                 "UPDATE {claims} SET lease_until = now() + %s * interval '1s'"

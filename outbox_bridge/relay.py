@@ -14,7 +14,6 @@ PostgreSQL).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -24,6 +23,7 @@ from .celery import app
 from .config import Settings, get_settings
 from .db import drop_task_connection, q, task_connection, transaction
 from .errors import DeliveryFailed, TransientError
+from .linger import Linger
 from .producer import Outcome, get_relay, reset_relay
 from .queue import Queue
 from .retrying import (
@@ -103,12 +103,14 @@ def resume_topics(cur, settings: Settings, topics: set[str]) -> None:
     bind=True, name=PUBLISH_TASK, autoretry_for=(TransientError,), retry_backoff=True, max_retries=5
 )
 def publish(self: Task, shards: list[int], token: str) -> dict:
-    """Drain the claimed ``shards`` while ``token`` still owns them."""
+    """Drain the claimed ``shards`` while ``token`` still owns them, and linger: keep
+    them (and take on free shards that become ready) while rows keep coming."""
     settings = get_settings()
     queue = outbox_queue(settings)
     stats = {"shards": shards, "delivered": 0, "failed": 0, "batches": 0}
-    deadline = time.monotonic() + settings.lease_seconds / 3
+    clock = Linger(settings)
     first_lease = lease_for(retry, 0, settings.lease_seconds)
+    owned = list(shards)
     try:
         conn = task_connection(settings)
         while True:
@@ -116,7 +118,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
             with conn, conn.cursor() as cur:
-                owned = queue.renew(cur, shards, token, settings.lease_seconds)
+                owned = queue.renew(cur, owned, token, settings.lease_seconds, clock.adopt)
                 if not owned:
                     stats["stale"] = True
                     return stats
@@ -126,11 +128,15 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     cur, owned, settings.batch_size, settings.batch_bytes, skip_topics=list(skip)
                 )
                 if not rows:
+                    if clock.idle():
+                        clock.wait()
+                        continue
                     # every pending row is held back by its key, or its topic is paused:
                     # look again when a key is released, a row arrives or a pause ends
                     recheck = min(skip.values()) if skip else None
                     queue.release(cur, owned, token, held=owned, recheck=recheck)
                     return stats
+                clock.busy()
                 stats["batches"] += 1
                 outcome: Outcome = relay.deliver(rows)
                 queue.complete(cur, outcome.delivered)
@@ -157,10 +163,10 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 done = True
                 if outcome.fatal:
                     queue.release(cur, owned, token, settings.pause_seconds)
-                elif (not full and not outcome.paused_topics) or time.monotonic() > deadline:
+                elif clock.over(full):
                     queue.release(cur, owned, token)
                 else:
-                    done = False  # more rows, or other topics behind the paused ones
+                    done = False  # more rows, or linger for the next ones
             if retry_ids:
                 enqueue_retry(retry_ids, retry_token, retries=1, countdown=backoff(retry, 0))
             if done:
@@ -170,7 +176,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
     except Exception as exc:
         reraise_database_error(exc)
         # a bug must not hold the shards for a whole lease; the error still shows in Flower
-        _release_quietly(queue, shards, token, settings)
+        _release_quietly(queue, owned, token, settings)
         raise
 
 

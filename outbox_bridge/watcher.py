@@ -1,11 +1,12 @@
-"""The LISTEN watcher: turns committed work into Celery tasks.
+"""The watcher: turns committed work into Celery tasks.
 
-Commits to the outbox wake it through NOTIFY while it is idle (the trigger
-skips NOTIFY while it is dispatching, which keeps NOTIFY's global commit lock
-off the busy path); the inbox consumer notifies once per batch. NOTIFY is only
-a hint: it also looks for work when it starts, after each reconnect, whenever
-a task gives its shard back, and on a fallback timer. Several watchers may run
-at once: claims are taken with SKIP LOCKED.
+It finds new outbox rows by reading the outbox id sequence every
+``wake_poll`` seconds (commits pay nothing for it; a deployment may add the
+writer-side NOTIFY trigger instead, see migration 0005), and it LISTENs for the
+inbox consumer's one NOTIFY per batch and for tasks giving shards back. Both
+are hints: it also looks for work when it starts, after each reconnect, and on
+a fallback timer. Several watchers may run at once: claims are taken with
+SKIP LOCKED.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from .queue import Queue
 
 log = logging.getLogger(__name__)
 
+# After the sequence moved, look again until every transaction that was running
+# then has ended (the rows it wrote are visible), but for at most this long.
+SETTLE_SECONDS = 2.0
 IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY again
 BUSY_POLL = 0.05  # seconds between looks while commits do not NOTIFY
 
@@ -75,6 +79,61 @@ def sources(app: Celery, settings: Settings) -> list[Source]:
     return found
 
 
+class SequenceWatch:
+    """New outbox rows, seen from the id sequence: ``moved()`` is True when a look
+    may find rows that were not there at the last look.
+
+    A writer takes its id before it commits: when the sequence moves, its rows
+    may not be visible yet (or never, after a rollback). So after a move it
+    keeps saying "look" until every transaction that had a transaction id at
+    the move has ended (``pg_stat_activity``; the watcher's role needs to see
+    the writers' sessions: the same role, or ``pg_read_all_stats``), for at most
+    SETTLE_SECONDS. A transaction that commits later still is found by the next
+    move or the fallback timer."""
+
+    def __init__(self, cur, schema: str):
+        table = sql.Identifier(schema, "outbox").as_string(cur)
+        cur.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.oid = pg_get_serial_sequence(%s, 'id')::regclass",
+            (table,),
+        )
+        nspname, relname = cur.fetchone()
+        # the first id taken leaves last_value as it was and sets is_called
+        self.query = sql.SQL("SELECT last_value + is_called::int FROM {}").format(
+            sql.Identifier(nspname, relname)
+        )
+        self.value: int | None = None
+        self.running: set[tuple[int, str]] = set()  # (pid, xid) at the last move
+        self.until = 0.0
+
+    def moved(self, cur) -> bool:
+        cur.execute(self.query)
+        (value,) = cur.fetchone()
+        if value != self.value:
+            self.value = value
+            cur.execute(_RUNNING)
+            self.running = set(cur.fetchall())
+            self.until = time.monotonic() + SETTLE_SECONDS
+            return True
+        if not self.running:
+            return False
+        cur.execute(_STILL_RUNNING, ([pid for pid, _xid in self.running],))
+        self.running &= set(cur.fetchall())
+        if time.monotonic() > self.until:
+            self.running = set()
+        return True  # one more look; the last one after those transactions ended
+
+
+# transactions that have a transaction id now, other than the watcher's (it has none)
+_RUNNING = "SELECT pid, backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+_STILL_RUNNING = (
+    "SELECT pid, backend_xid::text FROM pg_stat_activity"
+    " WHERE pid = ANY(%s) AND backend_xid IS NOT NULL"
+)
+
+
 class Watcher:
     """Dispatches claimed shards, and re-drives lost retries, as Celery tasks."""
 
@@ -101,25 +160,40 @@ class Watcher:
             with conn.cursor() as cur:
                 for name in sorted({s.queue.channel for s in self.sources}):
                     cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+                poll = self.settings.wake_poll
+                sequence = SequenceWatch(cur, self.settings.schema) if poll > 0 else None
                 log.info("watcher listening for %d queues", len(self.sources))
+                next_full = 0.0  # the next look at every queue
+                look: str | None = "all"
                 while not stop.is_set():
-                    self.dispatch(cur)
-                    # busy: look again soon, as commits do not NOTIFY now
-                    wait = self.settings.poll_interval if self.idle else BUSY_POLL
+                    if look == "all" or time.monotonic() >= next_full:
+                        self.dispatch(cur)
+                        # busy: look again soon; the inbox NOTIFYs once per batch only
+                        pause = self.settings.poll_interval if self.idle else BUSY_POLL
+                        next_full = time.monotonic() + pause
+                    elif look == "outbox":
+                        self.dispatch(cur, self.sources[:1])
+                    wait = max(0.0, next_full - time.monotonic())
+                    if sequence is not None:
+                        wait = min(wait, poll)
                     if not conn.notifies:
                         ready, _, _ = select.select([conn], [], [], wait)
                         if ready:
                             conn.poll()
+                    notified = bool(conn.notifies)
                     conn.notifies.clear()
+                    moved = sequence is not None and sequence.moved(cur)
+                    look = "all" if notified else "outbox" if moved else None
                 self.outbox.heartbeat(cur, alive=False)  # commits need not NOTIFY us now
         finally:
             conn.close()
 
-    def dispatch(self, cur) -> int:
-        """One look for work: claim ready shards and send their tasks. Returns tasks sent."""
+    def dispatch(self, cur, only: list[Source] | None = None) -> int:
+        """One look for work (at ``only`` these sources): claim ready shards and send
+        their tasks. Returns tasks sent."""
         sent = 0
         now = time.monotonic()
-        for source in self.sources:
+        for source in self.sources if only is None else only:
             shards = source.queue.ready_shards(cur)
             if source.queue is self.outbox:
                 self._outbox_idle(cur, bool(shards), now)

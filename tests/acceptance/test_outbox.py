@@ -213,15 +213,14 @@ def test_rows_committed_while_no_watcher_runs_are_sent_when_it_starts(
     assert len(kafka_reader(topic).read(5, timeout=60)) == 5
 
 
-def test_a_missed_notify_is_caught_by_the_fallback_timer(start_worker, db_url, topic, kafka_reader):
-    c = psycopg2.connect(db_url)
-    with c, c.cursor() as cur:
-        cur.execute("ALTER TABLE outbox_bridge.outbox DISABLE TRIGGER outbox_wakeup")
-    c.close()
+def test_a_missed_wake_up_is_caught_by_the_fallback_timer(
+    start_worker, db_url, topic, kafka_reader
+):
     (started,) = query(db_url, "SELECT now()")[0]
-    start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="1")
+    # no sequence reads and no NOTIFY trigger: only the fallback timer can find a row
+    start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="1", OUTBOX_BRIDGE_WAKE_POLL="0")
     # the watcher has looked (the flag went off at its first look), found nothing for
-    # IDLE_AFTER and waits idle: without NOTIFY, only its fallback timer can find a row now
+    # IDLE_AFTER and waits idle
     wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to be idle")
     commit(db_url, topic, [{"n": 1}])
     assert len(kafka_reader(topic).read(1, timeout=10)) == 1

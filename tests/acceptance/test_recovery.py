@@ -20,6 +20,7 @@ import pytest
 
 from outbox_bridge import publish
 from outbox_bridge.config import Settings
+from outbox_bridge.migrate import notify_trigger
 from outbox_bridge.relay import outbox_queue
 from tests.conftest import ROOT, query, rows, wait_for, watcher_idle_since
 
@@ -155,17 +156,45 @@ def test_a_lost_retry_task_is_redriven_after_its_lease_and_buried_at_max_retries
     assert dead[0][4] == attempts_before + 1 == 2  # one more attempt: the re-driven one
 
 
-def test_notify_wakes_the_idle_watcher_with_the_fallback_poll_at_60s(
+@pytest.mark.parametrize("wake_up", ["sequence", "trigger"])
+def test_a_commit_wakes_the_idle_watcher_with_the_fallback_poll_at_60s(
+    start_worker, db_url, topic, kafka_reader, wake_up
+):
+    env = {"OUTBOX_BRIDGE_POLL_INTERVAL": "60"}
+    if wake_up == "trigger":  # the opt-in: NOTIFY from the writer, no sequence reads
+        _notify_trigger(db_url, on=True)
+        env["OUTBOX_BRIDGE_WAKE_POLL"] = "0"
+    (started,) = query(db_url, "SELECT now()")[0]
+    start_worker(**env)
+    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")
+    c = psycopg2.connect(db_url)
+    with c, c.cursor() as cur:
+        publish(cur, topic, {"n": 1})
+    c.close()
+    kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer: the wake-up
+
+
+def test_a_row_whose_transaction_commits_a_second_after_its_insert_is_found_at_once(
     start_worker, db_url, topic, kafka_reader
 ):
+    """The sequence moves at the INSERT, the row shows at the commit: the watcher
+    keeps looking while the transactions that were running then still run."""
     (started,) = query(db_url, "SELECT now()")[0]
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60")
     wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         publish(cur, topic, {"n": 1})
+        time.sleep(1.0)  # the transaction stays open after the sequence moved
     c.close()
-    kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer: NOTIFY woke it
+    kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer
+
+
+def _notify_trigger(url: str, on: bool) -> None:
+    c = psycopg2.connect(url)
+    with c, c.cursor() as cur:
+        notify_trigger(cur, "outbox_bridge", on)
+    c.close()
 
 
 def test_commits_skip_notify_once_the_watchers_heartbeat_expired(
@@ -189,6 +218,7 @@ def test_commits_skip_notify_once_the_watchers_heartbeat_expired(
             publish(cur, topic, {"n": n})
         c.close()
 
+    _notify_trigger(db_url, on=True)  # the opt-in writer-side NOTIFY
     (started,) = query(db_url, "SELECT now()")[0]
     worker = start_worker()
     wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")

@@ -8,6 +8,7 @@ import pytest
 
 from outbox_bridge import publish
 from outbox_bridge.config import get_settings
+from outbox_bridge.migrate import notify_trigger
 from outbox_bridge.relay import outbox_queue
 from tests.conftest import rows
 
@@ -22,8 +23,26 @@ def _notified(listener, timeout=1.0) -> bool:
     return got
 
 
-def test_commits_notify_only_while_a_watcher_is_alive_and_idle(db_url, conn):
+def test_by_default_commits_do_not_notify(db_url, conn):
     queue = outbox_queue(get_settings())
+    listener = psycopg2.connect(db_url)
+    listener.autocommit = True
+    listener.cursor().execute(f'LISTEN "{queue.channel}"')
+    with conn, conn.cursor() as cur:
+        queue.heartbeat(cur)
+        queue.set_idle(cur, True)
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", 0)
+    assert not _notified(listener)  # the watcher reads the id sequence instead
+    listener.close()
+
+
+def test_with_the_opt_in_trigger_commits_notify_only_while_a_watcher_is_alive_and_idle(
+    db_url, conn
+):
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        notify_trigger(cur, "outbox_bridge", on=True)
     listener = psycopg2.connect(db_url)
     listener.autocommit = True
     listener.cursor().execute(f'LISTEN "{queue.channel}"')
