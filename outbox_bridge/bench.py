@@ -33,10 +33,12 @@ from .bench_drivers import compare as compare_drivers
 from .config import Settings
 from .db import connect, q, recreate_database, transaction
 from .message import kafka_headers
-from .migrate import migrate
+from .migrate import migrate, notify_trigger
 from .ops import ensure_topics
 from .outbox import publish
 from .producer import producer_config
+from .queue import Queue
+from .watcher import SequenceWatch
 
 BENCH_DB = "outbox_bridge_bench"
 
@@ -53,6 +55,9 @@ class Options:
     writers: int = 32
     scale_rows: tuple[int, ...] = (10_000, 1_000_000)
     concurrency: int = 2
+    repeat: int = 3
+    wake_pairs: int = 7
+    wake_seconds: int = 8
 
 
 def say(text: str) -> None:
@@ -89,6 +94,67 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
         "p95_ms": round(qs[94] * 1000, 1),
         "p99_ms": round(qs[98] * 1000, 1),
     }
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+@contextmanager
+def rss_peaks(pid: int, into: dict[str, Any]):
+    """Peak resident memory of the worker's main process and of its largest pool
+    process while the block runs (sampled every 0.25 s), in MB, into ``into``."""
+    peaks = {"rss_main_mb": 0.0, "rss_pool_mb": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            peaks["rss_main_mb"] = max(peaks["rss_main_mb"], _rss_mb(pid))
+            for child in _children(pid):
+                peaks["rss_pool_mb"] = max(peaks["rss_pool_mb"], _rss_mb(child))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
+        into.update({k: round(v) for k, v in peaks.items()})
+
+
+def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from repeated runs: the median of each number, with its min and max."""
+    out: dict[str, Any] = {}
+    for key, first in samples[0].items():
+        values = [s.get(key) for s in samples]
+        if isinstance(first, bool) or not all(isinstance(v, (int, float)) for v in values):
+            out[key] = first
+            continue
+        med = statistics.median(values)
+        out[key] = round(med, 1) if isinstance(med, float) and med % 1 else int(med)
+        if len(samples) > 1:
+            out[f"{key}_min"], out[f"{key}_max"] = min(values), max(values)
+    out["runs"] = len(samples)
+    return out
 
 
 class Bench:
@@ -262,20 +328,53 @@ class Bench:
     def drain(self, rows: int, bulk: bool, label: str) -> dict[str, Any]:
         say(f"{label}: {rows} committed rows, then the worker")
         self.fill(self.topic(label), rows, bulk=bulk)
-        with self.worker("--without-inbox-consumer"):
+        out: dict[str, Any] = {}
+        with self.worker("--without-inbox-consumer") as proc, rss_peaks(proc.pid, out):
             elapsed = self.wait_count(
                 "SELECT count(*) FROM {outbox}", lambda n: n == 0, f"{label}, rows left"
             )
-        return {"messages": rows, "seconds": round(elapsed, 2), "rate": round(rows / elapsed)}
+        return {"messages": rows, "seconds": round(elapsed, 2), "rate": round(rows / elapsed),
+                **out}  # fmt: skip
+
+    def _offer(self, topic: str, seconds: float) -> int:
+        """Four writer threads commit one row per transaction at the offered rate,
+        the time just before the commit in the value; returns rows written."""
+        sent = [0]
+        lock = threading.Lock()
+        share = self.opts.rate / 4
+
+        def write() -> None:
+            conn = connect(self.settings)
+            start = time.monotonic()
+            n = 0
+            while time.monotonic() - start < seconds:
+                pause = start + n / share - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)  # pacing, not waiting for an outcome
+                with conn, conn.cursor() as cur:
+                    publish(cur, topic, _value(self.opts.size, t=time.time()),
+                            key=f"key-{n % self.opts.keys}")  # fmt: skip
+                n += 1
+            with lock:
+                sent[0] += n
+            conn.close()
+
+        writers = [threading.Thread(target=write) for _ in range(4)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        return sent[0]
 
     def steady(self) -> dict[str, Any]:
+        """Commit -> Kafka ack (as seen by a consumer) at a steady offered rate."""
         rate, seconds = self.opts.rate, self.opts.seconds
         say(f"steady state: writers offer {rate} messages/s for {seconds:.0f}s")
-        topic = self.topic("steady")
+        topic = self.topic(f"steady-{uuid.uuid4().hex[:4]}")
         latencies: list[float] = []
         stop = threading.Event()
         consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                             "group.id": f"bench-{self.run_id}-steady",
+                             "group.id": f"bench-{self.run_id}-{topic}",
                              "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})  # fmt: skip
         consumer.subscribe([topic])
 
@@ -286,69 +385,83 @@ class Bench:
                         now = time.time()
                         latencies.append(now - json.loads(msg.value()[:40].split(b",")[0][5:]))
 
-        sent = [0]
-
-        def write(share: int) -> None:
-            conn = connect(self.settings)
-            start = time.monotonic()
-            n = 0
-            while time.monotonic() - start < seconds:
-                due = start + n / share
-                pause = due - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
-                with conn, conn.cursor() as cur:
-                    publish(cur, topic, _value(self.opts.size, t=time.time()),
-                            key=f"key-{n % self.opts.keys}")  # fmt: skip
-                n += 1
-            sent[0] += n
-            conn.close()
-
         with self.worker("--without-inbox-consumer"):
             reader = threading.Thread(target=consume)
             reader.start()
-            # let the consumer join its group before the clock starts
-            time.sleep(3)
-            writers = [threading.Thread(target=write, args=(rate / 4,)) for _ in range(4)]
+            # the consumer joins its group before the clock starts
+            self._wait_assigned(consumer, latencies)
             t0 = time.monotonic()
-            for w in writers:
-                w.start()
-            for w in writers:
-                w.join()
+            sent = self._offer(topic, seconds)
             deadline = time.monotonic() + 60
-            while len(latencies) < sent[0] and time.monotonic() < deadline:
+            while len(latencies) < sent and time.monotonic() < deadline:
                 time.sleep(0.1)
             elapsed = time.monotonic() - t0
             stop.set()
             reader.join()
         consumer.close()
-        return {"offered_rate": rate, "written": sent[0], "received": len(latencies),
+        return {"offered_rate": rate, "written": sent, "received": len(latencies),
                 "rate": round(len(latencies) / elapsed), **_percentiles(latencies)}  # fmt: skip
+
+    @staticmethod
+    def _wait_assigned(consumer: Consumer, seen: list) -> None:
+        deadline = time.monotonic() + 30
+        while not consumer.assignment() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def handler_steady(self) -> dict[str, Any]:
+        """Commit -> the handler's commit at a steady offered rate, through the relay,
+        Kafka, the inbox consumer and a handler that inserts one row."""
+        rate, seconds = self.opts.rate, self.opts.seconds
+        say(f"steady state into a handler: {rate} messages/s for {seconds:.0f}s")
+        self.sql("TRUNCATE bench_done")
+        with self.worker("--include", "outbox_bridge.bench_handlers"):
+            self._consumer_ready()
+            t0 = time.monotonic()
+            sent = self._offer(self.topic("e2e"), seconds)
+            self.wait_count("SELECT count(*) FROM bench_done", lambda n: n >= sent,
+                            "steady into a handler, handled", timeout=120)  # fmt: skip
+            elapsed = time.monotonic() - t0
+        lat = [r[0] for r in self.sql("SELECT extract(epoch FROM at) - t FROM bench_done")]
+        return {"offered_rate": rate, "written": sent, "handled": len(lat),
+                "rate": round(len(lat) / elapsed), **_percentiles(lat)}  # fmt: skip
+
+    def _consumer_ready(self) -> None:
+        """The worker's inbox consumer has its partitions: a marker message is handled."""
+        self.sql("TRUNCATE bench_done")
+        self.publish_many(self.topic("e2e"), 1, lambda: _value(64, t=time.time()))
+        self.wait_count("SELECT count(*) FROM bench_done", lambda n: n >= 1,
+                        "the inbox consumer's first message", timeout=120)  # fmt: skip
+        self.sql("TRUNCATE bench_done")
 
     def end_to_end(self) -> dict[str, Any]:
         count = self.opts.e2e_count
         say(f"end to end: {count} messages through Kafka, the inbox and a handler")
-        with self.worker("--include", "outbox_bridge.bench_handlers"):
-            time.sleep(3)  # the consumer joins its group
-            t0 = time.monotonic()
-            self.publish_many(
-                self.topic("e2e"), count, lambda: _value(self.opts.size, t=time.time()), 500
-            )
-            self.wait_count(
-                "SELECT count(*) FROM bench_done", lambda n: n >= count,
-                "end to end, handled", timeout=900,
-            )  # fmt: skip
-            elapsed = time.monotonic() - t0
+        out: dict[str, Any] = {}
+        with self.worker("--include", "outbox_bridge.bench_handlers") as proc:
+            self._consumer_ready()
+            with rss_peaks(proc.pid, out):
+                t0 = time.monotonic()
+                self.publish_many(
+                    self.topic("e2e"), count, lambda: _value(self.opts.size, t=time.time()), 500
+                )
+                self.wait_count(
+                    "SELECT count(*) FROM bench_done", lambda n: n >= count,
+                    "end to end, handled", timeout=900,
+                )  # fmt: skip
+                elapsed = time.monotonic() - t0
             done = self.sql("SELECT count(*) FROM bench_done")[0][0]
         lat = [r[0] for r in self.sql(
             "SELECT extract(epoch FROM at) - t FROM bench_done")]  # fmt: skip
         return {"messages": done, "seconds": round(elapsed, 2), "rate": round(done / elapsed),
-                **_percentiles(lat)}  # fmt: skip
+                **_percentiles(lat), **out}  # fmt: skip
 
-    def notify_cost(self) -> dict[str, Any]:
+    def wake_cost(self) -> dict[str, Any]:
+        """What the wake-up costs writers: pgbench with no wake-up at all, with the
+        opt-in NOTIFY trigger, and with the watcher's sequence reads running."""
+        pairs, seconds = self.opts.wake_pairs, self.opts.wake_seconds
         say(
-            f"NOTIFY cost: {self.opts.writers} writer connections, one row per transaction"
-            " (pgbench, median of 3 interleaved 5 s runs each)"
+            f"wake-up cost: {self.opts.writers} writer connections, one row per transaction"
+            f" (pgbench, {pairs} interleaved rounds of {seconds} s runs)"
         )
         pgbench = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
         dsn = psycopg2.extensions.parse_dsn(self.settings.database_url)
@@ -361,7 +474,6 @@ class Bench:
             f" VALUES (gen_random_uuid(), '{topic}', convert_to('key-' || :k, 'UTF8'),"
             f" convert_to(repeat('x', {self.opts.size}), 'UTF8'), '[]', :k % 16);\n"
         )
-        seconds = 5
 
         def run() -> float:
             out = subprocess.run(
@@ -376,51 +488,97 @@ class Bench:
             raise click.ClickException("pgbench printed no tps:\n" + out.stdout + out.stderr)
 
         def trigger(on: bool) -> None:
-            self.sql(f"ALTER TABLE {{outbox}} {'ENABLE' if on else 'DISABLE'}"
-                     " TRIGGER outbox_wakeup")  # fmt: skip
+            with transaction(self.settings, "outbox-bridge bench") as cur:
+                notify_trigger(cur, self.settings.schema, on)
 
-        def sample(relay: str, on: bool) -> None:
-            trigger(on)
-            self.sql("TRUNCATE {outbox}")
-            self.sql("CHECKPOINT")
-            label = f"relay {relay}, wake-up {'on' if on else 'off'}"
-            samples.setdefault(label, []).append(run())
+        looks = [0, 0.0]  # sequence reads, seconds
 
-        samples: dict[str, list[float]] = {}
-        # interleaved and repeated: runs drift (WAL, autovacuum) more than the trigger costs
-        for _ in range(3):
-            for on in (False, True):
-                sample("idle", on)
-        for _ in range(3):
-            for on in (False, True):
-                # without the wake-up the relay polls as often as it looks while busy, so
-                # that both runs carry the same relay load and only the wake-up differs
-                with self.worker("--without-inbox-consumer", poll_interval=None if on else "0.05"):
-                    sample("running", on)
-        trigger(True)
+        @contextmanager
+        def sequence_watch():
+            """The watcher's wake-up queries, as often as it makes them: the sequence
+            read every wake_poll, and the outbox look (ready shards) when it moved."""
+            stop = threading.Event()
+            conn = connect(self.settings, autocommit=True)
+            cur = conn.cursor()
+            watch = SequenceWatch(cur, self.settings.schema)
+            queue = Queue(name="outbox", table="outbox", schema=self.settings.schema)
+
+            def loop() -> None:
+                t0 = time.monotonic()
+                while not stop.wait(self.settings.wake_poll):
+                    looks[0] += 1
+                    if watch.moved(cur):
+                        queue.ready_shards(cur)
+                looks[1] += time.monotonic() - t0
+
+            thread = threading.Thread(target=loop)
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join()
+                conn.close()
+
+        samples: dict[str, list[float]] = {"none": [], "trigger": [], "sequence": []}
+        # interleaved and repeated: runs drift (WAL, autovacuum) as much as a wake-up costs
+        for _ in range(pairs):
+            for kind in samples:
+                self.sql("TRUNCATE {outbox}")
+                self.sql("CHECKPOINT")
+                trigger(kind == "trigger")
+                if kind == "sequence":
+                    with sequence_watch():
+                        samples[kind].append(run())
+                else:
+                    samples[kind].append(run())
+        trigger(False)
         self.sql("TRUNCATE {outbox}")
-        out: dict[str, Any] = {k: round(statistics.median(v)) for k, v in samples.items()}
-        for relay in ("idle", "running"):
-            off, on = out[f"relay {relay}, wake-up off"], out[f"relay {relay}, wake-up on"]
-            out[f"loss with relay {relay}"] = f"{(1 - on / off) * 100:.1f}%"
+        out: dict[str, Any] = {}
+        for kind, values in samples.items():
+            out[f"tps {kind}"] = round(statistics.median(values))
+            out[f"tps {kind} runs"] = [round(v) for v in values]
+        for kind in ("trigger", "sequence"):
+            # loss per interleaved round against the run without a wake-up just before it
+            losses = [(1 - on / off) * 100 for on, off in zip(samples[kind], samples["none"],
+                                                              strict=True)]  # fmt: skip
+            out[f"loss {kind} %"] = round(statistics.median(losses), 1)
+            out[f"loss {kind} % min"] = round(min(losses), 1)
+            out[f"loss {kind} % max"] = round(max(losses), 1)
+        out["sequence reads per second"] = round(looks[0] / looks[1]) if looks[1] else 0
         return out
 
     def run(self, only: set[str] | None = None) -> dict[str, Any]:
         self.fresh_database()
-        steps = [
+        repeated = [
             ("limit", self.limit),
             ("naive", self.naive),
             ("relay_backlog", lambda: self.drain(self.opts.count, False, "relay_backlog")),
             ("relay_steady", self.steady),
+            ("handler_steady", self.handler_steady),
             ("end_to_end", self.end_to_end),
-            ("notify_cost", self.notify_cost),
-            ("drivers", lambda: compare_drivers(self.settings, size=self.opts.size)),
         ]
         for rows in self.opts.scale_rows:
-            steps.append(
+            repeated.append(
                 (f"scaling_{rows}", lambda rows=rows: self.drain(rows, True, f"scaling_{rows}"))
             )
-        for name, step in steps:
+        once = [
+            ("wake_cost", self.wake_cost),
+            ("drivers", lambda: compare_drivers(self.settings, size=self.opts.size)),
+        ]
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+        # round by round, so that each round has every figure (ratios within a round)
+        for round_ in range(self.opts.repeat):
+            for name, step in repeated:
+                if only and name not in only:
+                    continue
+                say(f"[round {round_ + 1}/{self.opts.repeat}]")
+                self.samples.setdefault(name, []).append(step())
+                say(f"  -> {name}: {self.samples[name][-1]}")
+                self.sql("TRUNCATE {outbox}")
+        for name, samples in self.samples.items():
+            self.results[name] = combine(samples)
+        for name, step in once:
             if only and name not in only:
                 continue
             self.results[name] = step()
@@ -430,36 +588,59 @@ class Bench:
         return self.results
 
     def ratios(self) -> None:
-        r = self.results
-        rate = lambda name: r.get(name, {}).get("rate")  # noqa: E731
-        if rate("relay_backlog") and rate("limit"):
-            r["relay_vs_limit"] = round(rate("relay_backlog") / rate("limit"), 3)
-        if rate("relay_backlog") and rate("naive"):
-            r["relay_vs_naive"] = round(rate("relay_backlog") / rate("naive"), 1)
+        """Ratios within each round, then their median, min and max."""
+        s = self.samples
+
+        def ratio(key: str, top: str, bottom: str, digits: int) -> None:
+            pairs = zip(s.get(top, []), s.get(bottom, []), strict=False)
+            values = [a["rate"] / b["rate"] for a, b in pairs if b["rate"]]
+            if values:
+                self.results[key] = {
+                    "ratio": round(statistics.median(values), digits),
+                    "min": round(min(values), digits), "max": round(max(values), digits),
+                }  # fmt: skip
+
+        ratio("relay_vs_limit", "relay_backlog", "limit", 3)
+        ratio("relay_vs_naive", "relay_backlog", "naive", 1)
         small, big = (f"scaling_{n}" for n in (self.opts.scale_rows + (0, 0))[:2])
-        if rate(small) and rate(big):
-            r["scaling_ratio"] = round(rate(big) / rate(small), 2)
+        ratio("scaling_ratio", big, small, 2)
+
+
+def _spread(value: dict[str, Any], key: str) -> str:
+    """``median (min-max)`` of a repeated figure, or the value alone."""
+    if value.get(key) is None:
+        return ""
+    low, high = value.get(f"{key}_min"), value.get(f"{key}_max")
+    return f"{value[key]} ({low}-{high})" if low is not None else f"{value[key]}"
+
+
+_SHOWN = ("rate", "p50_ms", "p95_ms", "p99_ms", "rss_main_mb", "rss_pool_mb")
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| measurement | messages/s | latency p50 / p95 / p99 (ms) | notes |",
-             "| --- | ---: | --- | --- |"]  # fmt: skip
+    """The results as Markdown: each figure as median (min-max) of its runs."""
+    lines = ["| measurement | messages/s | latency p50 / p99 (ms) | RSS main / pool (MB) | notes |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, value in results.items():
-        if not isinstance(value, dict) or name in ("machine", "options", "notify_cost"):
+        if not isinstance(value, dict) or "rate" not in value:
             continue
         lat = ""
         if value.get("p50_ms") is not None:
-            lat = f"{value['p50_ms']} / {value['p95_ms']} / {value['p99_ms']}"
-        notes = ", ".join(f"{k} {v}" for k, v in value.items()
-                          if k not in ("rate", "p50_ms", "p95_ms", "p99_ms"))  # fmt: skip
-        lines.append(f"| {name} | {value.get('rate', '')} | {lat} | {notes} |")
+            lat = f"{_spread(value, 'p50_ms')} / {_spread(value, 'p99_ms')}"
+        rss = ""
+        if value.get("rss_main_mb") is not None:
+            rss = f"{_spread(value, 'rss_main_mb')} / {_spread(value, 'rss_pool_mb')}"
+        notes = ", ".join(
+            f"{k} {v}" for k, v in value.items()
+            if k in ("messages", "offered_rate", "written", "received", "handled", "runs")
+        )  # fmt: skip
+        lines.append(f"| {name} | {_spread(value, 'rate')} | {lat} | {rss} | {notes} |")
     for key in ("relay_vs_limit", "relay_vs_naive", "scaling_ratio"):
         if key in results:
-            lines.append(f"| {key} | {results[key]} | | |")
-    if "notify_cost" in results:
-        lines.append("")
-        lines.append("| NOTIFY cost (pgbench, writes/s) | value |")
-        lines.append("| --- | ---: |")
-        for k, v in results["notify_cost"].items():
+            r = results[key]
+            lines.append(f"| {key} | {r['ratio']} ({r['min']}-{r['max']}) | | | |")
+    if "wake_cost" in results:
+        lines += ["", "| wake-up cost (pgbench, 32 writers) | value |", "| --- | --- |"]
+        for k, v in results["wake_cost"].items():
             lines.append(f"| {k} | {v} |")
     return "\n".join(lines)

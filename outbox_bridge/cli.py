@@ -240,13 +240,18 @@ def consume() -> None:
     help="Backlog sizes of the scaling runs, comma-separated.",
 )
 @click.option("--only", help="Comma-separated measurements to run (default: all).")
-def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only) -> None:
+@click.option("--repeat", default=3, show_default=True,
+              help="Runs of each figure (median, min and max are reported).")  # fmt: skip
+@click.option("--concurrency", default=2, show_default=True, help="-c of the bench worker.")
+def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only, repeat,
+          concurrency) -> None:  # fmt: skip
     """Measure the relay beside the raw Kafka producer (see docs/benchmarks.md)."""
     from .bench import Bench, Options, table
 
     options = Options(
         count=count, size=size, keys=keys, rate=rate, seconds=seconds, e2e_count=e2e_count,
-        scale_rows=tuple(int(n) for n in scale.split(",") if n),
+        scale_rows=tuple(int(n) for n in scale.split(",") if n), repeat=repeat,
+        concurrency=concurrency,
     )  # fmt: skip
     results = Bench(get_settings(), options).run(set(only.split(",")) if only else None)
     click.echo(table(results))
