@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, Producer
 from .bench_drivers import compare as compare_drivers
 from .config import Settings
 from .db import connect, q, recreate_database, transaction
+from .inbox import consume_batch
 from .message import kafka_headers
 from .migrate import migrate, notify_trigger
 from .ops import ensure_topics
@@ -370,26 +371,34 @@ class Bench:
         """Commit -> Kafka ack (as seen by a consumer) at a steady offered rate."""
         rate, seconds = self.opts.rate, self.opts.seconds
         say(f"steady state: writers offer {rate} messages/s for {seconds:.0f}s")
-        topic = self.topic(f"steady-{uuid.uuid4().hex[:4]}")
+        topic = f"bench.{self.run_id}.steady-{uuid.uuid4().hex[:4]}"
+        ensure_topics(self.settings, [topic], config={"message.timestamp.type": "LogAppendTime"})
+        self._topics.add(topic)
         latencies: list[float] = []
+        appended: list[float] = []
         stop = threading.Event()
         consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
                              "group.id": f"bench-{self.run_id}-{topic}",
                              "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})  # fmt: skip
-        consumer.subscribe([topic])
+        assigned = threading.Event()
+        consumer.subscribe([topic], on_assign=lambda _c, parts: parts and assigned.set())
 
         def consume() -> None:
             while not stop.is_set():
-                for msg in consumer.consume(1000, timeout=0.1):
+                for msg in consume_batch(consumer, 1000, 0.1):
                     if msg.error() is None:
                         now = time.time()
-                        latencies.append(now - json.loads(msg.value()[:40].split(b",")[0][5:]))
+                        t = json.loads(msg.value()[:40].split(b",")[0][5:])
+                        latencies.append(now - t)
+                        # the broker's append time (LogAppendTime): the ack follows it
+                        appended.append(msg.timestamp()[1] / 1000 - t)
 
         with self.worker("--without-inbox-consumer"):
             reader = threading.Thread(target=consume)
             reader.start()
             # the consumer joins its group before the clock starts
-            self._wait_assigned(consumer, latencies)
+            if not assigned.wait(60):
+                raise click.ClickException("steady: the measuring consumer got no partitions")
             t0 = time.monotonic()
             sent = self._offer(topic, seconds)
             deadline = time.monotonic() + 60
@@ -399,14 +408,11 @@ class Bench:
             stop.set()
             reader.join()
         consumer.close()
+        # the figure: commit -> appended in Kafka; beside it, -> a consumer's arrival
+        arrival = {f"arrival_{k}": v for k, v in _percentiles(latencies).items()}
         return {"offered_rate": rate, "written": sent, "received": len(latencies),
-                "rate": round(len(latencies) / elapsed), **_percentiles(latencies)}  # fmt: skip
-
-    @staticmethod
-    def _wait_assigned(consumer: Consumer, seen: list) -> None:
-        deadline = time.monotonic() + 30
-        while not consumer.assignment() and time.monotonic() < deadline:
-            time.sleep(0.1)
+                "rate": round(len(latencies) / elapsed), **_percentiles(appended),
+                **arrival}  # fmt: skip
 
     def handler_steady(self) -> dict[str, Any]:
         """Commit -> the handler's commit at a steady offered rate, through the relay,
@@ -622,7 +628,7 @@ def table(results: dict[str, Any]) -> str:
     lines = ["| measurement | messages/s | latency p50 / p99 (ms) | RSS main / pool (MB) | notes |",
              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, value in results.items():
-        if not isinstance(value, dict) or "rate" not in value:
+        if not isinstance(value, dict) or "rate" not in value or name == "options":
             continue
         lat = ""
         if value.get("p50_ms") is not None:

@@ -38,7 +38,7 @@ class Settings:
     # linger_poll seconds and gives them back after linger_seconds without rows
     # (0: at once, one task per batch) or after linger_max_seconds in all.
     linger_seconds: float = 0.1
-    linger_max_seconds: float = 2.0
+    linger_max_seconds: float = 0.5
     linger_poll: float = 0.005
     # Celery hard time limit of handler tasks, seconds (0: none); per handler: time_limit=
     handler_time_limit: float = 300.0

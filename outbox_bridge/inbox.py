@@ -209,6 +209,16 @@ def store_each(cur, settings: Settings, messages: list) -> int:
     return stored
 
 
+def consume_batch(consumer: Consumer, size: int, timeout: float) -> list:
+    """Up to ``size`` messages, as soon as there is one: what is fetched already comes
+    along. (``consume(size, timeout)`` alone waits until it has ``size`` messages or
+    the timeout ran out: up to ``timeout`` of latency at any rate below that.)"""
+    batch = consumer.consume(1, timeout=timeout)
+    if batch and size > 1:
+        batch += consumer.consume(size - 1, timeout=0)
+    return batch
+
+
 class InboxConsumer:
     """Consumes every topic that has a handler into the inbox, until stopped."""
 
@@ -234,7 +244,7 @@ class InboxConsumer:
             consumer.subscribe(self.topics, on_assign=self._on_assign, on_lost=self._on_lost)
             log.info("inbox consumer (group %s) subscribed to %s", group, ", ".join(self.topics))
             while not stop.is_set():
-                batch = consumer.consume(self.settings.batch_size, timeout=0.5)
+                batch = consume_batch(consumer, self.settings.batch_size, 0.5)
                 messages = []
                 for msg in batch:
                     err = msg.error()

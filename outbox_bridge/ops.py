@@ -291,14 +291,17 @@ def forget_handler(settings: Settings, name: str) -> int:
         return dropped
 
 
-def ensure_topics(settings: Settings, topics: list[str], partitions: int = 4) -> None:
+def ensure_topics(
+    settings: Settings, topics: list[str], partitions: int = 4, config: dict | None = None
+) -> None:
     """Create the topics that do not exist yet (for the demo and the bench: clusters
     that, like most production ones, do not create topics on first use)."""
     from confluent_kafka import KafkaError
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    futures = admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+    futures = admin.create_topics([NewTopic(t, partitions, 1, config=config or {})
+                                   for t in topics])  # fmt: skip
     for future in futures.values():
         try:
             future.result(30)

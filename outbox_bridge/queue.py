@@ -192,16 +192,7 @@ class Queue:
         claims of one token each: [(shards, token), ...]."""
         if not shards:
             return []
-        cur.execute(
-            self._q(
-                # NOT EXISTS first: a task's open transaction has a new version of
-                # its claim row, and ON CONFLICT alone would wait for that transaction
-                "INSERT INTO {claims} (queue, shard) SELECT %s, s FROM unnest(%s::int[]) s"
-                " WHERE NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.queue = %s AND c.shard = s)"
-                " ON CONFLICT DO NOTHING"
-            ),
-            (self.name, list(shards), self.name),
-        )
+        self.add_claims(cur, shards)
         groups = max(1, groups)
         tokens = [str(uuid.uuid4()) for _ in range(groups)]
         cur.execute(
@@ -212,6 +203,20 @@ class Queue:
         for shard, token in cur.fetchall():
             claimed.setdefault(token, []).append(shard)
         return [(sorted(group), token) for token, group in claimed.items()]
+
+    def add_claims(self, cur, shards: Sequence[int]) -> None:
+        """The claim rows of these shards, free, where missing (a lingering task can
+        only take on a shard that has one)."""
+        cur.execute(
+            self._q(
+                # NOT EXISTS first: a task's open transaction has a new version of
+                # its claim row, and ON CONFLICT alone would wait for that transaction
+                "INSERT INTO {claims} (queue, shard) SELECT %s, s FROM unnest(%s::int[]) s"
+                " WHERE NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.queue = %s AND c.shard = s)"
+                " ON CONFLICT DO NOTHING"
+            ),
+            (self.name, list(shards), self.name),
+        )
 
     def set_idle(self, cur, idle: bool) -> None:
         """Whether commits should NOTIFY (only while no dispatch is under way)."""

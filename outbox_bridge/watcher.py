@@ -23,7 +23,7 @@ from celery import Celery, Task
 from psycopg2 import sql
 
 from .config import Settings
-from .db import connect
+from .db import connect, q
 from .loops import run_forever
 from .outbox import prune_receipts
 from .queue import Queue
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 # After the sequence moved, look again until every transaction that was running
 # then has ended (the rows it wrote are visible), but for at most this long.
 SETTLE_SECONDS = 2.0
+# A queue that had work counts as busy this long: the pool's shares do not flap
+# when its work comes in bursts.
+BUSY_MEMORY = 5.0
 IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY again
 BUSY_POLL = 0.05  # seconds between looks while commits do not NOTIFY
 
@@ -149,6 +152,7 @@ class Watcher:
         self._last_recheck = time.monotonic()
         self.idle: bool | None = None  # as the flag stands; None: write it at the first look
         self._quiet_since: float | None = None
+        self._busy_until: dict[str, float] = {}  # queue -> until when it counts as busy
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set, reconnecting with backoff when PostgreSQL goes away."""
@@ -160,6 +164,8 @@ class Watcher:
             with conn.cursor() as cur:
                 for name in sorted({s.queue.channel for s in self.sources}):
                     cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+                for source in self.sources:
+                    source.queue.add_claims(cur, range(self.settings.shards))
                 poll = self.settings.wake_poll
                 sequence = SequenceWatch(cur, self.settings.schema) if poll > 0 else None
                 log.info("watcher listening for %d queues", len(self.sources))
@@ -193,6 +199,7 @@ class Watcher:
         their tasks. Returns tasks sent."""
         sent = 0
         now = time.monotonic()
+        ready: dict[str, list[int]] = {}
         for source in self.sources if only is None else only:
             shards = source.queue.ready_shards(cur)
             if source.queue is self.outbox:
@@ -202,7 +209,14 @@ class Watcher:
                     shards = self.outbox.ready_shards(cur)
                     if shards:
                         self._outbox_idle(cur, True, now)
-            sent += self._send(cur, source, shards)
+            if shards:
+                ready[source.queue.name] = shards
+        if ready:
+            slots = self._slots(cur, ready)
+            for source in self.sources:
+                if slots.get(source.queue.name, 0) > 0:
+                    sent += self._send(cur, source, ready[source.queue.name],
+                                       slots[source.queue.name])  # fmt: skip
         if now - self._last_retry_scan >= min(self.settings.poll_interval, 3.0):
             self._last_retry_scan = now
             self.outbox.heartbeat(cur)  # commits skip NOTIFY 10 s after the last beat
@@ -227,11 +241,35 @@ class Watcher:
             self.outbox.set_idle(cur, idle)
             self.idle = idle
 
-    def _send(self, cur, source: Source, shards: list[int]) -> int:
-        if not shards:
-            return 0
+    def _slots(self, cur, ready: dict[str, list[int]]) -> dict[str, int]:
+        """How many new tasks each queue with ready shards may get now.
+
+        The worker's processes are shared fairly: each busy queue (ready shards or
+        tasks at work) gets an equal share of ``parallel_tasks``, at least one. A
+        queue whose tasks already fill its share gets none: its lingering tasks
+        take on the ready shards themselves, and a new task would only wait
+        behind them for a pool process."""
+        # a task at work renews its claims at least every batch: one that has not for
+        # a while (crashed, or in a long batch) does not count, so it cannot hold
+        # its queue back for a whole lease
+        fresh = self.settings.lease_seconds - max(2.0, 2 * self.settings.linger_max_seconds)
+        cur.execute(
+            q("SELECT queue, count(DISTINCT token) FROM {claims} WHERE token IS NOT NULL"
+              " AND lease_until > now() + %s * interval '1s' GROUP BY queue",
+              self.settings.schema),
+            (fresh,),
+        )  # fmt: skip
+        active = dict(cur.fetchall())
+        now = time.monotonic()
+        for name in set(ready) | {name for name, n in active.items() if n}:
+            self._busy_until[name] = now + BUSY_MEMORY
+        busy = {name for name, until in self._busy_until.items() if until > now}
+        share = max(1, self.parallel_tasks // max(1, len(busy)))
+        return {name: share - active.get(name, 0) for name in ready}
+
+    def _send(self, cur, source: Source, shards: list[int], groups: int) -> int:
         sent = 0
-        claims = source.queue.claim(cur, shards, self.settings.lease_seconds, self.parallel_tasks)
+        claims = source.queue.claim(cur, shards, self.settings.lease_seconds, groups)
         for group, token in claims:
             try:
                 sent += source.send(cur, group, token)
