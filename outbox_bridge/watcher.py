@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SETTLE_SECONDS = 2.0
 # A queue that had work counts as busy this long: the pool's shares do not flap
 # when its work comes in bursts.
-BUSY_MEMORY = 5.0
+BUSY_MEMORY = 1.0
 IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY again
 BUSY_POLL = 0.05  # seconds between looks while commits do not NOTIFY
 
@@ -196,11 +196,28 @@ class Watcher:
 
     def dispatch(self, cur, only: list[Source] | None = None) -> int:
         """One look for work (at ``only`` these sources): claim ready shards and send
-        their tasks. Returns tasks sent."""
+        their tasks. Returns tasks sent.
+
+        The worker's processes are shared fairly: each busy queue (ready shards or
+        tasks at work, in the last BUSY_MEMORY seconds) gets an equal share of
+        ``parallel_tasks``, at least one. A queue whose tasks fill its share gets
+        no new task, and is not even looked at: its lingering tasks take on its
+        ready shards themselves, and a new task would only wait behind them for a
+        pool process."""
         sent = 0
         now = time.monotonic()
-        ready: dict[str, list[int]] = {}
+        active = self._active(cur)
+        for name, tasks in active.items():
+            if tasks:
+                self._busy_until[name] = now + BUSY_MEMORY
         for source in self.sources if only is None else only:
+            name = source.queue.name
+            busy = {n for n, until in self._busy_until.items() if until > now} | {name}
+            free = max(1, self.parallel_tasks // len(busy)) - active.get(name, 0)
+            if free <= 0:
+                if source.queue is self.outbox:
+                    self._outbox_idle(cur, True, now)  # its tasks are at work
+                continue
             shards = source.queue.ready_shards(cur)
             if source.queue is self.outbox:
                 self._outbox_idle(cur, bool(shards), now)
@@ -210,13 +227,8 @@ class Watcher:
                     if shards:
                         self._outbox_idle(cur, True, now)
             if shards:
-                ready[source.queue.name] = shards
-        if ready:
-            slots = self._slots(cur, ready)
-            for source in self.sources:
-                if slots.get(source.queue.name, 0) > 0:
-                    sent += self._send(cur, source, ready[source.queue.name],
-                                       slots[source.queue.name])  # fmt: skip
+                self._busy_until[name] = now + BUSY_MEMORY
+                sent += self._send(cur, source, shards, free)
         if now - self._last_retry_scan >= min(self.settings.poll_interval, 3.0):
             self._last_retry_scan = now
             self.outbox.heartbeat(cur)  # commits skip NOTIFY 10 s after the last beat
@@ -241,17 +253,10 @@ class Watcher:
             self.outbox.set_idle(cur, idle)
             self.idle = idle
 
-    def _slots(self, cur, ready: dict[str, list[int]]) -> dict[str, int]:
-        """How many new tasks each queue with ready shards may get now.
-
-        The worker's processes are shared fairly: each busy queue (ready shards or
-        tasks at work) gets an equal share of ``parallel_tasks``, at least one. A
-        queue whose tasks already fill its share gets none: its lingering tasks
-        take on the ready shards themselves, and a new task would only wait
-        behind them for a pool process."""
-        # a task at work renews its claims at least every batch: one that has not for
-        # a while (crashed, or in a long batch) does not count, so it cannot hold
-        # its queue back for a whole lease
+    def _active(self, cur) -> dict[str, int]:
+        """Tasks at work per queue: tokens whose claims were renewed lately. A task
+        renews at least every batch; one that has not for a while (crashed, or in a
+        long batch) does not count, so it cannot hold its queue back for a lease."""
         fresh = self.settings.lease_seconds - max(2.0, 2 * self.settings.linger_max_seconds)
         cur.execute(
             q("SELECT queue, count(DISTINCT token) FROM {claims} WHERE token IS NOT NULL"
@@ -259,13 +264,7 @@ class Watcher:
               self.settings.schema),
             (fresh,),
         )  # fmt: skip
-        active = dict(cur.fetchall())
-        now = time.monotonic()
-        for name in set(ready) | {name for name, n in active.items() if n}:
-            self._busy_until[name] = now + BUSY_MEMORY
-        busy = {name for name, until in self._busy_until.items() if until > now}
-        share = max(1, self.parallel_tasks // max(1, len(busy)))
-        return {name: share - active.get(name, 0) for name in ready}
+        return dict(cur.fetchall())
 
     def _send(self, cur, source: Source, shards: list[int], groups: int) -> int:
         sent = 0
