@@ -449,6 +449,7 @@ class Bench:
         out: dict[str, Any] = {}
         with self.worker("--include", "outbox_bridge.bench_handlers") as proc:
             self._consumer_ready()
+            profile = self._statements_reset() and "db_profile_end_to_end" not in self.results
             with rss_peaks(proc.pid, out):
                 t0 = time.monotonic()
                 self.sql(
@@ -467,8 +468,31 @@ class Bench:
                 )  # fmt: skip
                 elapsed = time.monotonic() - t0
             done = self.sql("SELECT count(*) FROM bench_done")[0][0]
+        if profile:
+            self.results["db_profile_end_to_end"] = self._statements_top()
         return {"messages": done, "seconds": round(elapsed, 2), "rate": round(done / elapsed),
                 **out}  # fmt: skip
+
+    def _statements_reset(self) -> bool:
+        """Start counting statements (pg_stat_statements, loaded by scripts/services)."""
+        try:
+            self.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            self.sql("SELECT pg_stat_statements_reset()")
+            return True
+        except psycopg2.Error as exc:
+            say(f"  (no database profile: {str(exc).splitlines()[0]})")
+            return False
+
+    def _statements_top(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The statements of the bench database that took the most time."""
+        rows = self.sql(
+            "SELECT calls, total_exec_time, rows,"
+            " left(regexp_replace(query, '\\s+', ' ', 'g'), 110) FROM pg_stat_statements"
+            " WHERE dbid = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT %s",
+            (limit,),
+        )
+        return [{"calls": c, "ms": round(t), "rows": n, "query": text} for c, t, n, text in rows]
 
     def wake_cost(self) -> dict[str, Any]:
         """What the wake-up costs writers: pgbench with no wake-up at all, with the

@@ -81,7 +81,7 @@ _LOAD = """
 SELECT d.id, d.shard, d.attempts, i.message_id, i.topic, i.key, i.value, i.headers,
        i."partition", i."offset", i."timestamp"
 FROM {deliveries} d JOIN {inbox} i ON i.message_id = d.message_id
-WHERE d.id = ANY(%s)
+WHERE d.id = ANY(%s) AND (d.state = 'pending' OR NOT %s)
 ORDER BY d.id
 """
 
@@ -148,7 +148,10 @@ def run_deliveries(
         settings = get_settings()
         clock = Linger(settings)
         totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
-        batch: list[int] | None = ids
+        # the task fetches its deliveries itself, under its claim: the watcher's ids
+        # may be stale (a task message redelivered after its worker died, whose
+        # lingering run had already gone past them, under the same token)
+        batch: list[int] | None = None
         owned = list(shards)
         while True:
             result = _attempt(task, spec, batch, token, owned, clock)
@@ -206,7 +209,9 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None) ->
             mine = ids
         else:
             mine = queue.take_held(cur, ids, token)
-        cur.execute(q(_LOAD, settings.schema), (list(mine),))
+        # only what is still pending is ours to run (a redelivered task message); the
+        # claim row locked above keeps it so until commit
+        cur.execute(q(_LOAD, settings.schema), (list(mine), shards is not None))
         held: set[tuple[str, bytes]] = set()
         key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
         for row in cur.fetchall():

@@ -132,8 +132,13 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
     from outbox_bridge.config import Settings
 
     odd = Settings(database_url=db_url, schema='Odd "Schema"')
-    assert migrate(odd) == ["0001_outbox", "0002_inbox", "0003_faults", "0004_send_receipts",
-                           "0005_wake_by_sequence"]
+    assert migrate(odd) == [
+        "0001_outbox",
+        "0002_inbox",
+        "0003_faults",
+        "0004_send_receipts",
+        "0005_wake_by_sequence",
+    ]
     assert migrate(odd) == []
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:

@@ -227,3 +227,57 @@ def test_the_safety_net_frees_waiting_rows_whose_head_is_gone(db_url, conn):
         queue.forget_held(cur)
         cur.execute("SELECT state FROM outbox_bridge.outbox")
         assert cur.fetchall() == [("pending",)]
+
+
+def _shard_of_key(cur, queue, key: str) -> int:
+    cur.execute("SELECT shard FROM outbox_bridge.outbox WHERE key = %s", (key.encode(),))
+    return cur.fetchone()[0]
+
+
+def test_a_lingering_task_takes_on_free_ready_shards_and_keeps_its_own(db_url, conn):
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        queue.add_claims(cur, range(16))
+        publish(cur, "t", 1, key="mine")
+        mine = _shard_of_key(cur, queue, "mine")
+        ((owned, token),) = queue.claim(cur, [mine], 30)
+    keys = [k for k in (f"k{n}" for n in range(40))]
+    with conn, conn.cursor() as cur:
+        for k in keys:
+            publish(cur, "t", 2, key=k)
+        others = {_shard_of_key(cur, queue, k) for k in keys} - {mine}
+        # one of them is leased to another task right now: not to be taken
+        taken_by_other = min(others)
+        ((_, other_token),) = queue.claim(cur, [taken_by_other], 30)
+    with conn, conn.cursor() as cur:
+        assert queue.renew(cur, owned, token, 30) == [mine]  # without adopt: its own only
+        now_owned = queue.renew(cur, owned, token, 30, adopt=True)
+    assert set(now_owned) == {mine} | (others - {taken_by_other})
+    with conn, conn.cursor() as cur:
+        # the other task's claim is untouched; a stale token adopts nothing it holds
+        assert queue.renew(cur, [taken_by_other], other_token, 30) == [taken_by_other]
+        assert queue.renew(cur, now_owned, uuid.uuid4(), 30, adopt=True) == []
+
+
+def test_a_lingering_task_leaves_shards_whose_rows_are_all_held(db_url, conn):
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        queue.add_claims(cur, range(16))
+        publish(cur, "t", 1, key="held")
+        held = _shard_of_key(cur, queue, "held")
+        ((_, token),) = queue.claim(cur, [held], 30)
+        # every pending row of the shard is held back: released as "all held"
+        queue.release(cur, [held], token, held=[held])
+        publish(cur, "t", 0, key="free")
+        free = _shard_of_key(cur, queue, "free")
+    if free == held:
+        pytest.skip("the two keys hash to one shard")
+    lingering = uuid.uuid4()
+    with conn, conn.cursor() as cur:
+        assert queue.renew(cur, [], lingering, 30, adopt=True) == [free]
+    with conn, conn.cursor() as cur:
+        queue.wake_shards(cur, [held])  # its held key was released
+    with conn, conn.cursor() as cur:
+        assert queue.renew(cur, [free], lingering, 30, adopt=True) == sorted({free, held})
+        cur.execute("SELECT count(*) FROM outbox_bridge.wakes")
+        assert cur.fetchone()[0] == 0  # the wake-up was consumed by taking the shard on
