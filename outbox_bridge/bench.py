@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 import psycopg2
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from .bench_drivers import compare as compare_drivers
 from .config import Settings
@@ -328,14 +328,38 @@ class Bench:
 
     def drain(self, rows: int, bulk: bool, label: str) -> dict[str, Any]:
         say(f"{label}: {rows} committed rows, then the worker")
-        self.fill(self.topic(label), rows, bulk=bulk)
+        topic = self.topic(label)
+        self.fill(topic, rows, bulk=bulk)
         out: dict[str, Any] = {}
+        # progress from Kafka's end offsets: counting a 1 GB table every few
+        # milliseconds would take the CPU that the drain is measured on
+        offsets = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                            "group.id": f"bench-{self.run_id}-offsets"})  # fmt: skip
+        start = self._end_offsets(offsets, topic)
         with self.worker("--without-inbox-consumer") as proc, rss_peaks(proc.pid, out):
-            elapsed = self.wait_count(
+            t0 = time.monotonic()
+            last = 0.0
+            while (sent := self._end_offsets(offsets, topic) - start) < rows:
+                if time.monotonic() - last > 5:
+                    last = time.monotonic()
+                    say(f"  {label}: {sent} in Kafka ({last - t0:.0f}s)")
+                if time.monotonic() - t0 > 1800:
+                    raise click.ClickException(f"{label}: {sent} of {rows} after 1800s")
+                time.sleep(0.05)
+            # and every row deleted (each batch's DELETE commits after its acks)
+            self.wait_count(
                 "SELECT count(*) FROM {outbox}", lambda n: n == 0, f"{label}, rows left"
             )
+            elapsed = time.monotonic() - t0
+        offsets.close()
         return {"messages": rows, "seconds": round(elapsed, 2), "rate": round(rows / elapsed),
                 **out}  # fmt: skip
+
+    @staticmethod
+    def _end_offsets(consumer: Consumer, topic: str) -> int:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in parts)  # fmt: skip
 
     def _offer(self, topic: str, seconds: float) -> int:
         """Four writer threads commit one row per transaction at the offered rate,

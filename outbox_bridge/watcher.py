@@ -108,7 +108,8 @@ class SequenceWatch:
             sql.Identifier(nspname, relname)
         )
         self.value: int | None = None
-        self.running: set[tuple[int, str]] = set()  # (pid, xid) at the last move
+        # (pid, xid) of transactions that ran at the last move (None: not asked yet)
+        self.running: set[tuple[int, str]] | None = set()
         self.until = 0.0
 
     def moved(self, cur) -> bool:
@@ -116,9 +117,16 @@ class SequenceWatch:
         (value,) = cur.fetchone()
         if value != self.value:
             self.value = value
+            # which transactions run is asked once the sequence stands still: while
+            # it keeps moving, each move brings a look anyway
+            self.running = None
+            self.until = time.monotonic() + SETTLE_SECONDS
+            return True
+        if self.running is None:
+            # a superset of those running at the last move; those that ended
+            # since are visible to this look
             cur.execute(_RUNNING)
             self.running = set(cur.fetchall())
-            self.until = time.monotonic() + SETTLE_SECONDS
             return True
         if not self.running:
             return False

@@ -21,7 +21,8 @@ def test_the_sequence_says_look_until_the_writer_that_moved_it_has_ended(db_url,
     watcher.autocommit = True
     cur = watcher.cursor()
     watch = SequenceWatch(cur, get_settings().schema)
-    watch.moved(cur)  # its first read
+    assert watch.moved(cur) is True  # its first read: look
+    assert watch.moved(cur) is True  # and once more after asking who ran then
     assert watch.moved(cur) is False  # nothing written since
     writer = conn.cursor()
     publish(writer, "t", 1)  # takes an id; not committed yet
@@ -33,7 +34,8 @@ def test_the_sequence_says_look_until_the_writer_that_moved_it_has_ended(db_url,
     assert watch.moved(cur) is False
     conn.rollback()
     publish(writer, "t", 2)
-    conn.rollback()  # a rolled-back id moved it too: one look, then quiet
+    conn.rollback()  # a rolled-back id moved it too: a look, one more, then quiet
+    assert watch.moved(cur) is True
     assert watch.moved(cur) is True
     assert watch.moved(cur) is False
     watcher.close()
