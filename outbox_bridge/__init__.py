@@ -15,6 +15,7 @@ from .errors import (
     MessageTooLarge,
     NotInTransaction,
     NotSerializable,
+    SchemaTooOld,
 )
 from .message import Message
 from .outbox import publish, publish_async, send
@@ -30,6 +31,7 @@ __all__ = [
     "MessageTooLarge",
     "NotInTransaction",
     "NotSerializable",
+    "SchemaTooOld",
     "app",
     "outbox_handler",
     "publish",

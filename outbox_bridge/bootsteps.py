@@ -15,8 +15,34 @@ from click import Option
 log = logging.getLogger(__name__)
 
 
-class _LoopStep(bootsteps.StartStopStep):
+class SchemaCheckStep(bootsteps.StartStopStep):
+    """Refuses to start the worker against a schema older than this version needs
+    (its tasks and loops would fail on every message instead). A database that
+    does not answer now is no reason to refuse: the loops wait for it."""
+
     requires = {"celery.worker.components:Pool"}
+
+    def start(self, worker) -> None:
+        import psycopg2
+
+        from .config import get_settings
+        from .errors import SchemaTooOld
+        from .migrate import pending
+
+        try:
+            missing = pending(get_settings())
+        except psycopg2.OperationalError as exc:
+            log.warning("could not check the outbox-bridge schema now: %s", exc)
+            return
+        if missing:
+            raise SchemaTooOld(
+                f"the database lacks outbox-bridge migrations {', '.join(missing)}: run"
+                " `outbox-bridge migrate` (or apply `outbox-bridge migrate --sql`) first"
+            )
+
+
+class _LoopStep(bootsteps.StartStopStep):
+    requires = {"celery.worker.components:Pool", SchemaCheckStep}
     flag = ""  # the worker option that switches the loop off
 
     def __init__(self, worker, **kwargs):
@@ -86,5 +112,6 @@ def install(app: Celery) -> None:
         app.user_options["worker"].add(
             Option([flag], is_flag=True, default=False, help=f"Do not run {what} in this worker.")
         )
+    app.steps["worker"].add(SchemaCheckStep)
     app.steps["worker"].add(OutboxWatcherStep)
     app.steps["worker"].add(InboxConsumerStep)

@@ -44,3 +44,7 @@ class TransientError(OutboxBridgeError):
 class NotInTransaction(OutboxBridgeError):
     """``publish()`` was given a connection with no transaction open (autocommit):
     the message would commit on its own, apart from the caller's writes."""
+
+
+class SchemaTooOld(OutboxBridgeError):
+    """The database lacks migrations this version needs (``outbox-bridge migrate``)."""

@@ -148,13 +148,12 @@ def run_deliveries(
         settings = get_settings()
         clock = Linger(settings)
         totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
-        # the task fetches its deliveries itself, under its claim: the watcher's ids
-        # may be stale (a task message redelivered after its worker died, whose
-        # lingering run had already gone past them, under the same token)
-        batch: list[int] | None = None
         owned = list(shards)
         while True:
-            result = _attempt(task, spec, batch, token, owned, clock)
+            # the task fetches its deliveries itself, under its claim: the watcher's
+            # ``ids`` may be stale (a task message redelivered after its worker died,
+            # whose lingering run had gone past them under the same token)
+            result = _attempt(task, spec, None, token, owned, clock)
             for name in totals:
                 totals[name] += result.get(name, 0)
             if result.get("stale") or result.get("released"):
@@ -162,7 +161,6 @@ def run_deliveries(
             owned = result["owned"]
             if result.get("idle"):
                 clock.wait()
-            batch = None  # the next ones: fetched by the task itself
     except Exception as exc:
         reraise_database_error(exc)
         raise

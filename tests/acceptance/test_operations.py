@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import Producer
 
 from outbox_bridge import publish
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, query, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -86,3 +86,14 @@ def test_status_reports_the_consumer_lag_and_the_oldest_pending_age(
     assert sum(p["lag"] for p in lag) == 5
     text = cli(worker_env, "status").stdout
     assert "lag" in text and topic in text, text
+
+
+def test_the_worker_refuses_a_schema_older_than_it_needs(start_worker, db_url):
+    """Part of issue 12: a worker against a database that lacks a migration exits at
+    start, naming the migration and the command, instead of failing every task."""
+    (newest,) = query(db_url, "SELECT max(version) FROM outbox_bridge.migrations")[0]
+    query(db_url, "DELETE FROM outbox_bridge.migrations WHERE version = %s", (newest,))
+    with pytest.raises(AssertionError, match="worker exited") as refused:
+        start_worker()
+    assert f"lacks outbox-bridge migrations {newest:04d}_" in str(refused.value)
+    assert "outbox-bridge migrate" in str(refused.value)

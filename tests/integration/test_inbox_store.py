@@ -162,81 +162,72 @@ def test_deliveries_are_numbered_in_the_order_of_the_batch(conn):
         assert [o for name, o in found if name == f"h{h}"] == list(range(200))
 
 
-def test_a_handler_task_whose_ids_are_older_than_its_claim_runs_only_what_is_pending(conn):
-    """Found by the soak (-P threads): a handler task message redelivered after its
-    worker died ran the watcher's old ids again, under a claim its lingering run had
-    kept. A shard task fetches its deliveries itself: effects stay once."""
+@pytest.fixture
+def handler_task(conn):
+    """A real handler task on topic "t" whose handler records ``message.offset`` in
+    ``effects``, and what the watcher would send it: ``claimed(n)`` stores n
+    messages of one key and returns (queue, shards, token, ids)."""
     from outbox_bridge import outbox_handler
     from outbox_bridge.db import drop_task_connection
     from outbox_bridge.handlers import REGISTRY, inbox_queue
 
     settings = get_settings()
-    name = f"outbox.t.once_{uuid.uuid4().hex[:6]}"
+    name = f"outbox.t.record_{uuid.uuid4().hex[:6]}"
 
     @outbox_handler("t", name=name)
-    def once(message, tx) -> None:
-        tx.execute("INSERT INTO effects (message_id) VALUES (%s)", (message.message_id,))
-
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE effects (message_id uuid)")
-            register_handlers(cur, settings, [(name, "t", 5)])
-            store(cur, settings, [FakeMessage(n) for n in range(3)])
-        queue = inbox_queue(settings, name)
-        with conn, conn.cursor() as cur:
-            queue.add_claims(cur, range(settings.shards))
-            ((shards, token),) = queue.claim(cur, queue.ready_shards(cur), 30)
-            ids, _ = queue.fetch_ids(cur, shards, 100)  # what the watcher sends
-        assert once(ids, str(token), shards)["done"] == 3  # runs, lingers, gives them back
-        with conn, conn.cursor() as cur:
-            store(cur, settings, [FakeMessage(3)])  # the shard is ready again
-        # the same task message again (a redelivery, or a task that waited too long)
-        again = once(ids, str(token), shards)
-        assert again["done"] == 1  # the new delivery only
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT count(*), count(DISTINCT message_id) FROM effects")
-            assert cur.fetchone() == (4, 4)
-    finally:
-        REGISTRY["t"] = [s for s in REGISTRY.get("t", []) if s.task.name != name]
-        drop_task_connection()
-
-
-def test_a_handler_task_that_took_its_shard_on_again_fetches_afresh(conn):
-    """Found by the soak (-P threads): the watcher's ids are older than the task; the
-    key's head failed meanwhile. Running those ids would run a later message of the
-    key ahead of its retrying head: the task fetches afresh instead."""
-    from outbox_bridge import outbox_handler
-    from outbox_bridge.db import drop_task_connection
-    from outbox_bridge.handlers import REGISTRY, inbox_queue
-
-    settings = get_settings()
-    name = f"outbox.t.ordered_{uuid.uuid4().hex[:6]}"
-
-    @outbox_handler("t", name=name)
-    def ordered(message, tx) -> None:
+    def record(message, tx) -> None:
         tx.execute("INSERT INTO effects (n) VALUES (%s)", (message.offset,))
 
-    try:
+    def claimed(count: int):
         with conn, conn.cursor() as cur:
             cur.execute("CREATE TABLE effects (n bigint)")
             register_handlers(cur, settings, [(name, "t", 5)])
-            store(cur, settings, [FakeMessage(n) for n in range(2)])  # one key
+            store(cur, settings, [FakeMessage(n) for n in range(count)])
         queue = inbox_queue(settings, name)
         with conn, conn.cursor() as cur:
             queue.add_claims(cur, range(settings.shards))
             ((shards, token),) = queue.claim(cur, queue.ready_shards(cur), 30)
             ids, _ = queue.fetch_ids(cur, shards, 100)  # what the watcher sends
-        with conn, conn.cursor() as cur:
-            # meanwhile: the claim is gone, and the key's head failed in another task
-            queue.release(cur, shards, token)
-            queue.hold(cur, {ids[0]: "E: failed"}, uuid.uuid4(), 30)
-        result = ordered(ids, str(token), shards)  # the late task takes the shard on
-        assert result["done"] == 0
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM effects")
-            assert cur.fetchone() == (0,)  # the second message waits behind its head
-            cur.execute("SELECT state FROM outbox_bridge.deliveries ORDER BY id")
-            assert [r[0] for r in cur.fetchall()] == ["retrying", "pending"]
-    finally:
-        REGISTRY["t"] = [s for s in REGISTRY.get("t", []) if s.task.name != name]
-        drop_task_connection()
+        return queue, shards, token, ids
+
+    record.claimed = claimed
+    yield record
+    REGISTRY["t"] = [s for s in REGISTRY.get("t", []) if s.task.name != name]
+    drop_task_connection()
+
+
+def _effects(conn) -> list[int]:
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT n FROM effects ORDER BY n")
+        return [r[0] for r in cur.fetchall()]
+
+
+def test_a_handler_task_whose_ids_are_older_than_its_claim_runs_only_what_is_pending(
+    conn, handler_task
+):
+    """Found by the soak (-P threads): a handler task message redelivered after its
+    worker died ran the watcher's old ids again, under a claim its lingering run had
+    kept. A shard task fetches its deliveries itself: effects stay once."""
+    _queue, shards, token, ids = handler_task.claimed(3)
+    assert handler_task(ids, str(token), shards)["done"] == 3  # runs, lingers, gives back
+    with conn, conn.cursor() as cur:
+        store(cur, get_settings(), [FakeMessage(3)])  # the shard is ready again
+    # the same task message again (a redelivery, or a task that waited too long)
+    assert handler_task(ids, str(token), shards)["done"] == 1  # the new delivery only
+    assert _effects(conn) == [0, 1, 2, 3]
+
+
+def test_a_handler_task_that_took_its_shard_on_again_fetches_afresh(conn, handler_task):
+    """Found by the soak (-P threads): the watcher's ids are older than the task; the
+    key's head failed meanwhile. Running those ids would run a later message of the
+    key ahead of its retrying head: the task fetches afresh instead."""
+    queue, shards, token, ids = handler_task.claimed(2)  # one key
+    with conn, conn.cursor() as cur:
+        # meanwhile: the claim is gone, and the key's head failed in another task
+        queue.release(cur, shards, token)
+        queue.hold(cur, {ids[0]: "E: failed"}, uuid.uuid4(), 30)
+    assert handler_task(ids, str(token), shards)["done"] == 0  # takes the shard on
+    assert _effects(conn) == []  # the second message waits behind its head
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT state FROM outbox_bridge.deliveries ORDER BY id")
+        assert [r[0] for r in cur.fetchall()] == ["retrying", "pending"]

@@ -9,6 +9,7 @@ import pytest
 from outbox_bridge import publish
 from outbox_bridge.config import get_settings
 from outbox_bridge.migrate import notify_trigger
+from outbox_bridge.outbox import shard_of
 from outbox_bridge.relay import outbox_queue
 from tests.conftest import rows
 
@@ -229,29 +230,32 @@ def test_the_safety_net_frees_waiting_rows_whose_head_is_gone(db_url, conn):
         assert cur.fetchall() == [("pending",)]
 
 
-def _shard_of_key(cur, queue, key: str) -> int:
-    cur.execute("SELECT shard FROM outbox_bridge.outbox WHERE key = %s", (key.encode(),))
-    return cur.fetchone()[0]
+def _publish_and_claim(conn, queue, key: str, value: int = 1):
+    """Commit a row of ``key``; claim its shard: (shard, token)."""
+    with conn, conn.cursor() as cur:
+        publish(cur, "t", value, key=key)
+        shard = shard_of("t", key.encode(), get_settings().shards)
+        ((_, token),) = queue.claim(cur, [shard], 30)
+    return shard, token
 
 
 def test_a_lingering_task_takes_on_free_ready_shards_and_keeps_its_own(db_url, conn):
     queue = outbox_queue(get_settings())
     with conn, conn.cursor() as cur:
         queue.add_claims(cur, range(16))
-        publish(cur, "t", 1, key="mine")
-        mine = _shard_of_key(cur, queue, "mine")
-        ((owned, token),) = queue.claim(cur, [mine], 30)
-    keys = [k for k in (f"k{n}" for n in range(40))]
+    mine, token = _publish_and_claim(conn, queue, "mine")
+    keys = [f"k{n}" for n in range(40)]
     with conn, conn.cursor() as cur:
         for k in keys:
             publish(cur, "t", 2, key=k)
-        others = {_shard_of_key(cur, queue, k) for k in keys} - {mine}
-        # one of them is leased to another task right now: not to be taken
-        taken_by_other = min(others)
+    others = {shard_of("t", k.encode(), 16) for k in keys} - {mine}
+    # one of them is leased to another task right now: not to be taken
+    taken_by_other = min(others)
+    with conn, conn.cursor() as cur:
         ((_, other_token),) = queue.claim(cur, [taken_by_other], 30)
     with conn, conn.cursor() as cur:
-        assert queue.renew(cur, owned, token, 30) == [mine]  # without adopt: its own only
-        now_owned = queue.renew(cur, owned, token, 30, adopt=True)
+        assert queue.renew(cur, [mine], token, 30) == [mine]  # without adopt: its own only
+        now_owned = queue.renew(cur, [mine], token, 30, adopt=True)
     assert set(now_owned) == {mine} | (others - {taken_by_other})
     with conn, conn.cursor() as cur:
         # the other task's claim is untouched; a stale token adopts nothing it holds
@@ -263,15 +267,15 @@ def test_a_lingering_task_leaves_shards_whose_rows_are_all_held(db_url, conn):
     queue = outbox_queue(get_settings())
     with conn, conn.cursor() as cur:
         queue.add_claims(cur, range(16))
-        publish(cur, "t", 1, key="held")
-        held = _shard_of_key(cur, queue, "held")
-        ((_, token),) = queue.claim(cur, [held], 30)
+    held, token = _publish_and_claim(conn, queue, "held")
+    free_key = next(
+        k for k in (f"f{n}" for n in range(99)) if shard_of("t", k.encode(), 16) != held
+    )
+    with conn, conn.cursor() as cur:
         # every pending row of the shard is held back: released as "all held"
         queue.release(cur, [held], token, held=[held])
-        publish(cur, "t", 0, key="free")
-        free = _shard_of_key(cur, queue, "free")
-    if free == held:
-        pytest.skip("the two keys hash to one shard")
+        publish(cur, "t", 0, key=free_key)
+    free = shard_of("t", free_key.encode(), 16)
     lingering = uuid.uuid4()
     with conn, conn.cursor() as cur:
         assert queue.renew(cur, [], lingering, 30, adopt=True) == [free]

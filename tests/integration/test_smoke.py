@@ -41,7 +41,7 @@ def echo(value):
     SEEN.append(value)
 
 
-def test_in_process_celery_worker_runs_a_task_over_rabbitmq(services, monkeypatch):
+def test_in_process_celery_worker_runs_a_task_over_rabbitmq(services, db_url, monkeypatch):
     queue = "smoke-" + uuid.uuid4().hex[:8]
     monkeypatch.setitem(app.conf, "broker_url", services["CELERY_BROKER_URL"])
     with start_worker(
