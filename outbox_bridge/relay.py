@@ -161,9 +161,10 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                             outcome.paused_topics[topic],
                         )
                 done = True
+                more = full or bool(outcome.paused_topics)  # other topics behind paused ones
                 if outcome.fatal:
                     queue.release(cur, owned, token, settings.pause_seconds)
-                elif clock.over(full):
+                elif clock.over(more):
                     queue.release(cur, owned, token)
                 else:
                     done = False  # more rows, or linger for the next ones

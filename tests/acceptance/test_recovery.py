@@ -185,7 +185,18 @@ def test_a_row_whose_transaction_commits_a_second_after_its_insert_is_found_at_o
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         publish(cur, topic, {"n": 1})
-        time.sleep(1.0)  # the transaction stays open after the sequence moved
+        cur.execute("SELECT clock_timestamp()")
+        (inserted,) = cur.fetchone()
+        # the transaction stays open until the watcher has read the moved sequence
+        # (and looked, finding nothing yet) a few times since the INSERT
+        wait_for(
+            lambda: query(db_url, "SELECT count(*) FROM pg_stat_activity"
+                                  " WHERE application_name = 'outbox-bridge watcher'"
+                                  " AND query_start > %s + interval '100 milliseconds'",
+                          (inserted,))[0][0],
+            10, "the watcher to look while the writer's transaction is open",
+        )  # fmt: skip
+        assert query(db_url, "SELECT count(*) FROM outbox_bridge.outbox")[0][0] == 0  # unseen
     c.close()
     kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer
 
