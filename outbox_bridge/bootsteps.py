@@ -103,15 +103,78 @@ class InboxConsumerStep(_LoopStep):
         return InboxConsumer(settings, rows).run, "outbox-bridge-inbox"
 
 
+class RetentionStep(_LoopStep):
+    """Forgets handled inbox messages after the dedupe window (see ``retention``)."""
+
+    flag = "without_retention"
+
+    def loop(self, worker):
+        from .config import get_settings
+        from .retention import Retention
+
+        settings = get_settings()
+        if settings.dedupe_window <= 0:
+            log.info("retention off (outbox_bridge_dedupe_window = 0)")
+            return None
+        return Retention(settings).run, "outbox-bridge-retention"
+
+
+class MetricsStep(bootsteps.StartStopStep):
+    """Serves Prometheus metrics on ``outbox_bridge_metrics_port`` (0: off)."""
+
+    requires = {"celery.worker.components:Pool", SchemaCheckStep}
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.server = None
+
+    def start(self, worker) -> None:
+        from .config import get_settings
+        from .contrib import metrics
+
+        settings = get_settings()
+        if settings.metrics_port:
+            self.server = metrics.serve(settings, settings.metrics_port, settings.metrics_address)
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_address,
+                     settings.metrics_port)  # fmt: skip
+
+    def stop(self, worker) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def _before_pool(**_) -> None:
+    # multiprocess metrics need their directory before the pool forks
+    from .config import get_settings
+    from .contrib import metrics
+
+    metrics.prepare_worker(get_settings())
+
+
+def _process_exits(**_) -> None:
+    import os
+
+    from .contrib import metrics
+
+    metrics.process_exited(os.getpid())
+
+
 def install(app: Celery) -> None:
-    """Add outbox-bridge's worker options and steps to ``app``."""
+    """Add outbox-bridge's worker options, steps and signal receivers to ``app``."""
+    from celery import signals
+
     for flag, what in (
         ("--without-outbox-watcher", "the outbox LISTEN watcher"),
         ("--without-inbox-consumer", "the Kafka inbox consumer"),
+        ("--without-retention", "the pruning of handled inbox messages"),
     ):
         app.user_options["worker"].add(
             Option([flag], is_flag=True, default=False, help=f"Do not run {what} in this worker.")
         )
-    app.steps["worker"].add(SchemaCheckStep)
-    app.steps["worker"].add(OutboxWatcherStep)
-    app.steps["worker"].add(InboxConsumerStep)
+    for step in (SchemaCheckStep, OutboxWatcherStep, InboxConsumerStep, RetentionStep,
+                 MetricsStep):  # fmt: skip
+        app.steps["worker"].add(step)
+    signals.worker_init.connect(_before_pool, weak=False)
+    signals.worker_process_shutdown.connect(_process_exits, weak=False)

@@ -165,16 +165,64 @@ def inbox() -> None:
     "--older-than",
     "days",
     type=float,
-    default=7.0,
-    show_default=True,
-    help="Days since the message was received.",
+    default=None,
+    help="Days since the message was received [default: outbox_bridge_dedupe_window].",
 )
-def inbox_prune(days: float) -> None:
+def inbox_prune(days: float | None) -> None:
     """Delete handled inbox messages (and their done deliveries) older than the cut-off.
 
-    The inbox is what deduplicates: keep it longer than any replay of the topics."""
-    count = ops.prune_inbox(get_settings(), days * 86400)
+    The worker does this by itself every outbox_bridge_prune_interval seconds. The
+    inbox is what deduplicates: keep it longer than any replay of the topics."""
+    settings = get_settings()
+    count = ops.prune_inbox(settings, settings.dedupe_window if days is None else days * 86400)
     click.echo(f"pruned {count} inbox messages")
+
+
+@main.command()
+@click.option("--live", "mode", flag_value="live", help="This worker's loops are alive.")
+@click.option("--ready", "mode", flag_value="ready",
+              help="The database (schema up to date) and Kafka answer.")  # fmt: skip
+@click.option("--max-age", default=60.0, show_default=True,
+              help="--live: seconds since a loop's last beat that count as alive.")  # fmt: skip
+@click.option("--timeout", default=5.0, show_default=True, help="--ready: seconds per check.")
+def health(mode: str | None, max_age: float, timeout: float) -> None:
+    """Probes for orchestrators: exit 0 when healthy, 1 when not (a line per check)."""
+    from . import health as probes
+
+    if mode is None:
+        raise click.UsageError("say --live or --ready")
+    settings = get_settings()
+    ok, lines = (
+        probes.live(settings, max_age) if mode == "live" else probes.ready(settings, timeout)
+    )
+    click.echo("\n".join(lines))
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--port", default=9808, show_default=True, help="Port of /metrics.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--once", is_flag=True, help="Print one scrape and exit.")
+def metrics(port: int, address: str, once: bool) -> None:
+    """Serve the Prometheus metrics read from the database (and the worker's counters
+    when PROMETHEUS_MULTIPROC_DIR names its directory) on their own."""
+    try:
+        from prometheus_client import generate_latest
+    except ImportError:
+        raise click.ClickException("pip install outbox-bridge[metrics]") from None
+    from .contrib import metrics as found
+
+    settings = get_settings()
+    if once:
+        click.echo(generate_latest(found.registry(settings)).decode(), nl=False)
+        return
+    server = found.serve(settings, port, address)
+    click.echo(f"metrics on http://{address}:{port}/metrics")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
 
 
 @main.command()

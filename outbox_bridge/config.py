@@ -68,6 +68,23 @@ class Settings:
     producer_config: dict[str, Any] = field(default_factory=dict)
     # dotted path of a callable(row) run before each row is produced; raising fails the row
     before_produce: str | None = None
+    # dotted path of a callable(DeadMessage) called once per message that becomes dead
+    dead_hook: str | None = None
+    # Retention: handled inbox messages (and their done deliveries) are forgotten after
+    # this many seconds, the window in which a message read again is not handled again
+    # (0: kept for ever). Size it to the topics' retention.ms (Kafka's default: 7 days).
+    dedupe_window: float = 7 * 86400.0
+    # the worker prunes every prune_interval seconds, prune_batch rows per transaction
+    prune_interval: float = 60.0
+    prune_batch: int = 5000
+    # Prometheus metrics served by the worker on this port (0: off; needs [metrics])
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    # a scrape counts at most this many rows per queue and state (the gauge saturates)
+    metrics_count_limit: int = 100_000
+    # where the worker's loops touch their heartbeat files for `outbox-bridge health --live`
+    # ("": <temp dir>/outbox-bridge-health-<schema>)
+    health_dir: str = ""
 
     @classmethod
     def from_conf(cls, conf: Any = None, environ: dict[str, str] | None = None) -> Settings:

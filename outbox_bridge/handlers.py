@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ from celery import Task
 
 from .celery import app
 from .config import Settings, get_settings
+from .contrib import metrics, tracing
 from .db import q, task_connection
 from .errors import DecodeError, OutboxBridgeError, TransientError
 from .linger import Linger
 from .message import JSONSerializer, Message, Serializer
 from .queue import Queue
 from .retrying import again_later, backoff, lease_for, reraise_database_error, transient_countdown
+from .signals import fire_dead
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,16 @@ def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
     with session_for(spec.session, cur.connection) as session:
         spec.func(message, session)
         session.flush()  # the ORM's pending writes join "done" in this transaction
+
+
+def _handle(spec: HandlerSpec, message: Message, cur: Any, queue: str) -> None:
+    """One handler call, in a trace span, timed."""
+    started = time.perf_counter()
+    try:
+        with tracing.processing(message, queue):
+            _call(spec, message, cur)
+    finally:
+        metrics.handler_seconds(queue, time.perf_counter() - started)
 
 
 # topic -> handlers, filled as handler modules are imported
@@ -109,10 +122,12 @@ def bury_deliveries(
     with conn, conn.cursor() as cur:
         # only deliveries that used up their own attempts; the others (their task ran
         # out of retries for another reason) are re-driven after their lease
-        count = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}", max_retries)
-    if count:
-        log.error("%d deliveries to %s are dead after their last retry: %s", count, handler, exc)
-    return count
+        dead = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}", max_retries)
+    if dead:
+        log.error("%d deliveries to %s are dead after their last retry: %s", len(dead), handler,
+                  exc)  # fmt: skip
+        fire_dead(dead)
+    return len(dead)
 
 
 def _decode_headers(stored: list) -> list[tuple[str, bytes | None]]:
@@ -235,14 +250,14 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None) ->
             )  # fmt: skip
             if not careful:
                 try:
-                    _call(spec, message, cur)
+                    _handle(spec, message, cur, task.name)
                 except Exception as exc:
                     raise _NeedsSavepoints() from exc
                 done.append(delivery_id)
                 continue
             cur.execute("SAVEPOINT outbox_bridge_delivery")
             try:
-                _call(spec, message, cur)
+                _handle(spec, message, cur, task.name)
                 cur.execute("RELEASE SAVEPOINT outbox_bridge_delivery")
                 done.append(delivery_id)
             except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
@@ -255,17 +270,24 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None) ->
             queue.hold(
                 cur, {**failed, **dead}, retry_token, lease_for(task, 0, settings.lease_seconds)
             )
-            queue.bury(cur, list(dead), retry_token, None)
+            buried = queue.bury(cur, list(dead), retry_token, None)
             if clock.over(len(ids) >= settings.batch_size):
                 queue.release(cur, owned, token)
                 result["released"] = True
         else:
             lease = lease_for(task, task.request.retries, settings.lease_seconds)
             queue.hold(cur, {**failed, **dead}, token, lease)
-            queue.bury(cur, list(dead), token, None)
+            buried = queue.bury(cur, list(dead), token, None)
             if done:  # released heads: the rows parked behind them go on now, in order
                 queue.unpark(cur, (key_of[i] for i in done))
                 queue.wake_shards(cur, (key_of[i][0] for i in done))
+    # committed
+    fire_dead(buried)
+    metrics.handled(task.name, len(done))
+    metrics.failed(task.name, len(failed))
+    metrics.batch(task.name, len(done) + len(failed) + len(dead))
+    if shards is None:
+        metrics.retried(task.name, len(done) + len(failed) + len(dead))
     result.update({"done": len(done), "failed": len(failed), "dead": len(dead), "batches": 1})
     if shards is not None:
         if failed:

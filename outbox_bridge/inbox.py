@@ -28,10 +28,13 @@ from confluent_kafka import (
 from psycopg2.extras import Json
 
 from .config import Settings
+from .contrib import metrics
 from .db import channel, connect, is_transient, q
+from .health import Heartbeat
 from .loops import run_forever
 from .message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
 from .outbox import shard_of
+from .signals import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +142,17 @@ def _timestamp(msg: Any) -> datetime | None:
         return None  # a producer's absurd timestamp is no reason to refuse the message
 
 
-def store(cur, settings: Settings, messages: list, broken: str | None = None) -> int:
+def store(
+    cur, settings: Settings, messages: list, broken: str | None = None,
+    dead: list[DeadMessage] | None = None,
+) -> int:  # fmt: skip
     """Write a batch to the inbox, with one delivery per registered handler of each
     message's topic; returns how many messages were new.
 
     ``broken``: the messages could not be stored as they are; store them
-    without headers, with dead deliveries that give this reason.
+    without headers, with dead deliveries that give this reason. ``dead``
+    collects the deliveries that are dead from the start (for ``fire_dead``
+    after the commit).
     """
     ids, problems = {}, {}
     cols: list[list[Any]] = [[] for _ in range(8)]
@@ -182,20 +190,32 @@ def store(cur, settings: Settings, messages: list, broken: str | None = None) ->
         ), strict=True):  # fmt: skip
             col.append(value)
     if rows[0]:
-        cur.execute(q(_INSERT_DELIVERIES, settings.schema), rows)
+        if problems and dead is not None:  # rare: the deliveries that are dead from the start
+            cur.execute(
+                q(_INSERT_DELIVERIES + f" RETURNING handler, state, {DEAD_COLUMNS}",
+                  settings.schema),
+                rows,
+            )  # fmt: skip
+            for handler, state, *found in cur.fetchall():
+                if state == "dead":
+                    dead += dead_messages(handler, [found])
+        else:
+            cur.execute(q(_INSERT_DELIVERIES, settings.schema), rows)
         if cur.rowcount:
             cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
     return len(new)
 
 
-def store_each(cur, settings: Settings, messages: list) -> int:
+def store_each(
+    cur, settings: Settings, messages: list, dead: list[DeadMessage] | None = None
+) -> int:
     """The slow path after a batch failed: one message at a time, so that one
     message the database refuses becomes a dead entry instead of stopping the loop."""
     stored = 0
     for msg in messages:
         cur.execute("SAVEPOINT outbox_bridge_message")
         try:
-            stored += store(cur, settings, [msg])
+            stored += store(cur, settings, [msg], dead=dead)
         except psycopg2.Error as exc:
             if is_transient(exc):
                 raise
@@ -204,7 +224,7 @@ def store_each(cur, settings: Settings, messages: list) -> int:
             log.warning(
                 "inbox: message %s/%d/%d %s", msg.topic(), msg.partition(), msg.offset(), reason
             )
-            stored += store(cur, settings, [msg], broken=reason)
+            stored += store(cur, settings, [msg], broken=reason, dead=dead)
         cur.execute("RELEASE SAVEPOINT outbox_bridge_message")
     return stored
 
@@ -227,10 +247,14 @@ class InboxConsumer:
         self.handlers = handlers  # (name, topic, max_retries) of this worker's handlers
         self.topics = sorted({topic for _name, topic, _retries in handlers})
         self.stored = 0  # new inbox rows written, for tests and logs
+        self.heartbeat = Heartbeat(settings, "consumer")
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, restarting with backoff after an error."""
-        run_forever(self._consume, stop, "inbox consumer")
+        try:
+            run_forever(self._consume, stop, "inbox consumer", self.heartbeat.beat)
+        finally:
+            self.heartbeat.remove()
 
     def _consume(self, stop: threading.Event) -> None:
         # made here, in the thread that uses it, after the worker forked
@@ -244,6 +268,7 @@ class InboxConsumer:
             consumer.subscribe(self.topics, on_assign=self._on_assign, on_lost=self._on_lost)
             log.info("inbox consumer (group %s) subscribed to %s", group, ", ".join(self.topics))
             while not stop.is_set():
+                self.heartbeat.beat()
                 batch = consume_batch(consumer, self.settings.batch_size, 0.5)
                 messages = []
                 for msg in batch:
@@ -254,15 +279,19 @@ class InboxConsumer:
                         log.warning("inbox consumer: %s", err)
                 if not messages:
                     continue
+                dead: list[DeadMessage] = []
                 try:
                     with conn, conn.cursor() as cur:
-                        self.stored += store(cur, self.settings, messages)
+                        self.stored += store(cur, self.settings, messages, dead=dead)
                 except psycopg2.Error as exc:
                     if is_transient(exc):
                         raise
                     # one message the database refuses as it is: find it, store it as dead
+                    dead = []
                     with conn, conn.cursor() as cur:
-                        self.stored += store_each(cur, self.settings, messages)
+                        self.stored += store_each(cur, self.settings, messages, dead)
+                fire_dead(dead)
+                metrics.consumed(messages)
                 # only now, after the database commit
                 commit_offsets(consumer, messages)
         finally:

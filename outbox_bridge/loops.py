@@ -16,9 +16,15 @@ MAX_DELAY = 30.0
 HEALTHY_AFTER = 60.0  # a run this long was healthy: the next restart is quick again
 
 
-def run_forever(body: Callable[[threading.Event], None], stop: threading.Event, what: str) -> None:
+def run_forever(
+    body: Callable[[threading.Event], None],
+    stop: threading.Event,
+    what: str,
+    beat: Callable[[], None] | None = None,
+) -> None:
     """Run ``body(stop)`` until ``stop`` is set; after an error, again with backoff
-    (which starts over after a healthy run)."""
+    (which starts over after a healthy run). ``beat``: the loop's heartbeat, also
+    touched while it waits to reconnect (it is alive, its service is not)."""
     delay = FIRST_DELAY
     while not stop.is_set():
         started = time.monotonic()
@@ -33,8 +39,18 @@ def run_forever(body: Callable[[threading.Event], None], stop: threading.Event, 
                             str(exc).strip(), delay)  # fmt: skip
             else:
                 log.exception("%s failed; restarting in %.1fs", what, delay)
-        stop.wait(delay)
+        _wait(stop, delay, beat)
         delay = min(delay * 2, MAX_DELAY)
+
+
+def _wait(stop: threading.Event, delay: float, beat: Callable[[], None] | None) -> None:
+    if beat is None:
+        stop.wait(delay)
+        return
+    until = time.monotonic() + delay
+    while not stop.is_set() and time.monotonic() < until:
+        beat()
+        stop.wait(min(1.0, until - time.monotonic()))
 
 
 class LoopThread:

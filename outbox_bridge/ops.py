@@ -241,23 +241,11 @@ def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
 
 
 def prune_inbox(settings: Settings, older_than_seconds: float) -> int:
-    """Forget inbox messages received before the cut-off whose deliveries are all done.
+    """Forget inbox messages received before the cut-off whose deliveries are all done
+    (what the worker's retention does after ``dedupe_window``; see ``retention``)."""
+    from .retention import prune
 
-    The inbox is the deduplication record: a message pruned here and consumed
-    again later (a rewound consumer group) would run its handlers again, so
-    keep more than the longest replay you expect.
-    """
-    with transaction(settings, "outbox-bridge prune") as cur:
-        cur.execute(
-            q(
-                "DELETE FROM {inbox} i WHERE i.received_at < now() - %s * interval '1s'"
-                " AND NOT EXISTS (SELECT 1 FROM {deliveries} d"
-                "  WHERE d.message_id = i.message_id AND d.state <> 'done')",
-                settings.schema,
-            ),
-            (older_than_seconds,),
-        )
-        return cur.rowcount
+    return prune(settings, older_than_seconds)
 
 
 def list_handlers(settings: Settings) -> list[dict]:

@@ -15,6 +15,7 @@ import psycopg2
 
 from . import adapters
 from .config import Settings, get_settings
+from .contrib import tracing
 from .db import connect, is_transient, text
 from .errors import MessageTooLarge
 from .message import (
@@ -58,7 +59,7 @@ def _row(
 ) -> tuple:
     check_topic(topic)
     key_bytes = encode_key(key)
-    stored_headers = encode_headers(headers)
+    stored_headers = tracing.inject(encode_headers(headers))
     data = (serializer or _json).dumps(value)
     size = record_size(key_bytes, data, stored_headers)
     if size > settings.max_message_bytes:

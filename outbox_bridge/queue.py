@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .db import channel, q
+from .signals import DEAD_COLUMNS, DeadMessage, dead_messages
 
 # {scope_X}: "AND X.handler = %(scope)s" for an inbox handler's queue, else "".
 
@@ -118,7 +119,8 @@ SELECT shard FROM mine
 
 # message id as text and empty headers as NULL: less to parse per row on the hot path
 _OUTBOX_COLUMNS = (
-    "o.id, o.message_id::text, o.topic, o.key, o.value, nullif(o.headers, '[]'::jsonb)"
+    "o.id, o.message_id::text, o.topic, o.key, o.value, nullif(o.headers, '[]'::jsonb),"
+    " extract(epoch FROM o.created_at)::float8"
 )
 
 
@@ -132,6 +134,8 @@ class Row:
     key: bytes | None
     value: bytes | None
     headers: list | None
+    # when the writer's transaction began (epoch seconds), for the latency metric
+    created_at: float | None = None
 
 
 def _row(r: tuple) -> Row:
@@ -144,6 +148,7 @@ def _row(r: tuple) -> Row:
         None if key is None else bytes(key),
         None if value is None else bytes(value),
         r[5],
+        r[6],
     )
 
 
@@ -461,7 +466,7 @@ class Queue:
             ),
             (list(ids), token),
         )
-        return [(_row(r[:6]), r[6], r[7]) for r in cur.fetchall()]
+        return [(_row(r[:7]), r[7], r[8]) for r in cur.fetchall()]
 
     def take_held(self, cur, ids: Sequence[int], token: Any) -> list[int]:
         """Ids of retrying rows still owned by ``token``, locked, in order."""
@@ -486,16 +491,17 @@ class Queue:
     def bury(
         self, cur, ids: Sequence[int], token: Any, error: str | None,
         max_retries: int | None = None,
-    ) -> int:  # fmt: skip
-        """Retrying rows of ``token`` become dead (idempotent); returns how many. With
-        ``max_retries``, only rows that failed more often than that."""
+    ) -> list[DeadMessage]:  # fmt: skip
+        """Retrying rows of ``token`` become dead (idempotent); returns those that did,
+        for ``signals.fire_dead`` after the commit. With ``max_retries``, only rows
+        that failed more often than that."""
         cur.execute(
             self._q(
                 "UPDATE {table} SET state = 'dead', dead_at = now(),"
                 " last_error = coalesce(last_error, %s), claim_token = NULL"
                 " WHERE id = ANY(%s) AND state = 'retrying' AND claim_token = %s"
-                " AND attempts > %s"
+                f" AND attempts > %s RETURNING {DEAD_COLUMNS}"
             ),
             (error, list(ids), token, -1 if max_retries is None else max_retries),
         )
-        return cur.rowcount
+        return dead_messages(self.scope or self.name, cur.fetchall())

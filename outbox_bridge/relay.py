@@ -14,6 +14,7 @@ PostgreSQL).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -21,6 +22,7 @@ from celery import Task, signals
 
 from .celery import app
 from .config import Settings, get_settings
+from .contrib import metrics, tracing
 from .db import drop_task_connection, q, task_connection, transaction
 from .errors import DeliveryFailed, TransientError
 from .linger import Linger
@@ -33,6 +35,7 @@ from .retrying import (
     reraise_database_error,
     transient_countdown,
 )
+from .signals import fire_dead
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
             relay = get_relay(settings)  # a new producer after a fatal error
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
+            sent: tuple | None = None  # (rows, outcome, acked at), for the metrics
             with conn, conn.cursor() as cur:
                 owned = queue.renew(cur, owned, token, settings.lease_seconds, clock.adopt)
                 if not owned:
@@ -138,7 +142,9 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     return stats
                 clock.busy()
                 stats["batches"] += 1
-                outcome: Outcome = relay.deliver(rows)
+                with tracing.sending(rows):
+                    outcome: Outcome = relay.deliver(rows)
+                sent = (rows, outcome, time.time())
                 queue.complete(cur, outcome.delivered)
                 by_id = {r.id: r for r in rows}
                 resume_topics(
@@ -168,6 +174,8 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     queue.release(cur, owned, token)
                 else:
                     done = False  # more rows, or linger for the next ones
+            if sent is not None:  # committed
+                _record("outbox", *sent)
             if retry_ids:
                 enqueue_retry(retry_ids, retry_token, retries=1, countdown=backoff(retry, 0))
             if done:
@@ -179,6 +187,13 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
         # a bug must not hold the shards for a whole lease; the error still shows in Flower
         _release_quietly(queue, owned, token, settings)
         raise
+
+
+def _record(queue: str, rows: list, outcome: Outcome, acked_at: float) -> None:
+    metrics.batch(queue, len(rows))
+    ids = set(outcome.delivered)
+    metrics.delivered((r for r in rows if r.id in ids), acked_at)
+    metrics.failed(queue, len(outcome.failed))
 
 
 def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Settings) -> None:
@@ -216,12 +231,13 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     with transaction(settings, "outbox-bridge bury") as cur:
         # only rows that used up their own attempts: a row whose task ran out of
         # retries for another reason is re-driven by the watcher after its lease
-        count = outbox_queue(settings).bury(
+        dead = outbox_queue(settings).bury(
             cur, ids, token, f"{type(exc).__name__}: {exc}", max_retries=settings.max_retries
         )
-    if count:
-        log.error("%d outbox rows are dead after their last retry: %s", count, exc)
-    return count
+    if dead:
+        log.error("%d outbox rows are dead after their last retry: %s", len(dead), exc)
+        fire_dead(dead)
+    return len(dead)
 
 
 @app.task(
@@ -249,7 +265,9 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
                 return {"delivered": 0, "stale": True}
             rows = [row for row, _attempts, _shard in held]
             shard_of = {row.id: shard for row, _attempts, shard in held}
-            outcome = relay.deliver(rows)
+            with tracing.sending(rows):
+                outcome = relay.deliver(rows)
+            acked_at = time.time()
             by_id = {row.id: row for row in rows}
             queue.unpark(
                 cur, [(shard_of[i], by_id[i].topic, by_id[i].key) for i in outcome.delivered]
@@ -278,6 +296,8 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
             again_later(self, transient_countdown(settings.pause_seconds), transient)
             return {"delivered": 0, "transient": True}
         raise
+    metrics.retried("outbox", len(rows))
+    _record("outbox", rows, outcome, acked_at)
     if later and not failed:
         # the topic or the producer is away: try again later without spending a retry
         again_later(self, pause, "topic paused")

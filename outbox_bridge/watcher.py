@@ -24,9 +24,11 @@ from psycopg2 import sql
 
 from .config import Settings
 from .db import connect, q
+from .health import BEAT_EVERY, Heartbeat
 from .loops import run_forever
 from .outbox import prune_receipts
 from .queue import Queue
+from .signals import fire_dead
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +163,14 @@ class Watcher:
         self.idle: bool | None = None  # as the flag stands; None: write it at the first look
         self._quiet_since: float | None = None
         self._busy_until: dict[str, float] = {}  # queue -> until when it counts as busy
+        self.heartbeat = Heartbeat(settings, "watcher")
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set, reconnecting with backoff when PostgreSQL goes away."""
-        run_forever(self._watch, stop, "watcher")
+        try:
+            run_forever(self._watch, stop, "watcher", self.heartbeat.beat)
+        finally:
+            self.heartbeat.remove()
 
     def _watch(self, stop: threading.Event) -> None:
         conn = connect(self.settings, autocommit=True, name="outbox-bridge watcher")
@@ -180,6 +186,7 @@ class Watcher:
                 next_full = 0.0  # the next look at every queue
                 look: str | None = "all"
                 while not stop.is_set():
+                    self.heartbeat.beat()
                     if look == "all" or time.monotonic() >= next_full:
                         self.dispatch(cur)
                         # busy: look again soon; the inbox NOTIFYs once per batch only
@@ -187,7 +194,7 @@ class Watcher:
                         next_full = time.monotonic() + pause
                     elif look == "outbox":
                         self.dispatch(cur, self.sources[:1])
-                    wait = max(0.0, next_full - time.monotonic())
+                    wait = min(BEAT_EVERY, max(0.0, next_full - time.monotonic()))
                     if sequence is not None:
                         wait = min(wait, poll)
                     if not conn.notifies:
@@ -296,7 +303,7 @@ class Watcher:
             cur, self.settings.lease_seconds
         ):
             if attempts > source.max_retries:
-                source.queue.bury(cur, [row_id], token, None)
+                fire_dead(source.queue.bury(cur, [row_id], token, None))  # autocommit
                 continue
             try:
                 source.retry_task.apply_async(([row_id], str(token)), retries=attempts)

@@ -36,8 +36,8 @@ def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
         topic_chained = chained
         db_url = db_url_
 
-        def start(self, concurrency=2, args_extra=(), **extra):
-            args = ("--include", "tests.handlers_app", *args_extra)
+        def start(self, concurrency=2, args_extra=(), include=(), **extra):
+            args = ("--include", ",".join(("tests.handlers_app", *include)), *args_extra)
             return start_worker(concurrency, args, **extra)
 
         def query(self, sql, params=()):

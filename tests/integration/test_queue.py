@@ -109,10 +109,13 @@ def test_burying_needs_the_current_retry_token_and_is_idempotent(db_url, conn):
         (row_id,) = cur.fetchone()
         token = uuid.uuid4()
         queue.hold(cur, {row_id: "E: first"}, token, 30)
-        assert queue.bury(cur, [row_id], uuid.uuid4(), "stale") == 0
-        assert queue.bury(cur, [row_id], token, "last") == 1
-        assert queue.bury(cur, [row_id], token, "again") == 0
+        assert queue.bury(cur, [row_id], uuid.uuid4(), "stale") == []
+        (dead,) = queue.bury(cur, [row_id], token, "last")
+        assert queue.bury(cur, [row_id], token, "again") == []
     assert [(r[3], r[4], r[5]) for r in rows(db_url)] == [("dead", 1, "E: first")]
+    # what the message_dead signal gets
+    assert (dead.queue, dead.id, dead.topic, dead.key, dead.attempts, dead.last_error) == (
+        "outbox", row_id, "t", b"a", 1, "E: first")  # fmt: skip
 
 
 def test_a_task_out_of_retries_buries_only_rows_that_used_up_their_own_attempts(db_url, conn):
@@ -128,7 +131,9 @@ def test_a_task_out_of_retries_buries_only_rows_that_used_up_their_own_attempts(
         queue.hold(cur, {ids[0]: "E: once"}, token, 30)  # attempts 1
         for _ in range(3):
             queue.hold(cur, {ids[1]: "E: often"}, token, 30)  # attempts 3
-        assert queue.bury(cur, ids, token, "out of retries", max_retries=2) == 1
+        assert [d.id for d in queue.bury(cur, ids, token, "out of retries", max_retries=2)] == [
+            ids[1]
+        ]
     assert [(r[3], r[4]) for r in rows(db_url)] == [("retrying", 1), ("dead", 3)]
 
 

@@ -1,0 +1,363 @@
+"""Prometheus metrics (``pip install outbox-bridge[metrics]``).
+
+Counters and histograms are recorded where things happen: publish and handler
+tasks in the pool's processes, the watcher and the inbox consumer in the
+worker's main process. They use prometheus_client's multiprocess mode, so a
+scrape adds up every process: the worker sets ``PROMETHEUS_MULTIPROC_DIR`` (a
+directory of its own, emptied at start) before its pool starts, and a pool
+process that exits is marked dead. Nothing is recorded unless that variable
+is set (``outbox_bridge_metrics_port`` > 0, or your own multiprocess setup).
+
+Gauges that need a query (rows per state, oldest pending age, blocked keys,
+paused topics) are read from PostgreSQL at scrape time, each count bounded by
+``metrics_count_limit`` rows and the whole scrape by a statement timeout;
+consumer lag is sampled from Kafka in the background every 15 s, so a scrape
+never waits for Kafka.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LAG_EVERY = 15.0
+
+_metrics: Any = None  # the metric objects once on; False: off
+
+
+def _on() -> Any:
+    global _metrics
+    if _metrics is None:
+        _metrics = _make() if os.environ.get(MULTIPROC_ENV) else False
+    return _metrics
+
+
+def _make() -> Any:
+    try:
+        from prometheus_client import Counter, Histogram
+    except ImportError:
+        log.warning("%s is set but prometheus-client is not installed: no metrics", MULTIPROC_ENV)
+        return False
+
+    class M:
+        published = Counter("outbox_bridge_published", "Outbox messages Kafka acknowledged",
+                            ["topic"])  # fmt: skip
+        failed = Counter(
+            "outbox_bridge_failed_attempts",
+            "Failed attempts: outbox rows Kafka refused, deliveries whose handler raised",
+            ["queue"],
+        )
+        retried = Counter(
+            "outbox_bridge_retried", "Rows and deliveries attempted again by a retry task",
+            ["queue"],
+        )  # fmt: skip
+        dead = Counter("outbox_bridge_dead", "Messages that became dead", ["queue"])
+        handled = Counter(
+            "outbox_bridge_handled", "Deliveries handled (the handler's writes committed)",
+            ["queue"],
+        )  # fmt: skip
+        consumed = Counter(
+            "outbox_bridge_consumed",
+            "Kafka messages the inbox consumer committed to the inbox",
+            ["topic"],
+        )
+        pruned = Counter("outbox_bridge_pruned", "Handled inbox messages forgotten by retention")
+        latency = Histogram(
+            "outbox_bridge_commit_to_ack_seconds",
+            "From the writer's transaction to Kafka's acknowledgement of the message",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        batch = Histogram(
+            "outbox_bridge_batch_size", "Rows per batch of a publish or handler task", ["queue"],
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000),
+        )  # fmt: skip
+        handler_seconds = Histogram(
+            "outbox_bridge_handler_seconds", "Time a handler took for one message", ["queue"]
+        )
+
+    return M
+
+
+# -- recording (no-ops while off) ----------------------------------------------
+def delivered(rows: Iterable[Any], acked_at: float) -> None:
+    """Outbox rows Kafka acknowledged at ``acked_at`` (epoch seconds), committed."""
+    m = _on()
+    if not m:
+        return
+    per_topic: dict[str, int] = {}
+    for row in rows:
+        per_topic[row.topic] = per_topic.get(row.topic, 0) + 1
+        if row.created_at is not None:
+            m.latency.observe(max(0.0, acked_at - row.created_at))
+    for topic, n in per_topic.items():
+        m.published.labels(topic).inc(n)
+
+
+def failed(queue: str, n: int) -> None:
+    if n and (m := _on()):
+        m.failed.labels(queue).inc(n)
+
+
+def retried(queue: str, n: int) -> None:
+    if n and (m := _on()):
+        m.retried.labels(queue).inc(n)
+
+
+def dead(messages: Iterable[Any]) -> None:
+    if m := _on():
+        for message in messages:
+            m.dead.labels(message.queue).inc()
+
+
+def handled(queue: str, n: int) -> None:
+    if n and (m := _on()):
+        m.handled.labels(queue).inc(n)
+
+
+def batch(queue: str, n: int) -> None:
+    if n and (m := _on()):
+        m.batch.labels(queue).observe(n)
+
+
+def handler_seconds(queue: str, seconds: float) -> None:
+    if m := _on():
+        m.handler_seconds.labels(queue).observe(seconds)
+
+
+def consumed(messages: Iterable[Any]) -> None:
+    if m := _on():
+        per_topic: dict[str, int] = {}
+        for msg in messages:
+            per_topic[msg.topic()] = per_topic.get(msg.topic(), 0) + 1
+        for topic, n in per_topic.items():
+            m.consumed.labels(topic).inc(n)
+
+
+def pruned(n: int) -> None:
+    if n and (m := _on()):
+        m.pruned.inc(n)
+
+
+# -- the worker's side -----------------------------------------------------------
+def prepare_worker(settings: Settings) -> str | None:
+    """Before the pool starts: multiprocess mode in a fresh directory (the one in
+    ``PROMETHEUS_MULTIPROC_DIR``, emptied, or a new one). None while metrics are off."""
+    global _metrics
+    if not settings.metrics_port:
+        return None
+    path = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="outbox-bridge-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.db")):  # a former run's counts
+        os.remove(stale)
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        from prometheus_client import values
+
+        # imported before the variable was set (by some library): choose again
+        values.ValueClass = values.get_value_class()
+    except ImportError:
+        pass
+    _metrics = None
+    return path
+
+
+def process_exited(pid: int) -> None:
+    """A pool process exits: its live gauges go (its counters still count)."""
+    if os.environ.get(MULTIPROC_ENV):
+        try:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)
+        except ImportError:
+            pass
+
+
+def registry(settings: Settings, database: bool = True) -> Any:
+    """A registry with every process's counters (multiprocess mode) and, with
+    ``database``, the gauges read from PostgreSQL and Kafka at scrape time."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    found = CollectorRegistry()
+    if os.environ.get(MULTIPROC_ENV):
+        MultiProcessCollector(found)
+    if database:
+        found.register(DatabaseCollector(settings))
+    return found
+
+
+def serve(settings: Settings, port: int, address: str, database: bool = True):
+    """Serve /metrics on ``address:port`` in a thread; returns the server (``shutdown()``)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, address, registry(settings, database))
+    return server
+
+
+# -- gauges read at scrape time ----------------------------------------------------
+_STATES = ("pending", "waiting", "retrying", "dead")
+# one literal state per count: each uses that state's partial index
+_COUNTS = " UNION ALL ".join(
+    f"SELECT '{state}', count(*) FROM (SELECT 1 FROM {{table}} o WHERE o.state = '{state}'"
+    f" {{scope}} LIMIT %(cap)s) x"
+    for state in _STATES
+)
+_OLDEST = """
+SELECT extract(epoch FROM now() - min(x.created_at))
+FROM generate_series(0, %(shards)s - 1) s(shard)
+CROSS JOIN LATERAL (SELECT o.created_at FROM {table} o
+                    WHERE o.shard = s.shard AND o.state = 'pending' {scope}
+                    ORDER BY o.id LIMIT 1) x
+"""
+_BLOCKED = """
+SELECT count(*) FROM (SELECT 1 FROM {table} o WHERE o.state IN ('retrying', 'dead') {scope}
+                      AND o.key IS NOT NULL LIMIT %(cap)s) x
+"""
+
+
+class DatabaseCollector:
+    """Gauges read from PostgreSQL when Prometheus scrapes (see the module doc)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.conn = None
+        self.lock = threading.Lock()
+        self.lag: list[dict] = []
+        self.lag_thread: threading.Thread | None = None
+
+    def describe(self) -> list:
+        return []  # computed on scrape: nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        started = time.monotonic()
+        up = GaugeMetricFamily("outbox_bridge_database_up",
+                               "Whether the scrape could read the database")  # fmt: skip
+        with self.lock:
+            try:
+                families = self._read()
+                up.add_metric([], 1)
+            except Exception as exc:  # noqa: BLE001 - a scrape must answer anyway
+                log.warning("metrics: cannot read the database: %s", str(exc).strip())
+                self._drop()
+                families = []
+                up.add_metric([], 0)
+        yield up
+        yield from families
+        yield from self._lag_families()
+        took = GaugeMetricFamily("outbox_bridge_scrape_seconds",
+                                 "Time the last scrape took to read the database")  # fmt: skip
+        took.add_metric([], time.monotonic() - started)
+        yield took
+
+    def _cursor(self):
+        from ..db import connect
+
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.settings, autocommit=True, name="outbox-bridge metrics")
+            with self.conn.cursor() as cur:
+                cur.execute("SET statement_timeout = '5s'")
+        return self.conn.cursor()
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
+
+    def _read(self) -> list:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ..db import q
+
+        schema = self.settings.schema
+        rows = GaugeMetricFamily(
+            "outbox_bridge_rows",
+            "Rows per queue and state (exact up to outbox_bridge_metrics_count_limit)",
+            labels=["queue", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "outbox_bridge_oldest_pending_seconds",
+            "Age of the oldest pending row per queue",
+            labels=["queue"],
+        )
+        blocked = GaugeMetricFamily("outbox_bridge_blocked_keys",
+                                    "Keys held back by a retrying or dead head, per queue",
+                                    labels=["queue"])  # fmt: skip
+        paused = GaugeMetricFamily("outbox_bridge_topic_paused",
+                                   "1 while the circuit breaker pauses the topic",
+                                   labels=["topic"])  # fmt: skip
+        pauses = GaugeMetricFamily("outbox_bridge_topic_pauses",
+                                   "Consecutive pauses of the topic (breaker state)",
+                                   labels=["topic"])  # fmt: skip
+        params = {"cap": self.settings.metrics_count_limit, "shards": self.settings.shards}
+        with self._cursor() as cur:
+            cur.execute(q("SELECT name FROM {handlers} ORDER BY name", schema))
+            queues = [("outbox", "outbox", None)] + [
+                (name, "deliveries", name) for (name,) in cur.fetchall()
+            ]
+            for queue, table, handler in queues:
+                scope = "AND o.handler = %(handler)s" if handler else ""
+                args = {**params, "handler": handler}
+                for template, family in ((_COUNTS, rows), (_OLDEST, oldest), (_BLOCKED, blocked)):
+                    text = template.replace("{table}", "{" + table + "}").replace("{scope}", scope)
+                    cur.execute(q(text, schema), args)
+                    if family is rows:
+                        for state, n in cur.fetchall():
+                            family.add_metric([queue, state], n)
+                        continue
+                    (value,) = cur.fetchone()
+                    if value is not None:
+                        family.add_metric([queue], float(value))
+            cur.execute(q("SELECT topic, until > now(), pauses FROM {topic_pauses}", schema))
+            for topic, active, n in cur.fetchall():
+                paused.add_metric([topic], 1 if active else 0)
+                pauses.add_metric([topic], n)
+        self._start_lag()
+        return [rows, oldest, blocked, paused, pauses]
+
+    # consumer lag: sampled in a thread, so a scrape never waits for Kafka
+    def _start_lag(self) -> None:
+        if self.lag_thread is None:
+            self.lag_thread = threading.Thread(target=self._sample_lag, daemon=True,
+                                               name="outbox-bridge metrics lag")  # fmt: skip
+            self.lag_thread.start()
+
+    def _sample_lag(self) -> None:
+        from ..db import q, transaction
+        from ..inbox import consumer_group
+        from ..ops import consumer_lag
+
+        while True:
+            try:
+                with transaction(self.settings, "outbox-bridge metrics lag") as cur:
+                    cur.execute(q("SELECT DISTINCT topic FROM {handlers}", self.settings.schema))
+                    topics = [r[0] for r in cur.fetchall()]
+                    group = consumer_group(cur, self.settings)
+                self.lag = consumer_lag(self.settings, group, topics)
+            except Exception as exc:  # noqa: BLE001 - the last sample stays
+                log.info("metrics: consumer lag not sampled now: %s", exc)
+            time.sleep(LAG_EVERY)
+
+    def _lag_families(self) -> list:
+        from prometheus_client.core import GaugeMetricFamily
+
+        lag = GaugeMetricFamily("outbox_bridge_consumer_lag",
+                                "Messages the inbox consumer group has not committed yet",
+                                labels=["topic", "partition"])  # fmt: skip
+        for p in self.lag:
+            lag.add_metric([p["topic"], str(p["partition"])], p["lag"])
+        return [lag]

@@ -1,0 +1,97 @@
+"""Probes for orchestrators: ``outbox-bridge health --live`` and ``--ready``.
+
+Live: each long-running loop of the worker (the watcher, the inbox consumer,
+retention) touches a heartbeat file of its own at least every second while it
+runs, also while it waits to reconnect; a loop that hangs stops touching it.
+A stopped worker removes its files. Ready: the database answers, its schema has
+every migration this version needs, and Kafka answers a metadata request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+from .config import Settings
+
+BEAT_EVERY = 1.0
+
+
+def health_dir(settings: Settings) -> Path:
+    if settings.health_dir:
+        return Path(settings.health_dir)
+    return Path(tempfile.gettempdir()) / f"outbox-bridge-health-{settings.schema}"
+
+
+class Heartbeat:
+    """The heartbeat file of one loop: ``beat()`` as often as you like."""
+
+    def __init__(self, settings: Settings, name: str):
+        self.path = health_dir(settings) / name
+        self.last = 0.0
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self.last < BEAT_EVERY:
+            return
+        self.last = now
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        except OSError:
+            pass  # a read-only disk must not stop the loop; the probe then says so
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def live(settings: Settings, max_age: float) -> tuple[bool, list[str]]:
+    """Whether every loop with a heartbeat file touched it in the last ``max_age``
+    seconds (and at least one has one); with a line per loop."""
+    found = sorted(health_dir(settings).glob("*")) if health_dir(settings).is_dir() else []
+    if not found:
+        return False, [f"no outbox-bridge loop runs here (no heartbeat in {health_dir(settings)})"]
+    lines, ok = [], True
+    now = time.time()
+    for path in found:
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:
+            continue  # removed by a stopping worker just now
+        fresh = age <= max_age
+        ok = ok and fresh
+        lines.append(f"{path.name}: {'alive' if fresh else 'STALE'}, last beat {age:.1f}s ago")
+    return ok, lines
+
+
+def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
+    """Whether the database answers with an up-to-date schema and Kafka answers."""
+    import psycopg2
+    from confluent_kafka.admin import AdminClient
+
+    from .migrate import pending
+
+    lines, ok = [], True
+    try:
+        missing = pending(settings)
+        if missing:
+            ok = False
+            lines.append(f"database: migrations pending: {', '.join(missing)}")
+        else:
+            lines.append("database: answers, schema up to date")
+    except psycopg2.Error as exc:
+        ok = False
+        lines.append(f"database: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+    admin = AdminClient(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.timeout.ms": 3000}
+    )
+    try:
+        meta = admin.list_topics(timeout=timeout)
+        lines.append(f"kafka: answers ({len(meta.brokers)} brokers)")
+    except Exception as exc:  # noqa: BLE001 - KafkaException: no answer in time
+        ok = False
+        lines.append(f"kafka: no answer in {timeout:.0f}s ({exc})")
+    return ok, lines

@@ -1,0 +1,112 @@
+"""Retention: the worker forgets handled inbox messages after the dedupe window.
+
+The inbox is what deduplicates: a message read again from Kafka (a consumer
+group rewound, a partition re-read after a crash) is recognised by its id and
+not handled again, for as long as its inbox row exists. Rows whose deliveries
+are all done are deleted ``dedupe_window`` seconds after they were received,
+with their done deliveries; a message read again after that is handled again.
+Size the window to the topics' own ``retention.ms`` (7 days by default), past
+which Kafka cannot hand the message out again anyway. Messages with a
+delivery that is not done (pending, retrying, dead) stay; dead ones until
+``outbox-bridge dead purge``.
+
+Pruning walks the inbox in id order, ``prune_batch`` rows per short
+transaction (no long locks, no table scan: each batch reads the next rows of
+the primary key), and stops at the first row inside the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .config import Settings
+from .contrib import metrics
+from .db import connect, q
+from .health import Heartbeat
+from .loops import run_forever
+
+log = logging.getLogger(__name__)
+
+# The next rows after ``after``; those received before the window whose
+# deliveries are all done go, with their deliveries (ON DELETE CASCADE).
+_BATCH = """
+WITH batch AS (
+    SELECT i.id, i.message_id, i.received_at < now() - %(window)s * interval '1s' AS old
+    FROM {inbox} i WHERE i.id > %(after)s ORDER BY i.id LIMIT %(limit)s
+), gone AS (
+    DELETE FROM {inbox} i USING batch n
+    WHERE i.id = n.id AND n.old
+      AND NOT EXISTS (SELECT 1 FROM {deliveries} d
+                      WHERE d.message_id = n.message_id AND d.state <> 'done')
+    RETURNING i.id
+)
+SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM gone),
+       coalesce((SELECT bool_and(old) FROM batch), false)
+"""
+
+
+def prune(
+    settings: Settings,
+    window: float | None = None,
+    stop: threading.Event | None = None,
+    beat=None,
+) -> int:
+    """Delete handled inbox messages received more than ``window`` seconds ago
+    (default: the ``dedupe_window`` setting), batch by batch; returns how many."""
+    window = settings.dedupe_window if window is None else window
+    total, after = 0, 0
+    conn = connect(settings, autocommit=True, name="outbox-bridge retention")
+    try:
+        with conn.cursor() as cur:
+            # one pruner at a time per schema (every worker runs one); the others skip
+            # the round, the command waits
+            lock = f"pg_{'try_' if stop is not None else ''}advisory_lock"
+            cur.execute(f"SELECT {lock}(hashtext(%s))", (f"outbox_bridge.prune:{settings.schema}",))
+            if cur.fetchone()[0] is False:
+                return 0
+            while stop is None or not stop.is_set():
+                if beat is not None:
+                    beat()
+                cur.execute(
+                    q(_BATCH, settings.schema),
+                    {"window": window, "after": after, "limit": settings.prune_batch},
+                )
+                last, gone, all_old = cur.fetchone()
+                total += gone
+                metrics.pruned(gone)
+                if last is None or not all_old:
+                    break  # the end, or rows inside the window: the rest are newer
+                after = last
+    finally:
+        conn.close()
+    return total
+
+
+class Retention:
+    """The worker's pruning loop: ``prune`` every ``prune_interval`` seconds."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.pruned = 0
+        self.heartbeat = Heartbeat(settings, "retention")
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            run_forever(self._loop, stop, "retention", self.heartbeat.beat)
+        finally:
+            self.heartbeat.remove()
+
+    def _loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            count = prune(self.settings, stop=stop, beat=self.heartbeat.beat)
+            self.pruned += count
+            if count:
+                log.info("retention: forgot %d handled inbox messages in %.1fs", count,
+                         time.monotonic() - started)  # fmt: skip
+            until = time.monotonic() + self.settings.prune_interval
+            while not stop.is_set() and time.monotonic() < until:
+                self.heartbeat.beat()
+                stop.wait(min(1.0, until - time.monotonic()))
