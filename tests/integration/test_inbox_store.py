@@ -134,6 +134,33 @@ def test_prune_forgets_only_old_fully_handled_messages(conn):
         assert cur.fetchone() == (2,)
 
 
+def test_retention_prunes_in_batches_past_kept_rows_and_stops_at_the_window(conn):
+    import dataclasses
+
+    from outbox_bridge.retention import prune
+
+    settings = dataclasses.replace(get_settings(), prune_batch=3)
+    with conn, conn.cursor() as cur:
+        register_handlers(cur, settings, [("h", "t", 5)])
+        store(cur, settings, [FakeMessage(i) for i in range(15)])
+        cur.execute("UPDATE outbox_bridge.deliveries SET state = 'done'")
+        # 0-11 are older than the window; 4 and 9 have a dead delivery, 7 a retrying one
+        cur.execute("UPDATE outbox_bridge.inbox SET received_at = now() - interval '2 days'"
+                    ' WHERE "offset" < 12')  # fmt: skip
+        cur.execute(
+            'UPDATE outbox_bridge.deliveries d SET state = CASE i."offset" WHEN 7'
+            " THEN 'retrying' ELSE 'dead' END FROM outbox_bridge.inbox i"
+            ' WHERE i.message_id = d.message_id AND i."offset" IN (4, 7, 9)'
+        )
+    assert prune(settings, 86400) == 9  # in batches of 3, past the kept rows
+    with conn, conn.cursor() as cur:
+        cur.execute('SELECT "offset" FROM outbox_bridge.inbox ORDER BY 1')
+        assert [r[0] for r in cur.fetchall()] == [4, 7, 9, 12, 13, 14]
+        cur.execute("SELECT count(*) FROM outbox_bridge.deliveries")
+        assert cur.fetchone() == (6,)
+    assert prune(settings, 86400) == 0
+
+
 def test_the_default_consumer_group_is_derived_from_the_inbox_database(conn, db_url):
     from outbox_bridge.config import Settings
     from outbox_bridge.inbox import consumer_group
