@@ -42,6 +42,8 @@ from .queue import Queue
 from .watcher import SequenceWatch
 
 BENCH_DB = "outbox_bridge_bench"
+SCRAPE_ROWS = 1_000_000  # pending rows while the metrics scrape is timed
+PRUNE_ROWS = 300_000  # old handled inbox messages the worker prunes during end to end
 
 
 @dataclass
@@ -200,10 +202,10 @@ class Bench:
         }
 
     @contextmanager
-    def worker(self, *args: str, poll_interval: str | None = None):
+    def worker(self, *args: str, poll_interval: str | None = None, env: dict | None = None):
         """``celery -A outbox_bridge worker`` for the bench database; yields when ready."""
         log = self.logdir / f"worker-{time.monotonic_ns()}.log"
-        env = self.env()
+        env = {**self.env(), **(env or {})}
         if poll_interval:
             env["OUTBOX_BRIDGE_POLL_INTERVAL"] = poll_interval
         with open(log, "wb") as out:
@@ -463,7 +465,7 @@ class Bench:
                         "the inbox consumer's first message", timeout=120)  # fmt: skip
         self.sql("TRUNCATE bench_done")
 
-    def end_to_end(self) -> dict[str, Any]:
+    def end_to_end(self, *args: str, env: dict | None = None) -> dict[str, Any]:
         """The pipeline's throughput: a backlog committed in one transaction while the
         worker runs, through the relay, Kafka, the inbox and a handler that inserts
         one row per message; from the commit to the last handled message. (Through
@@ -471,7 +473,7 @@ class Bench:
         count = self.opts.e2e_count
         say(f"end to end: {count} messages through Kafka, the inbox and a handler")
         out: dict[str, Any] = {}
-        with self.worker("--include", "outbox_bridge.bench_handlers") as proc:
+        with self.worker("--include", "outbox_bridge.bench_handlers", *args, env=env) as proc:
             self._consumer_ready()
             profile = self._statements_reset() and "db_profile_end_to_end" not in self.results
             with rss_peaks(proc.pid, out):
@@ -496,6 +498,118 @@ class Bench:
             self.results["db_profile_end_to_end"] = self._statements_top()
         return {"messages": done, "seconds": round(elapsed, 2), "rate": round(done / elapsed),
                 **out}  # fmt: skip
+
+    # -- operations (issue 12) ------------------------------------------------------
+    def autocommit(self, statement: str) -> None:
+        conn = connect(self.settings, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(q(statement, self.settings.schema))
+        finally:
+            conn.close()
+
+    def metrics_scrape(self) -> dict[str, Any]:
+        """What a scrape of the database gauges costs with a backlog of SCRAPE_ROWS
+        pending rows: fresh, and after VACUUM; with the default count limit and
+        counting every row."""
+        from .contrib.metrics import DatabaseCollector
+
+        say(f"metrics scrape: {SCRAPE_ROWS} pending rows, no worker")
+        self.fill(self.topic("scrape"), SCRAPE_ROWS, bulk=True)
+        out: dict[str, Any] = {"pending": SCRAPE_ROWS}
+        for when in ("fresh", "vacuumed"):
+            if when == "vacuumed":
+                self.autocommit("VACUUM ANALYZE {outbox}")
+            for label, cap in (("limited", self.settings.metrics_count_limit),
+                               ("exact", 2 * SCRAPE_ROWS)):  # fmt: skip
+                collector = DatabaseCollector(
+                    replace(self.settings, metrics_count_limit=cap), lag=False
+                )
+                times, reported = [], None
+                for _ in range(10):
+                    t0 = time.perf_counter()
+                    families = list(collector.collect())
+                    times.append((time.perf_counter() - t0) * 1000)
+                for family in families:
+                    for sample in family.samples:
+                        if sample.name == "outbox_bridge_rows" and sample.labels == {
+                            "queue": "outbox", "state": "pending"}:  # fmt: skip
+                            reported = sample.value
+                collector.close()
+                out[f"{when}_{label}"] = {
+                    "median_ms": round(statistics.median(times), 1),
+                    "max_ms": round(max(times), 1), "pending_reported": reported,
+                }  # fmt: skip
+        return out
+
+    def _old_inbox(self, rows: int) -> None:
+        """``rows`` handled inbox messages, received 8 days ago: what retention prunes."""
+        self.sql("TRUNCATE {inbox} CASCADE")
+        self.sql(
+            "INSERT INTO {inbox} (message_id, topic, \"partition\", \"offset\", value,"
+            " received_at) SELECT gen_random_uuid(), 'bench.old', 0, g,"
+            " convert_to(repeat('x', %s), 'UTF8'), now() - interval '8 days'"
+            " FROM generate_series(1, %s) g",
+            (self.opts.size, rows),
+        )  # fmt: skip
+        self.sql(
+            "INSERT INTO {deliveries} (message_id, handler, topic, shard, state, done_at)"
+            " SELECT message_id, 'outbox.bench.record', topic, 0, 'done', now() FROM {inbox}"
+        )
+        self.autocommit("VACUUM ANALYZE {inbox}")
+        self.autocommit("VACUUM ANALYZE {deliveries}")
+
+    def prune_cost(self) -> dict[str, Any]:
+        """End to end with the worker pruning PRUNE_ROWS old handled messages at full
+        speed beside it (prune_interval 0.1 s), against the same run with retention
+        off; interleaved rounds."""
+        runs: dict[str, list[dict[str, Any]]] = {"off": [], "pruning": []}
+        for _round in range(2):
+            for mode in ("off", "pruning"):
+                self._old_inbox(PRUNE_ROWS)
+                say(f"prune cost ({mode}): {PRUNE_ROWS} old handled messages in the inbox")
+                if mode == "off":
+                    result = self.end_to_end("--without-retention")
+                else:
+                    result = self.end_to_end(env={"OUTBOX_BRIDGE_PRUNE_INTERVAL": "0.1"})
+                left = self.sql("SELECT count(*) FROM {inbox} WHERE topic = 'bench.old'")[0][0]
+                result["old_pruned"] = PRUNE_ROWS - left
+                runs[mode].append(result)
+                self.sql("TRUNCATE {outbox}")
+        off = statistics.median(r["rate"] for r in runs["off"])
+        on = statistics.median(r["rate"] for r in runs["pruning"])
+        return {"off": runs["off"], "pruning": runs["pruning"], "rate_off": off,
+                "rate_pruning": on, "ratio": round(on / off, 3)}  # fmt: skip
+
+    def retention_steady(self) -> dict[str, Any]:
+        """Table sizes while messages flow into a handler at the offered rate with a
+        short dedupe window: the inbox stays at about rate x window rows."""
+        window, seconds = 5, max(60.0, self.opts.seconds)
+        say(f"retention: {self.opts.rate}/s into a handler for {seconds:.0f}s, window {window}s")
+        self.sql("TRUNCATE {inbox} CASCADE")
+        samples: list[dict[str, Any]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            t0 = time.monotonic()
+            while not stop.wait(5):
+                rows, size = self.sql(
+                    "SELECT (SELECT count(*) FROM {inbox}), pg_total_relation_size('{inbox}')"
+                    " + pg_total_relation_size('{deliveries}')"
+                )[0]  # fmt: skip
+                samples.append({"s": round(time.monotonic() - t0), "inbox_rows": rows,
+                                "mb": round(size / 2**20, 1)})  # fmt: skip
+
+        env = {"OUTBOX_BRIDGE_DEDUPE_WINDOW": str(window), "OUTBOX_BRIDGE_PRUNE_INTERVAL": "1"}
+        with self.worker("--include", "outbox_bridge.bench_handlers", env=env):
+            self._consumer_ready()
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            sent = self._offer(self.topic("e2e"), seconds)
+            stop.set()
+            sampler.join()
+        return {"offered_rate": self.opts.rate, "written": sent, "window_s": window,
+                "samples": samples}  # fmt: skip
 
     def _statements_reset(self) -> bool:
         """Start counting statements (pg_stat_statements, loaded by scripts/services)."""
@@ -626,6 +740,9 @@ class Bench:
                 (f"scaling_{rows}", lambda rows=rows: self.drain(rows, True, f"scaling_{rows}"))
             )
         once = [
+            ("metrics_scrape", self.metrics_scrape),
+            ("prune_cost", self.prune_cost),
+            ("retention_steady", self.retention_steady),
             ("wake_cost", self.wake_cost),
             ("drivers", lambda: compare_drivers(self.settings, size=self.opts.size)),
         ]

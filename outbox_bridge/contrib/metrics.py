@@ -230,12 +230,17 @@ SELECT count(*) FROM (SELECT 1 FROM {table} o WHERE o.state IN ('retrying', 'dea
 class DatabaseCollector:
     """Gauges read from PostgreSQL when Prometheus scrapes (see the module doc)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, lag: bool = True):
         self.settings = settings
         self.conn = None
         self.lock = threading.Lock()
         self.lag: list[dict] = []
         self.lag_thread: threading.Thread | None = None
+        self.sample_lag = lag  # False: no consumer lag (the benchmark's scrapes)
+
+    def close(self) -> None:
+        with self.lock:
+            self._drop()
 
     def describe(self) -> list:
         return []  # computed on scrape: nothing to check at registration
@@ -331,7 +336,7 @@ class DatabaseCollector:
 
     # consumer lag: sampled in a thread, so a scrape never waits for Kafka
     def _start_lag(self) -> None:
-        if self.lag_thread is None:
+        if self.lag_thread is None and self.sample_lag:
             self.lag_thread = threading.Thread(target=self._sample_lag, daemon=True,
                                                name="outbox-bridge metrics lag")  # fmt: skip
             self.lag_thread.start()
