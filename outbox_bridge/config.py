@@ -77,6 +77,8 @@ class Settings:
     # the worker prunes every prune_interval seconds, prune_batch rows per transaction
     prune_interval: float = 60.0
     prune_batch: int = 5000
+    # the part of its time the worker's pruning may spend deleting (it waits the rest)
+    prune_share: float = 0.1
     # Prometheus metrics served by the worker on this port (0: off; needs [metrics])
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"

@@ -52,9 +52,13 @@ def prune(
     window: float | None = None,
     stop: threading.Event | None = None,
     beat=None,
+    share: float = 1.0,
 ) -> int:
     """Delete handled inbox messages received more than ``window`` seconds ago
-    (default: the ``dedupe_window`` setting), batch by batch; returns how many."""
+    (default: the ``dedupe_window`` setting), batch by batch; returns how many.
+    ``share``: the part of the time spent deleting (after a batch that took t
+    seconds it waits t * (1 / share - 1)), so that a large backlog of old rows
+    does not take the database from the relay and the handlers."""
     window = settings.dedupe_window if window is None else window
     total, after = 0, 0
     conn = connect(settings, autocommit=True, name="outbox-bridge retention")
@@ -69,11 +73,18 @@ def prune(
             while stop is None or not stop.is_set():
                 if beat is not None:
                     beat()
+                started = time.monotonic()
                 cur.execute(
                     q(_BATCH, settings.schema),
                     {"window": window, "after": after, "limit": settings.prune_batch},
                 )
                 last, gone, all_old = cur.fetchone()
+                if gone and share < 1:
+                    pause = (time.monotonic() - started) * (1 / max(share, 0.01) - 1)
+                    if stop is not None:
+                        stop.wait(pause)
+                    else:
+                        time.sleep(pause)
                 total += gone
                 metrics.pruned(gone)
                 if last is None or not all_old:
@@ -101,7 +112,8 @@ class Retention:
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
-            count = prune(self.settings, stop=stop, beat=self.heartbeat.beat)
+            count = prune(self.settings, stop=stop, beat=self.heartbeat.beat,
+                          share=self.settings.prune_share)  # fmt: skip
             self.pruned += count
             if count:
                 log.info("retention: forgot %d handled inbox messages in %.1fs", count,

@@ -36,6 +36,13 @@ def _tracer():
     return trace.get_tracer("outbox_bridge", __version__)
 
 
+def _recording() -> bool:
+    """Whether the application configured a tracer provider (an SDK): without one,
+    the spans would record nothing, so the relay and the handlers skip them."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
 def inject(headers: list[list[Any]]) -> list[list[Any]]:
     """``headers`` (as stored) plus the current trace context, when there is one."""
     if trace is None or not trace.get_current_span().get_span_context().is_valid:
@@ -61,7 +68,7 @@ def _extract(pairs: Any) -> Any:
 @contextmanager
 def sending(rows: Sequence[Any]) -> Iterator[None]:
     """Around producing ``rows`` and waiting for their acknowledgements."""
-    if trace is None or not rows:
+    if trace is None or not rows or not _recording():
         yield
         return
     tracer = _tracer()
@@ -98,7 +105,7 @@ def sending(rows: Sequence[Any]) -> Iterator[None]:
 @contextmanager
 def processing(message: Any, handler: str) -> Iterator[None]:
     """Around one handler call: a span whose parent is the publisher's context."""
-    if trace is None:
+    if trace is None or not _recording():
         yield
         return
     attributes = {
