@@ -564,7 +564,7 @@ class Bench:
         speed beside it (prune_interval 0.1 s), against the same run with retention
         off; interleaved rounds."""
         runs: dict[str, list[dict[str, Any]]] = {"off": [], "pruning": []}
-        for _round in range(2):
+        for _round in range(max(2, self.opts.repeat)):
             for mode in ("off", "pruning"):
                 self._old_inbox(PRUNE_ROWS)
                 say(f"prune cost ({mode}): {PRUNE_ROWS} old handled messages in the inbox")
