@@ -251,10 +251,7 @@ class InboxConsumer:
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, restarting with backoff after an error."""
-        try:
-            run_forever(self._consume, stop, "inbox consumer", self.heartbeat.beat)
-        finally:
-            self.heartbeat.remove()
+        run_forever(self._consume, stop, "inbox consumer", self.heartbeat)
 
     def _consume(self, stop: threading.Event) -> None:
         # made here, in the thread that uses it, after the worker forked

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from .db import is_transient
+from .health import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +21,20 @@ def run_forever(
     body: Callable[[threading.Event], None],
     stop: threading.Event,
     what: str,
-    beat: Callable[[], None] | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Run ``body(stop)`` until ``stop`` is set; after an error, again with backoff
-    (which starts over after a healthy run). ``beat``: the loop's heartbeat, also
-    touched while it waits to reconnect (it is alive, its service is not)."""
+    (which starts over after a healthy run). ``heartbeat``: the loop's (``body``
+    beats it), also beaten while it waits to reconnect (it is alive, its service
+    is not), and removed when the loop ends."""
+    try:
+        _run(body, stop, what, heartbeat.beat if heartbeat else None)
+    finally:
+        if heartbeat is not None:
+            heartbeat.remove()
+
+
+def _run(body, stop: threading.Event, what: str, beat: Callable[[], None] | None) -> None:
     delay = FIRST_DELAY
     while not stop.is_set():
         started = time.monotonic()

@@ -104,10 +104,7 @@ class Retention:
         self.heartbeat = Heartbeat(settings, "retention")
 
     def run(self, stop: threading.Event) -> None:
-        try:
-            run_forever(self._loop, stop, "retention", self.heartbeat.beat)
-        finally:
-            self.heartbeat.remove()
+        run_forever(self._loop, stop, "retention", self.heartbeat)
 
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():

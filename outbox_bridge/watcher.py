@@ -167,10 +167,7 @@ class Watcher:
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set, reconnecting with backoff when PostgreSQL goes away."""
-        try:
-            run_forever(self._watch, stop, "watcher", self.heartbeat.beat)
-        finally:
-            self.heartbeat.remove()
+        run_forever(self._watch, stop, "watcher", self.heartbeat)
 
     def _watch(self, stop: threading.Event) -> None:
         conn = connect(self.settings, autocommit=True, name="outbox-bridge watcher")

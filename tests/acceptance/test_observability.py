@@ -15,26 +15,11 @@ import uuid
 import psycopg2
 import pytest
 
-from outbox_bridge import publish
-from tests.conftest import ROOT, query, wait_for
+from tests.acceptance.test_outbox import cli, commit
+from tests.conftest import query, wait_for
 from tests.observe_app import DEAD_TABLE
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
-
-
-def commit(db_url: str, topic: str, values, key=None) -> list:
-    c = psycopg2.connect(db_url)
-    try:
-        with c, c.cursor() as cur:
-            return [publish(cur, topic, v, key=key) for v in values]
-    finally:
-        c.close()
-
-
-def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["outbox-bridge", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=90
-    )
 
 
 def free_port() -> int:
