@@ -30,17 +30,19 @@ from .loops import run_forever
 log = logging.getLogger(__name__)
 
 # The next rows after ``after``; those received before the window whose
-# deliveries are all done go, with their deliveries (ON DELETE CASCADE).
+# deliveries are all done go, with their deliveries.
 _BATCH = """
 WITH batch AS (
     SELECT i.id, i.message_id, i.received_at < now() - %(window)s * interval '1s' AS old
     FROM {inbox} i WHERE i.id > %(after)s ORDER BY i.id LIMIT %(limit)s
+), doomed AS (
+    SELECT n.id, n.message_id FROM batch n
+    WHERE n.old AND NOT EXISTS (SELECT 1 FROM {deliveries} d
+                                WHERE d.message_id = n.message_id AND d.state <> 'done')
+), deliveries_gone AS (
+    DELETE FROM {deliveries} d USING doomed x WHERE d.message_id = x.message_id
 ), gone AS (
-    DELETE FROM {inbox} i USING batch n
-    WHERE i.id = n.id AND n.old
-      AND NOT EXISTS (SELECT 1 FROM {deliveries} d
-                      WHERE d.message_id = n.message_id AND d.state <> 'done')
-    RETURNING i.id
+    DELETE FROM {inbox} i USING doomed x WHERE i.id = x.id RETURNING i.id
 )
 SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM gone),
        coalesce((SELECT bool_and(old) FROM batch), false)

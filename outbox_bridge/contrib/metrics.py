@@ -200,7 +200,13 @@ def registry(settings: Settings, database: bool = True) -> Any:
 
 def serve(settings: Settings, port: int, address: str, database: bool = True):
     """Serve /metrics on ``address:port`` in a thread; returns the server (``shutdown()``)."""
-    from prometheus_client import start_http_server
+    try:
+        from prometheus_client import start_http_server
+    except ImportError:
+        raise RuntimeError(
+            "outbox_bridge_metrics_port is set but prometheus-client is not installed:"
+            " pip install 'outbox-bridge[metrics]'"
+        ) from None
 
     server, _thread = start_http_server(port, address, registry(settings, database))
     return server

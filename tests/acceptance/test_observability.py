@@ -284,9 +284,9 @@ def test_health_live_follows_the_loops_and_ready_names_the_service_that_is_down(
         **{**dsn, "port": str(down)})}, "health", "--ready")  # fmt: skip
     assert no_db.returncode == 1 and "database: OperationalError" in no_db.stdout, no_db.stdout
     assert "kafka: answers" in no_db.stdout
-    query(db_url, "DELETE FROM outbox_bridge.migrations WHERE version = 5")
+    query(db_url, "DELETE FROM outbox_bridge.migrations WHERE version = 6")
     old = cli(env, "health", "--ready")
-    assert old.returncode == 1 and "migrations pending: 0005_wake_by_sequence" in old.stdout
+    assert old.returncode == 1 and "migrations pending: 0006_prune_without_cascade" in old.stdout
 
 
 def test_the_worker_forgets_handled_messages_after_the_dedupe_window(inbox, db_url):
