@@ -568,10 +568,12 @@ class Bench:
             for mode in ("off", "pruning"):
                 self._old_inbox(PRUNE_ROWS)
                 say(f"prune cost ({mode}): {PRUNE_ROWS} old handled messages in the inbox")
-                if mode == "off":
-                    result = self.end_to_end("--without-retention")
-                else:
-                    result = self.end_to_end(env={"OUTBOX_BRIDGE_PRUNE_INTERVAL": "0.1"})
+                with self.vacuum_samples() as vacuums:
+                    if mode == "off":
+                        result = self.end_to_end("--without-retention")
+                    else:
+                        result = self.end_to_end(env={"OUTBOX_BRIDGE_PRUNE_INTERVAL": "0.1"})
+                result["vacuum_seconds"] = vacuums
                 left = self.sql("SELECT count(*) FROM {inbox} WHERE topic = 'bench.old'")[0][0]
                 result["old_pruned"] = PRUNE_ROWS - left
                 runs[mode].append(result)
@@ -580,6 +582,33 @@ class Bench:
         on = statistics.median(r["rate"] for r in runs["pruning"])
         return {"off": runs["off"], "pruning": runs["pruning"], "rate_off": off,
                 "rate_pruning": on, "ratio": round(on / off, 3)}  # fmt: skip
+
+    @contextmanager
+    def vacuum_samples(self, every: float = 0.25):
+        """Seconds (sampled) that (auto)vacuum spent on each table of the bench database
+        while the block ran: where the database's time goes besides the pipeline."""
+        found: dict[str, float] = {}
+        stop = threading.Event()
+
+        def sample() -> None:
+            conn = connect(self.settings, autocommit=True, name="outbox-bridge bench vacuum")
+            try:
+                with conn.cursor() as cur:
+                    while not stop.wait(every):
+                        cur.execute("SELECT relid::regclass::text FROM pg_stat_progress_vacuum"
+                                    " WHERE datname = current_database()")  # fmt: skip
+                        for (table,) in cur.fetchall():
+                            found[table] = round(found.get(table, 0.0) + every, 2)
+            finally:
+                conn.close()
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield found
+        finally:
+            stop.set()
+            sampler.join()
 
     def retention_steady(self) -> dict[str, Any]:
         """Table sizes while messages flow into a handler at the offered rate with a
