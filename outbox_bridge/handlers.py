@@ -61,7 +61,10 @@ def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
 
 
 def _handle(spec: HandlerSpec, message: Message, cur: Any, queue: str) -> None:
-    """One handler call, in a trace span, timed."""
+    """One handler call, in a trace span, timed (when tracing or metrics are on)."""
+    if not (metrics.on() or tracing.recording()):
+        _call(spec, message, cur)
+        return
     started = time.perf_counter()
     try:
         with tracing.processing(message, queue):
@@ -283,11 +286,11 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None) ->
                 queue.wake_shards(cur, (key_of[i][0] for i in done))
     # committed
     fire_dead(buried)
-    metrics.handled(task.name, len(done))
-    metrics.failed(task.name, len(failed))
+    metrics.count("handled", task.name, len(done))
+    metrics.count("failed", task.name, len(failed))
     metrics.batch(task.name, len(done) + len(failed) + len(dead))
     if shards is None:
-        metrics.retried(task.name, len(done) + len(failed) + len(dead))
+        metrics.count("retried", task.name, len(done) + len(failed) + len(dead))
     result.update({"done": len(done), "failed": len(failed), "dead": len(dead), "batches": 1})
     if shards is not None:
         if failed:

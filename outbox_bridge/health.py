@@ -51,9 +51,10 @@ class Heartbeat:
 def live(settings: Settings, max_age: float) -> tuple[bool, list[str]]:
     """Whether every loop with a heartbeat file touched it in the last ``max_age``
     seconds (and at least one has one); with a line per loop."""
-    found = sorted(health_dir(settings).glob("*")) if health_dir(settings).is_dir() else []
+    where = health_dir(settings)
+    found = sorted(where.glob("*")) if where.is_dir() else []
     if not found:
-        return False, [f"no outbox-bridge loop runs here (no heartbeat in {health_dir(settings)})"]
+        return False, [f"no outbox-bridge loop runs here (no heartbeat in {where})"]
     lines, ok = [], True
     now = time.time()
     for path in found:

@@ -213,9 +213,10 @@ def store_each(
     message the database refuses becomes a dead entry instead of stopping the loop."""
     stored = 0
     for msg in messages:
+        found: list[DeadMessage] = []  # kept only if its savepoint is
         cur.execute("SAVEPOINT outbox_bridge_message")
         try:
-            stored += store(cur, settings, [msg], dead=dead)
+            stored += store(cur, settings, [msg], dead=found)
         except psycopg2.Error as exc:
             if is_transient(exc):
                 raise
@@ -224,8 +225,11 @@ def store_each(
             log.warning(
                 "inbox: message %s/%d/%d %s", msg.topic(), msg.partition(), msg.offset(), reason
             )
-            stored += store(cur, settings, [msg], broken=reason, dead=dead)
+            found = []
+            stored += store(cur, settings, [msg], broken=reason, dead=found)
         cur.execute("RELEASE SAVEPOINT outbox_bridge_message")
+        if dead is not None:
+            dead += found
     return stored
 
 

@@ -193,7 +193,7 @@ def _record(queue: str, rows: list, outcome: Outcome, acked_at: float) -> None:
     metrics.batch(queue, len(rows))
     ids = set(outcome.delivered)
     metrics.delivered((r for r in rows if r.id in ids), acked_at)
-    metrics.failed(queue, len(outcome.failed))
+    metrics.count("failed", queue, len(outcome.failed))
 
 
 def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Settings) -> None:
@@ -296,7 +296,7 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
             again_later(self, transient_countdown(settings.pause_seconds), transient)
             return {"delivered": 0, "transient": True}
         raise
-    metrics.retried("outbox", len(rows))
+    metrics.count("retried", "outbox", len(rows))
     _record("outbox", rows, outcome, acked_at)
     if later and not failed:
         # the topic or the producer is away: try again later without spending a retry

@@ -73,7 +73,8 @@ def fire_dead(dead: Iterable[DeadMessage]) -> None:
         return
     from .contrib import metrics
 
-    metrics.dead(dead)
+    for message in dead:
+        metrics.count("dead", message.queue)
     path = get_settings().dead_hook
     hook = None
     if path:

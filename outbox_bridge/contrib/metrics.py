@@ -105,25 +105,15 @@ def delivered(rows: Iterable[Any], acked_at: float) -> None:
         m.published.labels(topic).inc(n)
 
 
-def failed(queue: str, n: int) -> None:
+def count(counter: str, queue: str, n: int = 1) -> None:
+    """Add ``n`` to the counter ``failed``, ``retried``, ``dead`` or ``handled`` of ``queue``."""
     if n and (m := _on()):
-        m.failed.labels(queue).inc(n)
+        getattr(m, counter).labels(queue).inc(n)
 
 
-def retried(queue: str, n: int) -> None:
-    if n and (m := _on()):
-        m.retried.labels(queue).inc(n)
-
-
-def dead(messages: Iterable[Any]) -> None:
-    if m := _on():
-        for message in messages:
-            m.dead.labels(message.queue).inc()
-
-
-def handled(queue: str, n: int) -> None:
-    if n and (m := _on()):
-        m.handled.labels(queue).inc(n)
+def on() -> bool:
+    """Whether metrics are recorded in this process."""
+    return bool(_on())
 
 
 def batch(queue: str, n: int) -> None:

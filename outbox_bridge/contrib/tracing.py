@@ -36,9 +36,11 @@ def _tracer():
     return trace.get_tracer("outbox_bridge", __version__)
 
 
-def _recording() -> bool:
+def recording() -> bool:
     """Whether the application configured a tracer provider (an SDK): without one,
     the spans would record nothing, so the relay and the handlers skip them."""
+    if trace is None:
+        return False
     provider = trace.get_tracer_provider()
     return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
@@ -68,7 +70,7 @@ def _extract(pairs: Any) -> Any:
 @contextmanager
 def sending(rows: Sequence[Any]) -> Iterator[None]:
     """Around producing ``rows`` and waiting for their acknowledgements."""
-    if trace is None or not rows or not _recording():
+    if trace is None or not rows or not recording():
         yield
         return
     tracer = _tracer()
@@ -105,7 +107,7 @@ def sending(rows: Sequence[Any]) -> Iterator[None]:
 @contextmanager
 def processing(message: Any, handler: str) -> Iterator[None]:
     """Around one handler call: a span whose parent is the publisher's context."""
-    if trace is None or not _recording():
+    if trace is None or not recording():
         yield
         return
     attributes = {

@@ -127,7 +127,7 @@ def test_metrics_move_as_messages_flow_fail_and_die_and_add_up_over_pool_process
     # a former run's counts in the directory: the worker must start from zero
     stale = subprocess.run(
         [sys.executable, "-c", "from outbox_bridge.contrib import metrics;"
-         " metrics.handled('stale', 1000)"],
+         " metrics.count('handled', 'stale', 1000)"],
         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, capture_output=True,
     )  # fmt: skip
     assert stale.returncode == 0 and list(metrics_dir.glob("*.db")), stale.stderr
