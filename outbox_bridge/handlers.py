@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 from celery import Task
 
 from .celery import app
@@ -147,6 +148,19 @@ class _NeedsSavepoints(Exception):
     """A handler failed in the fast path: run the batch again, one savepoint each."""
 
 
+class _CommitFailed(Exception):
+    """The COMMIT of a handler transaction failed (a deferred constraint or trigger, a
+    serialization failure): every write of that transaction is gone."""
+
+
+# In the careful path each handler runs with the deferrable constraints deferred, as
+# in its own transaction, and they are checked before its savepoint is released: a
+# Django-style DEFERRABLE INITIALLY DEFERRED foreign key that a handler breaks fails
+# that delivery alone, not the COMMIT of the batch.
+_BEFORE_HANDLER = "SAVEPOINT outbox_bridge_delivery; SET CONSTRAINTS ALL DEFERRED"
+_AFTER_HANDLER = "SET CONSTRAINTS ALL IMMEDIATE; RELEASE SAVEPOINT outbox_bridge_delivery"
+
+
 def run_deliveries(
     task: Task, spec: HandlerSpec, ids: list[int], token: str, shards: list[int] | None
 ) -> dict:
@@ -156,22 +170,24 @@ def run_deliveries(
     bulk at the end. If a handler raises, that transaction is rolled back and
     the batch runs again with a savepoint per delivery, so that the failure
     undoes only its own delivery's writes. (A handler may thus be called twice
-    for one delivery; its database writes still commit once.) A shard task
-    then lingers (see ``linger``): it fetches the next deliveries of its shards
-    itself while they keep coming.
+    for one delivery; its database writes still commit once.) If the COMMIT
+    fails, or the shard's last owner died with a batch in hand, the next
+    deliveries run one per transaction, each attempt counted before it runs
+    (``_solo``). A shard task then lingers (see ``linger``): it fetches the
+    next deliveries of its shards itself while they keep coming.
     """
     try:
         if shards is None:
-            return _attempt(task, spec, ids, token, None, None)
+            return _retry(task, spec, ids, token)
         settings = get_settings()
         clock = Linger(settings)
         totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
         owned = list(shards)
+        # a task message delivered again: its first run may have died inside a batch
+        suspect = bool((task.request.delivery_info or {}).get("redelivered"))
         while True:
-            # the task fetches its deliveries itself, under its claim: the watcher's
-            # ``ids`` may be stale (a task message redelivered after its worker died,
-            # whose lingering run had gone past them under the same token)
-            result = _attempt(task, spec, None, token, owned, clock)
+            result = _attempt(task, spec, token, owned, clock, suspect)
+            suspect = False
             for name in totals:
                 totals[name] += result.get(name, 0)
             if result.get("stale") or result.get("released"):
@@ -184,15 +200,115 @@ def run_deliveries(
         raise
 
 
-def _attempt(task, spec, ids, token, shards, clock) -> dict:
+def _attempt(task, spec, token, shards, clock, suspect: bool) -> dict:
+    """One round of a shard task: fast; careful after a handler raised; one delivery
+    per transaction after a COMMIT failed or on a shard whose owner died."""
     try:
-        return _run(task, spec, ids, token, shards, False, clock)
-    except _NeedsSavepoints:
-        task_connection(get_settings()).rollback()
-        return _run(task, spec, ids, token, shards, True, clock)
+        try:
+            result = _run(task, spec, None, token, shards, False, clock, suspect)
+        except _NeedsSavepoints:
+            task_connection(get_settings()).rollback()
+            result = _run(task, spec, None, token, shards, True, clock)
+    except _CommitFailed as exc:
+        log.warning("%s: %s; its deliveries run one per transaction", task.name, exc)
+        result = _run(task, spec, None, token, shards, False, clock, True)
+    if "solo" in result:
+        result = _solo(task, spec, token, result)
+    return result
 
 
-def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None) -> dict:
+def _retry(task: Task, spec: HandlerSpec, ids: list[int], token: str) -> dict:
+    """A retry task's attempt at its held deliveries, counted (and committed) before
+    it runs; one whose last attempt has started already (and died) is dead."""
+    settings = get_settings()
+    queue = inbox_queue(settings, task.name)
+    conn = task_connection(settings)
+    lease = lease_for(task, task.request.retries, settings.lease_seconds)
+    with conn, conn.cursor() as cur:
+        # every attempt has started already: the last one died with its process
+        buried = [] if task.max_retries is None else queue.bury(cur, ids, token, None,
+                                                                 task.max_retries)  # fmt: skip
+        started = [i for i, _n in queue.start_held(cur, ids, token, lease)]
+    fire_dead(buried)
+    if not started:
+        return {"done": 0, "dead": len(buried), "stale": not buried}
+    return _held_attempt(task, spec, started, token, lease)
+
+
+def _held_attempt(task: Task, spec: HandlerSpec, ids: list[int], token: str, lease: float):
+    """Run held deliveries whose attempt is counted; raises HandlerFailed if one fails."""
+    try:
+        try:
+            return _run(task, spec, ids, token, None, False, None)
+        except _NeedsSavepoints:
+            task_connection(get_settings()).rollback()
+            return _run(task, spec, ids, token, None, True, None)
+    except _CommitFailed as exc:
+        if len(ids) == 1:  # it is this delivery's failure
+            conn = task_connection(get_settings())
+            with conn, conn.cursor() as cur:
+                queue = inbox_queue(get_settings(), task.name)
+                queue.hold(cur, {ids[0]: str(exc)}, token, lease, count=False)
+            raise HandlerFailed(str(exc)) from exc
+    totals: dict[str, int] = {}
+    failure: HandlerFailed | None = None
+    for delivery_id in ids:  # which one: each in a transaction of its own
+        try:
+            for name, n in _held_attempt(task, spec, [delivery_id], token, lease).items():
+                totals[name] = totals.get(name, 0) + (n if isinstance(n, int) else 0)
+        except HandlerFailed as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return totals
+
+
+def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
+    """The deliveries that a dead owner of these shards may have had in hand (or a
+    batch whose COMMIT failed), one per transaction: each becomes a retrying head
+    of its own and its attempt is counted (committed) before it runs, so one that
+    kills its process again, hangs or fails at COMMIT is retried on its own
+    schedule and dead after its retries, while the other keys go on."""
+    settings = get_settings()
+    queue = inbox_queue(settings, task.name)
+    conn = task_connection(settings)
+    lease = lease_for(task, 0, settings.lease_seconds)
+    totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
+    with conn, conn.cursor() as cur:
+        cur.execute(q("SELECT id, topic, key FROM {deliveries} WHERE id = ANY(%s)",
+                      settings.schema), (result["solo"],))  # fmt: skip
+        keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
+    held: set[tuple[str, bytes | None]] = set()
+    for delivery_id in result["solo"]:
+        key = keys.get(delivery_id)
+        if key is None or (key[1] is not None and key in held):
+            continue  # waits behind its key's head, which failed just now
+        retry_token = str(uuid.uuid4())
+        with conn, conn.cursor() as cur:
+            if not queue.renew(cur, result["owned"], token, settings.lease_seconds):
+                return {**totals, "stale": True}
+            queue.hold(cur, {delivery_id: "runs on its own"}, retry_token, lease, count=False)
+            started = queue.start_held(cur, [delivery_id], retry_token, lease)
+        if not started:
+            continue
+        try:
+            for name, n in _held_attempt(task, spec, [delivery_id], retry_token, lease).items():
+                if name in totals:
+                    totals[name] += n
+        except HandlerFailed:
+            totals["failed"] += 1
+            held.add(key)
+            try:
+                task.apply_async(([delivery_id], retry_token), countdown=backoff(task, 0),
+                                 retries=1)  # fmt: skip
+            except Exception:  # noqa: BLE001 - the lease brings it back
+                log.exception("could not enqueue the retry of delivery %d", delivery_id)
+    with conn, conn.cursor() as cur:
+        queue.recovered(cur, result["recovering"], token)
+    return {**totals, "owned": result["owned"]}
+
+
+def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, solo=False) -> dict:
     settings = get_settings()
     queue = inbox_queue(settings, task.name)
     conn = task_connection(settings)
@@ -206,84 +322,100 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None) ->
         from .contrib.sqlalchemy import bind
 
         bind(conn)  # made while the connection is idle: see bind()
-    with conn, conn.cursor() as cur:
-        if shards is not None:
-            # locked until commit: a handler slower than the lease still finishes;
-            # one that hangs is ended by the task's time limit (handler_time_limit)
-            owned = queue.renew(cur, shards, token, settings.lease_seconds, clock.adopt)
-            if not owned:
-                return {"stale": True}
-            result["owned"] = owned
-            if ids is None:
+    handled = False  # past the handlers: an error now is the COMMIT's
+    try:
+        with conn, conn.cursor() as cur:
+            if shards is not None:
+                # locked until commit: a handler slower than the lease still finishes;
+                # one that hangs is ended by the task's time limit (handler_time_limit)
+                owned, recovering = queue.renew_round(
+                    cur, shards, token, settings.lease_seconds, clock.adopt
+                )
+                if not owned:
+                    return {"stale": True}
+                result["owned"] = owned
+                if solo:
+                    recovering = owned
+                if recovering:
+                    region, _with_rows = queue.fetch_ids(cur, recovering, settings.batch_size)
+                    if region:
+                        return {**result, "solo": region, "recovering": recovering}
+                    queue.recovered(cur, recovering, token)
                 ids, _with_rows = queue.fetch_ids(cur, owned, settings.batch_size)
                 if not ids:
                     if clock.idle():
                         return {**result, "idle": True}
                     queue.release(cur, owned, token, held=owned)
                     return {"released": True}
-            clock.busy()
-            mine = ids
-        else:
-            mine = queue.take_held(cur, ids, token)
-        # only what is still pending is ours to run (a redelivered task message); the
-        # claim row locked above keeps it so until commit
-        cur.execute(q(_LOAD, settings.schema), (list(mine), shards is not None))
-        held: set[tuple[str, bytes]] = set()
-        key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
-        for row in cur.fetchall():
-            delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
-            key_of[delivery_id] = (row_shard, topic, None if key is None else bytes(key))
-            if shards is not None and row_shard not in owned:
-                continue  # no longer ours: its new owner runs it
-            key = None if key is None else bytes(key)
-            if key is not None and (topic, key) in held:
-                continue  # waits behind its key's failed head
-            try:
-                value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
-            except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
-                reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
-                dead[delivery_id] = f"cannot decode the value: {reason}"
-                if key is not None:
-                    held.add((topic, key))
-                continue
-            message = Message(
-                message_id=message_id, topic=topic, key=key, value=value,
-                headers=_decode_headers(row[7]), partition=row[8], offset=row[9],
-                timestamp=row[10],
-            )  # fmt: skip
-            if not careful:
+                clock.busy()
+                mine = ids
+            else:
+                mine = queue.take_held(cur, ids, token)
+            # only what is still pending is ours to run (a redelivered task message); the
+            # claim row locked above keeps it so until commit
+            cur.execute(q(_LOAD, settings.schema), (list(mine), shards is not None))
+            held: set[tuple[str, bytes]] = set()
+            key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
+            for row in cur.fetchall():
+                delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
+                key_of[delivery_id] = (row_shard, topic, None if key is None else bytes(key))
+                if shards is not None and row_shard not in owned:
+                    continue  # no longer ours: its new owner runs it
+                key = None if key is None else bytes(key)
+                if key is not None and (topic, key) in held:
+                    continue  # waits behind its key's failed head
+                try:
+                    value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
+                except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
+                    reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+                    dead[delivery_id] = f"cannot decode the value: {reason}"
+                    if key is not None:
+                        held.add((topic, key))
+                    continue
+                message = Message(
+                    message_id=message_id, topic=topic, key=key, value=value,
+                    headers=_decode_headers(row[7]), partition=row[8], offset=row[9],
+                    timestamp=row[10],
+                )  # fmt: skip
+                if not careful:
+                    try:
+                        _handle(spec, message, cur, task.name)
+                    except Exception as exc:
+                        raise _NeedsSavepoints() from exc
+                    done.append(delivery_id)
+                    continue
+                cur.execute(_BEFORE_HANDLER)
                 try:
                     _handle(spec, message, cur, task.name)
-                except Exception as exc:
-                    raise _NeedsSavepoints() from exc
-                done.append(delivery_id)
-                continue
-            cur.execute("SAVEPOINT outbox_bridge_delivery")
-            try:
-                _handle(spec, message, cur, task.name)
-                cur.execute("RELEASE SAVEPOINT outbox_bridge_delivery")
-                done.append(delivery_id)
-            except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
-                cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
-                failed[delivery_id] = f"{type(exc).__name__}: {exc}"
-                if key is not None:
-                    held.add((topic, key))
-        queue.complete(cur, done)  # in the handlers' transaction: done iff their writes
-        if shards is not None:
-            queue.hold(
-                cur, {**failed, **dead}, retry_token, lease_for(task, 0, settings.lease_seconds)
-            )
-            buried = queue.bury(cur, list(dead), retry_token, None)
-            if clock.over(len(ids) >= settings.batch_size):
-                queue.release(cur, owned, token)
-                result["released"] = True
-        else:
-            lease = lease_for(task, task.request.retries, settings.lease_seconds)
-            queue.hold(cur, {**failed, **dead}, token, lease)
-            buried = queue.bury(cur, list(dead), token, None)
-            if done:  # released heads: the rows parked behind them go on now, in order
-                queue.unpark(cur, (key_of[i] for i in done))
-                queue.wake_shards(cur, (key_of[i][0] for i in done))
+                    cur.execute(_AFTER_HANDLER)
+                    done.append(delivery_id)
+                except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
+                    cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
+                    failed[delivery_id] = f"{type(exc).__name__}: {exc}"
+                    if key is not None:
+                        held.add((topic, key))
+            queue.complete(cur, done)  # in the handlers' transaction: done iff their writes
+            if shards is not None:
+                queue.hold(
+                    cur, {**failed, **dead}, retry_token, lease_for(task, 0, settings.lease_seconds)
+                )
+                buried = queue.bury(cur, list(dead), retry_token, None)
+                if clock.over(len(ids) >= settings.batch_size):
+                    queue.release(cur, owned, token)
+                    result["released"] = True
+            else:
+                # their attempt was counted when it started (start_held)
+                lease = lease_for(task, task.request.retries, settings.lease_seconds)
+                queue.hold(cur, {**failed, **dead}, token, lease, count=False)
+                buried = queue.bury(cur, list(dead), token, None)
+                if done:  # released heads: the rows parked behind them go on now, in order
+                    queue.unpark(cur, (key_of[i] for i in done))
+                    queue.wake_shards(cur, (key_of[i][0] for i in done))
+            handled = True
+    except psycopg2.Error as exc:
+        if handled and exc.pgcode is not None and not conn.closed:
+            raise _CommitFailed(f"COMMIT failed: {type(exc).__name__}: {exc}".strip()) from exc
+        raise
     # committed
     fire_dead(buried)
     metrics.count("handled", task.name, len(done))

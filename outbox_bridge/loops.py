@@ -49,18 +49,23 @@ def _run(body, stop: threading.Event, what: str, beat: Callable[[], None] | None
                             str(exc).strip(), delay)  # fmt: skip
             else:
                 log.exception("%s failed; restarting in %.1fs", what, delay)
-        _wait(stop, delay, beat)
+        wait(stop, delay, beat)
         delay = min(delay * 2, MAX_DELAY)
 
 
-def _wait(stop: threading.Event, delay: float, beat: Callable[[], None] | None) -> None:
+def wait(stop: threading.Event | None, delay: float, beat: Callable[[], None] | None) -> None:
+    """Wait ``delay`` seconds or until ``stop`` is set, beating the loop's heartbeat at
+    least every second meanwhile: a loop that waits on purpose is alive."""
     if beat is None:
-        stop.wait(delay)
+        time.sleep(delay) if stop is None else stop.wait(delay)
         return
     until = time.monotonic() + delay
-    while not stop.is_set() and time.monotonic() < until:
+    while (stop is None or not stop.is_set()) and (left := until - time.monotonic()) > 0:
         beat()
-        stop.wait(min(1.0, until - time.monotonic()))
+        if stop is None:
+            time.sleep(min(1.0, left))
+        else:
+            stop.wait(min(1.0, left))
 
 
 class LoopThread:

@@ -128,7 +128,8 @@ def _inbox_status(cur, schema: str) -> dict[str, Any]:
 
 
 def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict[str, Any]]:
-    """Per partition: the consumer group's committed offset, the end offset and the lag."""
+    """Per partition: the consumer group's committed offset, the end offset and the lag
+    (the records from the committed offset, or the low watermark, to the end)."""
     if not topics:
         return []
     consumer = Consumer(
@@ -142,11 +143,14 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
         ]
         lag = []
         for tp in consumer.committed(partitions, timeout=10):
-            _low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
             committed = tp.offset if tp.offset >= 0 else None
+            # what the group still has to read: records before the low watermark are
+            # gone (expired or deleted), and a group without a commit starts there
+            start = low if committed is None else max(committed, low)
             lag.append(
                 {"topic": tp.topic, "partition": tp.partition, "committed": committed,
-                 "end": high, "lag": high - (committed or 0)}
+                 "end": high, "lag": max(0, high - start)}
             )  # fmt: skip
         return lag
     finally:

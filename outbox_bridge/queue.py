@@ -65,7 +65,18 @@ WHERE s.shard IS NOT NULL
        OR EXISTS (SELECT 1 FROM {wakes} w WHERE w.queue = %(queue)s AND w.shard = s.shard)
        OR EXISTS (
       SELECT 1 FROM {table} o
-      WHERE o.shard = s.shard AND o.state = 'pending' {scope_o} AND o.id > c.idle_above))
+      WHERE o.shard = s.shard AND o.state = 'pending' {scope_o} AND o.id > c.idle_above)
+       -- rows from id %(since)s on may have committed after the shard's release with a lower
+       -- id than those it held (a slow writer): one that its key does not hold is new
+       -- too (a shard held by a paused topic is looked at when the pause ends)
+       OR c.idle_until IS NULL AND EXISTS (
+      SELECT 1 FROM {table} o
+      WHERE o.shard = s.shard AND o.state = 'pending' {scope_o}
+        AND o.id >= %(since)s::bigint AND o.id <= c.idle_above
+        AND NOT EXISTS (
+            SELECT 1 FROM {table} h
+            WHERE h.shard = o.shard AND h.state IN ('retrying', 'dead') {scope_h}
+              AND h.topic = o.topic AND h.key = o.key)))
 """
 
 # Free shards are claimed in up to %(groups)s groups, one token per group.
@@ -79,7 +90,9 @@ WITH free AS (
     SELECT queue, shard, (row_number() OVER (ORDER BY shard) - 1) %% %(groups)s AS g FROM free
 ), claimed AS (
     UPDATE {claims} c SET token = (%(tokens)s::uuid[])[n.g + 1],
-        lease_until = now() + %(lease)s * interval '1s', idle_above = NULL, idle_until = NULL
+        lease_until = now() + %(lease)s * interval '1s', idle_above = NULL, idle_until = NULL,
+        -- a token left behind: its task never gave the shard back (died mid-batch)
+        recovering = c.recovering OR c.token IS NOT NULL
     FROM numbered n
     WHERE c.queue = n.queue AND c.shard = n.shard
     RETURNING c.shard, c.token
@@ -106,15 +119,16 @@ WITH free AS (
     FOR UPDATE SKIP LOCKED
 ), mine AS (
     UPDATE {claims} c SET token = %(token)s, lease_until = now() + %(lease)s * interval '1s',
-        idle_above = NULL, idle_until = NULL
+        idle_above = NULL, idle_until = NULL,
+        recovering = c.recovering OR coalesce(c.token <> %(token)s, false)
     WHERE c.queue = %(queue)s
       AND ((c.shard = ANY(%(shards)s) AND c.token = %(token)s)
            OR c.shard IN (SELECT shard FROM free))
-    RETURNING c.shard
+    RETURNING c.shard, c.recovering
 ), woken AS (
     DELETE FROM {wakes} w USING free WHERE w.queue = %(queue)s AND w.shard = free.shard
 )
-SELECT shard FROM mine
+SELECT shard, recovering FROM mine
 """
 
 # message id as text and empty headers as NULL: less to parse per row on the hot path
@@ -186,8 +200,10 @@ class Queue:
         return channel(self.schema, self.name.split(":")[0])
 
     # -- the watcher's side -------------------------------------------------
-    def ready_shards(self, cur) -> list[int]:
-        cur.execute(self._q(_READY_SHARDS), self._params())
+    def ready_shards(self, cur, since: int | None = None) -> list[int]:
+        """Shards with pending rows that may go now. ``since``: ids from it on may be of
+        transactions that committed only lately, whatever the shard's release saw."""
+        cur.execute(self._q(_READY_SHARDS), self._params(since=since))
         return [r[0] for r in cur.fetchall()]
 
     def claim(
@@ -285,20 +301,39 @@ class Queue:
     ) -> list[int]:
         """Extend our claim; the shards still ours (none: a stale task). With
         ``adopt``, also claim free shards that have become ready."""
+        return self.renew_round(cur, shards, token, lease, adopt)[0]
+
+    def renew_round(
+        self, cur, shards: Sequence[int], token: Any, lease: float, adopt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """``renew``, and which of the shards are recovering: their previous owner
+        died with a batch in hand (see ``start_held``)."""
         if adopt:
             cur.execute(
                 self._q(_RENEW_ADOPT),
                 self._params(shards=list(shards), token=token, lease=lease),
             )
-            return sorted(r[0] for r in cur.fetchall())
+        else:
+            cur.execute(
+                self._q(
+                    "UPDATE {claims} SET lease_until = now() + %s * interval '1s'"
+                    " WHERE queue = %s AND shard = ANY(%s) AND token = %s"
+                    " RETURNING shard, recovering"
+                ),
+                (lease, self.name, list(shards), token),
+            )
+        found = cur.fetchall()
+        return sorted(r[0] for r in found), sorted(r[0] for r in found if r[1])
+
+    def recovered(self, cur, shards: Sequence[int], token: Any) -> None:
+        """These shards of ours are past what their dead owner may have had in hand."""
         cur.execute(
             self._q(
-                "UPDATE {claims} SET lease_until = now() + %s * interval '1s'"
-                " WHERE queue = %s AND shard = ANY(%s) AND token = %s RETURNING shard"
+                "UPDATE {claims} SET recovering = false"
+                " WHERE queue = %s AND shard = ANY(%s) AND token = %s AND recovering"
             ),
-            (lease, self.name, list(shards), token),
+            (self.name, list(shards), token),
         )
-        return sorted(r[0] for r in cur.fetchall())
 
     def _fetch(
         self, cur, columns: str, shards: Sequence[int], limit: int, max_bytes: int, skip_topics=()
@@ -336,9 +371,11 @@ class Queue:
         rows, full = self._fetch(cur, _OUTBOX_COLUMNS, shards, limit, max_bytes, skip_topics)
         return [_row(r[:-2]) for r in rows], full
 
-    def fetch_ids(self, cur, shards: Sequence[int], limit: int) -> tuple[list[int], set[int]]:
+    def fetch_ids(
+        self, cur, shards: Sequence[int], limit: int, skip_topics: Sequence[str] = ()
+    ) -> tuple[list[int], set[int]]:
         """Like ``fetch``, ids only; and the shards that had rows."""
-        rows, _full = self._fetch(cur, "o.id", shards, limit, 2**62)
+        rows, _full = self._fetch(cur, "o.id", shards, limit, 2**62, skip_topics)
         return [r[0] for r in rows], {r[1] for r in rows}
 
     def release(
@@ -349,25 +386,32 @@ class Queue:
         pause: float = 0.0,
         held: Iterable[int] = (),
         recheck: float | None = None,
+        skip_topics: Sequence[str] = (),
     ) -> None:
         """Give the shards back; with ``pause``, nobody re-claims them before then.
 
         ``held``: shards whose pending rows are all held back (by their keys, or
-        by a paused topic); they are skipped until a newer row arrives, a held
-        key is released (``wake_shards``), or ``recheck`` seconds have passed.
+        by a paused topic in ``skip_topics``); they are skipped until a newer row
+        arrives, a held key is released (``wake_shards``), or ``recheck`` seconds
+        have passed.
         """
         cur.execute(
             self._q(
                 "UPDATE {claims} c SET token = NULL,"
                 " lease_until = now() + %(pause)s * interval '1s',"
+                # the newest row that is held back by its key: a row committed since the
+                # fetch that is not held is above it, or found by ``since`` (ready_shards)
                 " idle_above = CASE WHEN c.shard = ANY(%(held)s) THEN (SELECT max(o.id)"
-                "   FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending' {scope_o}) END,"
+                "   FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending' {scope_o}"
+                "   AND (o.topic = ANY(%(skip)s::text[]) OR EXISTS (SELECT 1 FROM {table} h"
+                "    WHERE h.shard = o.shard AND h.state IN ('retrying', 'dead') {scope_h}"
+                "    AND h.topic = o.topic AND h.key = o.key))) END,"
                 " idle_until = CASE WHEN c.shard = ANY(%(held)s)"
                 "   THEN now() + %(recheck)s * interval '1s' END"
                 " WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s"
             ),
             self._params(pause=pause, held=list(held), recheck=recheck,
-                         shards=list(shards), token=token),
+                         shards=list(shards), token=token, skip=list(skip_topics)),
         )  # fmt: skip
         cur.execute("SELECT pg_notify(%s, 'released')", (self.channel,))
 
@@ -402,23 +446,49 @@ class Queue:
                 (list(ids),),
             )
 
-    def hold(self, cur, failures: dict[int, str], token: Any, lease: float) -> None:
+    def hold(
+        self, cur, failures: dict[int, str], token: Any, lease: float, count: bool = True
+    ) -> None:
         """A failed attempt of these rows: they become (or stay) retrying heads owned by
         ``token``, with a lease that covers the next countdown. Rows that another token
-        took over meanwhile are left alone."""
+        took over meanwhile are left alone. ``count``: the attempt is not counted yet
+        (a retry's attempt is counted when it starts, by ``start_held``)."""
         if not failures:
             return
         cur.execute(
             self._q(
-                "UPDATE {table} o SET state = 'retrying', attempts = o.attempts + 1,"
+                "UPDATE {table} o SET state = 'retrying', attempts = o.attempts + %(count)s,"
                 " last_error = f.error, failed_at = now(), claim_token = %(token)s,"
                 " lease_until = now() + %(lease)s * interval '1s'"
                 " FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)"
                 " WHERE o.id = f.id AND (o.state = 'pending' OR o.claim_token = %(token)s)"
             ),
             {"token": token, "lease": lease, "ids": list(failures),
-             "errors": list(failures.values())},
+             "errors": list(failures.values()), "count": int(count)},
         )  # fmt: skip
+
+    def start_held(
+        self, cur, ids: Sequence[int], token: Any, lease: float
+    ) -> list[tuple[int, int]]:
+        """Count an attempt of these retrying rows of ``token`` before it runs, in a
+        transaction of its own that the caller commits first: an attempt whose
+        process dies (killed, out of memory, its time limit) or whose COMMIT fails
+        is counted all the same, so a message that keeps killing its process
+        becomes dead after its retries. Returns (id, attempts now)."""
+        if not ids:
+            return []
+        cur.execute(
+            self._q(
+                "UPDATE {table} SET attempts = attempts + 1,"
+                " lease_until = now() + %s * interval '1s',"
+                " last_error = 'attempt ' || (attempts + 1) || ' did not finish (its process"
+                " died or exceeded its time limit, or its COMMIT failed)'"
+                " WHERE id = ANY(%s) AND state = 'retrying' AND claim_token = %s"
+                " RETURNING id, attempts"
+            ),
+            (lease, list(ids), token),
+        )
+        return sorted(cur.fetchall())
 
     def park(self, cur, shards: Sequence[int] | None = None) -> int:
         """Pending rows of held keys become 'waiting', out of the pending index: a
@@ -479,13 +549,19 @@ class Queue:
         )
         return [r[0] for r in cur.fetchall()]
 
-    def extend_held(self, cur, ids: Sequence[int], token: uuid.UUID, lease: float) -> None:
+    def extend_held(
+        self, cur, ids: Sequence[int], token: uuid.UUID, lease: float, uncount: bool = False,
+        why: str | None = None,
+    ) -> None:  # fmt: skip
+        """Keep these held rows of ``token`` longer; ``uncount``: their attempt (counted
+        when it started) did not happen after all, the topic or producer was away."""
         cur.execute(
             self._q(
-                "UPDATE {table} SET lease_until = now() + %s * interval '1s'"
+                "UPDATE {table} SET lease_until = now() + %s * interval '1s',"
+                " attempts = greatest(0, attempts - %s), last_error = coalesce(%s, last_error)"
                 " WHERE id = ANY(%s) AND claim_token = %s"
             ),
-            (lease, list(ids), token),
+            (lease, int(uncount), why, list(ids), token),
         )
 
     def bury(

@@ -18,12 +18,13 @@ import time
 import uuid
 from typing import Any
 
+import psycopg2
 from celery import Task, signals
 
 from .celery import app
 from .config import Settings, get_settings
 from .contrib import metrics, tracing
-from .db import drop_task_connection, q, task_connection, transaction
+from .db import drop_task_connection, is_transient, q, task_connection, transaction
 from .errors import DeliveryFailed, TransientError
 from .linger import Linger
 from .producer import Outcome, get_relay, reset_relay
@@ -64,6 +65,10 @@ def first_per_key(rows_by_id: dict[int, Any], failed: dict[int, str]) -> dict[in
 
 
 # -- the circuit breaker, one per topic -----------------------------------------
+MAX_DOUBLINGS = 30  # pause_seconds * 2^30 is past any sane pause_max_seconds
+MAX_PAUSES = 1_000_000  # the count of consecutive pauses a pause row keeps, at most
+
+
 def paused_topics(cur, settings: Settings) -> dict[str, float]:
     """Every topic with a pause row -> seconds its pause still runs (<= 0: over)."""
     cur.execute(
@@ -73,14 +78,19 @@ def paused_topics(cur, settings: Settings) -> dict[str, float]:
 
 
 def pause_topics(cur, settings: Settings, reasons: dict[str, str]) -> list[tuple[str, float]]:
-    """Pause these topics, each for longer than its last pause; returns (topic, seconds)."""
+    """Pause these topics, each for longer than its last pause; returns (topic, seconds).
+
+    The pause doubles up to ``pause_max_seconds``; the exponent stops at
+    MAX_DOUBLINGS and the count at MAX_PAUSES, so a topic that stays away for
+    months never overflows the arithmetic (2 ^ 1024 is out of range)."""
     cur.execute(
         q(
             "INSERT INTO {topic_pauses} AS p (topic, until, pauses, last_error)"
             " SELECT t, now() + %(base)s * interval '1s', 1, e"
             " FROM unnest(%(topics)s::text[], %(errors)s::text[]) AS x(t, e)"
-            " ON CONFLICT (topic) DO UPDATE SET pauses = p.pauses + 1,"
-            "  until = now() + least(%(max)s, %(base)s * 2 ^ p.pauses) * interval '1s',"
+            " ON CONFLICT (topic) DO UPDATE SET pauses = least(p.pauses, %(cap)s) + 1,"
+            "  until = now() + least(%(max)s::float8,"
+            "   %(base)s::float8 * 2 ^ least(p.pauses, %(doublings)s)) * interval '1s',"
             "  last_error = excluded.last_error"
             " RETURNING topic, extract(epoch FROM until - now())",
             settings.schema,
@@ -88,6 +98,8 @@ def pause_topics(cur, settings: Settings, reasons: dict[str, str]) -> list[tuple
         {
             "base": settings.pause_seconds,
             "max": settings.pause_max_seconds,
+            "cap": MAX_PAUSES - 1,
+            "doublings": MAX_DOUBLINGS,
             "topics": list(reasons),
             "errors": list(reasons.values()),
         },
@@ -114,20 +126,42 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
     clock = Linger(settings)
     first_lease = lease_for(retry, 0, settings.lease_seconds)
     owned = list(shards)
+    # a task message delivered again: its first run may have died inside a batch
+    suspect = bool((self.request.delivery_info or {}).get("redelivered"))
+    solo: tuple[list[int], list[int]] | None = None  # (row ids, recovering shards)
     try:
         conn = task_connection(settings)
         while True:
+            if solo is not None:
+                delivered = _solo(settings, queue, owned, token, *solo)
+                if delivered is None:
+                    stats["stale"] = True
+                    return stats
+                stats["delivered"] += delivered
+                solo = None
             relay = get_relay(settings)  # a new producer after a fatal error
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
             sent: tuple | None = None  # (rows, outcome, acked at), for the metrics
             with conn, conn.cursor() as cur:
-                owned = queue.renew(cur, owned, token, settings.lease_seconds, clock.adopt)
+                owned, recovering = queue.renew_round(
+                    cur, owned, token, settings.lease_seconds, clock.adopt
+                )
                 if not owned:
                     stats["stale"] = True
                     return stats
                 known = paused_topics(cur, settings)
                 skip = {t: left for t, left in known.items() if left > 0}
+                if suspect:
+                    recovering, suspect = owned, False
+                if recovering:
+                    region, _ = queue.fetch_ids(
+                        cur, recovering, settings.batch_size, skip_topics=list(skip)
+                    )
+                    if region:  # what its dead owner may have had in hand: one at a time
+                        solo = (region, recovering)
+                        continue
+                    queue.recovered(cur, recovering, token)
                 rows, full = queue.fetch(
                     cur, owned, settings.batch_size, settings.batch_bytes, skip_topics=list(skip)
                 )
@@ -138,7 +172,9 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     # every pending row is held back by its key, or its topic is paused:
                     # look again when a key is released, a row arrives or a pause ends
                     recheck = min(skip.values()) if skip else None
-                    queue.release(cur, owned, token, held=owned, recheck=recheck)
+                    queue.release(
+                        cur, owned, token, held=owned, recheck=recheck, skip_topics=list(skip)
+                    )
                     return stats
                 clock.busy()
                 stats["batches"] += 1
@@ -146,29 +182,14 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     outcome: Outcome = relay.deliver(rows)
                 sent = (rows, outcome, time.time())
                 queue.complete(cur, outcome.delivered)
-                by_id = {r.id: r for r in rows}
-                resume_topics(
-                    cur, settings, {by_id[i].topic for i in outcome.delivered} & set(known)
-                )
-                heads = first_per_key(by_id, outcome.failed)
-                queue.hold(cur, heads, retry_token, first_lease)
-                if heads:  # the rows behind them wait out of the fetch's way
-                    queue.park(cur, owned)
-                retry_ids = list(heads)
                 stats["delivered"] += len(outcome.delivered)
-                stats["failed"] += len(heads)
-                if outcome.paused_topics:
-                    for topic, seconds in pause_topics(cur, settings, outcome.paused_topics):
-                        log.warning(
-                            "topic %s paused for %.1fs (%d rows wait): %s",
-                            topic,
-                            seconds,
-                            len(outcome.later),
-                            outcome.paused_topics[topic],
-                        )
+                heads = _book(cur, settings, queue, owned, rows, outcome, known, retry_token,
+                              first_lease)  # fmt: skip
+                retry_ids = list(heads or ())
+                stats["failed"] += len(retry_ids)
                 done = True
                 more = full or bool(outcome.paused_topics)  # other topics behind paused ones
-                if outcome.fatal:
+                if outcome.fatal or heads is None:
                     queue.release(cur, owned, token, settings.pause_seconds)
                 elif clock.over(more):
                     queue.release(cur, owned, token)
@@ -187,6 +208,39 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
         # a bug must not hold the shards for a whole lease; the error still shows in Flower
         _release_quietly(queue, owned, token, settings)
         raise
+
+
+def _book(cur, settings, queue, owned, rows, outcome, known, retry_token, lease):
+    """After Kafka acknowledged a round: resume, pause and hold what it says, in a
+    savepoint. Failed heads (row id -> error), or None when the bookkeeping itself
+    failed: then only the completion of the delivered rows commits, and the
+    failed and waiting rows stay pending for a later round. No error here may
+    roll back the deletion of rows that Kafka has (they would be sent again,
+    round after round)."""
+    cur.execute("SAVEPOINT outbox_bridge_book")
+    try:
+        by_id = {r.id: r for r in rows}
+        resume_topics(cur, settings, {by_id[i].topic for i in outcome.delivered} & set(known))
+        heads = first_per_key(by_id, outcome.failed)
+        queue.hold(cur, heads, retry_token, lease)
+        if heads:  # the rows behind them wait out of the fetch's way
+            queue.park(cur, owned)
+        if outcome.paused_topics:
+            for topic, seconds in pause_topics(cur, settings, outcome.paused_topics):
+                log.warning("topic %s paused for %.1fs (%d rows wait): %s", topic, seconds,
+                            len(outcome.later), outcome.paused_topics[topic])  # fmt: skip
+        cur.execute("RELEASE SAVEPOINT outbox_bridge_book")
+        return heads
+    except psycopg2.Error as exc:
+        if is_transient(exc):
+            raise  # the connection is gone: nothing commits, the rows go again
+        cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_book")
+        log.exception(
+            "outbox bookkeeping failed after Kafka acknowledged %d rows; they are deleted,"
+            " the others wait for a later round",
+            len(outcome.delivered),
+        )
+        return None
 
 
 def _record(queue: str, rows: list, outcome: Outcome, acked_at: float) -> None:
@@ -251,44 +305,21 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     max_retries=_settings.max_retries,
 )
 def retry(self: Task, ids: list[int], token: str) -> dict:
-    """Retry exactly the rows ``ids`` that ``token`` still holds; raise if some fail again."""
+    """Retry exactly the rows ``ids`` that ``token`` still holds; raise if some fail again.
+    Each attempt is counted (committed) before it runs: a row whose produce kills
+    its process is dead after its retries, not retried for ever."""
     settings = get_settings()
     queue = outbox_queue(settings)
     relay = get_relay(settings)
-    failed: dict[int, str] = {}
-    later: list[int] = []
+    lease = lease_for(self, self.request.retries, settings.lease_seconds)
     try:
         conn = task_connection(settings)
         with conn, conn.cursor() as cur:
-            held = queue.fetch_held(cur, ids, token)
-            if not held:
-                return {"delivered": 0, "stale": True}
-            rows = [row for row, _attempts, _shard in held]
-            shard_of = {row.id: shard for row, _attempts, shard in held}
-            with tracing.sending(rows):
-                outcome = relay.deliver(rows)
-            acked_at = time.time()
-            by_id = {row.id: row for row in rows}
-            queue.unpark(
-                cur, [(shard_of[i], by_id[i].topic, by_id[i].key) for i in outcome.delivered]
-            )
-            queue.complete(cur, outcome.delivered)
-            if outcome.delivered:
-                queue.wake_shards(cur, (shard_of[i] for i in outcome.delivered))
-            later = outcome.later
-            if later:
-                pause = settings.pause_seconds
-                if outcome.paused_topics:
-                    pause = max(s for _t, s in pause_topics(cur, settings, outcome.paused_topics))
-                queue.extend_held(cur, later, token, pause + settings.lease_seconds)
-            failed = outcome.failed
-            if failed:
-                queue.hold(
-                    cur,
-                    failed,
-                    token,
-                    lease_for(self, self.request.retries, settings.lease_seconds),
-                )
+            # every attempt has started already: the last one died with its process
+            buried = queue.bury(cur, ids, token, None, settings.max_retries)
+            started = [i for i, _n in queue.start_held(cur, ids, token, lease)]
+        fire_dead(buried)
+        sent = _retry_round(settings, queue, relay, started, token, lease) if started else None
     except Exception as exc:
         try:
             reraise_database_error(exc)
@@ -296,15 +327,101 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
             again_later(self, transient_countdown(settings.pause_seconds), transient)
             return {"delivered": 0, "transient": True}
         raise
+    if sent is None:
+        return {"delivered": 0, "stale": not started and not buried, "dead": len(buried)}
+    rows, outcome, acked_at, pause = sent
     metrics.count("retried", "outbox", len(rows))
     _record("outbox", rows, outcome, acked_at)
-    if later and not failed:
+    if outcome.later and not outcome.failed:
         # the topic or the producer is away: try again later without spending a retry
         again_later(self, pause, "topic paused")
         return {"delivered": len(outcome.delivered), "paused": True}
-    if failed:
-        raise DeliveryFailed(next(iter(failed.values())))
+    if outcome.failed:
+        raise DeliveryFailed(next(iter(outcome.failed.values())))
     return {"delivered": len(outcome.delivered)}
+
+
+def _retry_round(settings: Settings, queue: Queue, relay, ids: list[int], token, lease: float):
+    """Produce the held rows ``ids`` of ``token`` (their attempt already counted) and book
+    what Kafka said: (rows, outcome, acked at, pause), or None when none is held."""
+    conn = task_connection(settings)
+    with conn, conn.cursor() as cur:
+        held = queue.fetch_held(cur, ids, token)
+        if not held:
+            return None
+        rows = [row for row, _attempts, _shard in held]
+        shard_of = {row.id: shard for row, _attempts, shard in held}
+        with tracing.sending(rows):
+            outcome = relay.deliver(rows)
+        acked_at = time.time()
+        queue.complete(cur, outcome.delivered)
+        pause = settings.pause_seconds
+        cur.execute("SAVEPOINT outbox_bridge_book")  # see _book
+        try:
+            by_id = {row.id: row for row in rows}
+            queue.unpark(
+                cur, [(shard_of[i], by_id[i].topic, by_id[i].key) for i in outcome.delivered]
+            )
+            if outcome.delivered:
+                queue.wake_shards(cur, (shard_of[i] for i in outcome.delivered))
+            if outcome.later:
+                if outcome.paused_topics:
+                    pause = max(s for _t, s in pause_topics(cur, settings, outcome.paused_topics))
+                # not an attempt: the topic or the producer was away
+                why = next(iter(outcome.paused_topics.values()), None) or outcome.fatal
+                queue.extend_held(cur, outcome.later, token, pause + settings.lease_seconds,
+                                  uncount=True, why=f"waits, not counted: {why}")  # fmt: skip
+            queue.hold(cur, outcome.failed, token, lease, count=False)
+            cur.execute("RELEASE SAVEPOINT outbox_bridge_book")
+        except psycopg2.Error as exc:
+            if is_transient(exc):
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_book")
+            log.exception(
+                "outbox bookkeeping of a retry failed; its rows come back after their lease"
+            )
+    return rows, outcome, acked_at, pause
+
+
+def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) -> int | None:
+    """The rows that a dead owner of these shards may have had in hand, one at a
+    time: each becomes a retrying head of its own, its attempt counted before it
+    is produced, so a row that kills its process again is retried on its own
+    and dead after its retries while the other keys go on. Returns the rows
+    delivered (None: the shards are no longer ours)."""
+    conn = task_connection(settings)
+    lease = lease_for(retry, 0, settings.lease_seconds)
+    with conn, conn.cursor() as cur:
+        cur.execute(q("SELECT id, topic, key FROM {outbox} WHERE id = ANY(%s)", settings.schema),
+                    (region,))  # fmt: skip
+        keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
+    held: set[tuple[str, bytes | None]] = set()
+    delivered = 0
+    for row_id in region:
+        key = keys.get(row_id)
+        if key is None or (key[1] is not None and key in held):
+            continue  # gone, or behind its key's head that failed just now
+        retry_token = uuid.uuid4()
+        with conn, conn.cursor() as cur:
+            if not queue.renew(cur, owned, token, settings.lease_seconds):
+                return None
+            queue.hold(cur, {row_id: "runs on its own"}, retry_token, lease, count=False)
+            started = queue.start_held(cur, [row_id], retry_token, lease)
+        if not started:
+            continue
+        sent = _retry_round(settings, queue, get_relay(settings), [row_id], retry_token, lease)
+        if sent is None:
+            continue
+        rows, outcome, acked_at, pause = sent
+        _record("outbox", rows, outcome, acked_at)
+        delivered += len(outcome.delivered)
+        if outcome.failed or outcome.later:
+            held.add(key)
+            countdown = backoff(retry, 0) if outcome.failed else pause
+            enqueue_retry([row_id], retry_token, retries=1, countdown=countdown)
+    with conn, conn.cursor() as cur:
+        queue.recovered(cur, recovering, token)
+    return delivered
 
 
 @signals.task_failure.connect

@@ -25,7 +25,7 @@ from .config import Settings
 from .contrib import metrics
 from .db import connect, q
 from .health import Heartbeat
-from .loops import run_forever
+from .loops import run_forever, wait
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,9 @@ def prune(
                 )
                 last, gone, all_old = cur.fetchone()
                 if gone and share < 1:
-                    pause = (time.monotonic() - started) * (1 / max(share, 0.01) - 1)
-                    if stop is not None:
-                        stop.wait(pause)
-                    else:
-                        time.sleep(pause)
+                    # beating meanwhile: a slow batch on a loaded database means a long
+                    # pause, and a silent one would read as a hung loop (health --live)
+                    wait(stop, (time.monotonic() - started) * (1 / max(share, 0.01) - 1), beat)
                 total += gone
                 metrics.pruned(gone)
                 if last is None or not all_old:
@@ -117,7 +115,4 @@ class Retention:
             if count:
                 log.info("retention: forgot %d handled inbox messages in %.1fs", count,
                          time.monotonic() - started)  # fmt: skip
-            until = time.monotonic() + self.settings.prune_interval
-            while not stop.is_set() and time.monotonic() < until:
-                self.heartbeat.beat()
-                stop.wait(min(1.0, until - time.monotonic()))
+            wait(stop, self.settings.prune_interval, self.heartbeat.beat)

@@ -11,6 +11,7 @@ SKIP LOCKED.
 
 from __future__ import annotations
 
+import collections
 import logging
 import select
 import threading
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 # After the sequence moved, look again until every transaction that was running
 # then has ended (the rows it wrote are visible), but for at most this long.
 SETTLE_SECONDS = 2.0
+# A row committed this long after its id was taken is still found at once on a shard
+# whose other pending rows are held back by their keys (later: by the repair pass).
+LATE_COMMIT_SECONDS = 10.0
 # A queue that had work counts as busy this long: the pool's shares do not flap
 # when its work comes in bursts.
 BUSY_MEMORY = 1.0
@@ -110,6 +114,8 @@ class SequenceWatch:
             sql.Identifier(nspname, relname)
         )
         self.value: int | None = None
+        # (when, value) of the moves of the last LATE_COMMIT_SECONDS: see since()
+        self.moves: collections.deque[tuple[float, int]] = collections.deque()
         # (pid, xid) of transactions that ran at the last move (None: not asked yet)
         self.running: set[tuple[int, str]] | None = set()
         self.until = 0.0
@@ -119,6 +125,7 @@ class SequenceWatch:
         (value,) = cur.fetchone()
         if value != self.value:
             self.value = value
+            self.moves.append((time.monotonic(), value))
             # which transactions run is asked once the sequence stands still: while
             # it keeps moving, each move brings a look anyway
             self.running = None
@@ -137,6 +144,19 @@ class SequenceWatch:
         if time.monotonic() > self.until:
             self.running = set()
         return True  # one more look; the last one after those transactions ended
+
+    def since(self) -> int | None:
+        """The next id as it stood LATE_COMMIT_SECONDS ago: a row from it on may be of
+        a transaction that committed after a task last looked at its shard (a slow
+        writer with a lower id than the rows the task saw), so a shard released as
+        "all held" is looked at again for such rows (``Queue.ready_shards``)."""
+        horizon = time.monotonic() - LATE_COMMIT_SECONDS
+        old = None
+        while self.moves and self.moves[0][0] <= horizon:
+            old = self.moves.popleft()[1]
+        if old is not None:  # keep the newest value older than the horizon
+            self.moves.appendleft((horizon, old))
+        return self.moves[0][1] if self.moves else self.value
 
 
 # transactions that have a transaction id now, other than the watcher's (it has none)
@@ -164,6 +184,7 @@ class Watcher:
         self._quiet_since: float | None = None
         self._busy_until: dict[str, float] = {}  # queue -> until when it counts as busy
         self.heartbeat = Heartbeat(settings, "watcher")
+        self.since: int | None = None  # SequenceWatch.since(), for the outbox's ready shards
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set, reconnecting with backoff when PostgreSQL goes away."""
@@ -201,6 +222,7 @@ class Watcher:
                     notified = bool(conn.notifies)
                     conn.notifies.clear()
                     moved = sequence is not None and sequence.moved(cur)
+                    self.since = sequence.since() if sequence is not None else None
                     look = "all" if notified else "outbox" if moved else None
                 self.outbox.heartbeat(cur, alive=False)  # commits need not NOTIFY us now
         finally:
@@ -230,12 +252,13 @@ class Watcher:
                 if source.queue is self.outbox:
                     self._outbox_idle(cur, True, now)  # its tasks are at work
                 continue
-            shards = source.queue.ready_shards(cur)
+            since = self.since if source.queue is self.outbox else None
+            shards = source.queue.ready_shards(cur, since)
             if source.queue is self.outbox:
                 self._outbox_idle(cur, bool(shards), now)
                 if not shards and self.idle:
                     # a row committed before the flag flipped sent no NOTIFY: look again
-                    shards = self.outbox.ready_shards(cur)
+                    shards = self.outbox.ready_shards(cur, since)
                     if shards:
                         self._outbox_idle(cur, True, now)
             if shards:

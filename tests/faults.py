@@ -40,3 +40,12 @@ def fail_marked(row) -> None:
     """Rows whose JSON value has ``"fail_always": true`` always fail."""
     if row.value and b'"fail_always":true' in row.value:
         raise RuntimeError("injected failure: always")
+
+
+def exit_marked(row) -> None:
+    """Rows whose JSON value has ``"exit_always": true`` end their process, as an out-of-memory
+    kill or a crash in a C extension would: no exception, no ``on_failure``."""
+    import os
+
+    if row.value and b'"exit_always":true' in row.value:
+        os._exit(1)

@@ -28,6 +28,12 @@ CREATE TABLE IF NOT EXISTS failures (
     message_id uuid PRIMARY KEY, at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS calls (attempt int, at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS orm_effects (message_id uuid PRIMARY KEY, k text, seq int);
+CREATE TABLE IF NOT EXISTS poison_calls (
+    message_id uuid, attempts int, at timestamptz DEFAULT clock_timestamp());
+-- a foreign key the way Django makes every one: checked at COMMIT
+CREATE TABLE IF NOT EXISTS parents (id int PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS children (
+    parent int REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED);
 """
 
 
@@ -172,3 +178,25 @@ if os.environ.get("TEST_ORM_TOPIC"):
             raise RuntimeError(f"injected first-attempt failure of {value}")
         if value.get("chain"):
             publish(session, CHAINED, {"from": str(message.message_id)}, key=message.key)
+
+
+if os.environ.get("TEST_POISON_TOPIC"):
+    # messages that never raise and still never succeed: their process exits, they hang
+    # past the time limit, or their writes break a deferred foreign key at COMMIT
+
+    @outbox_handler(
+        os.environ["TEST_POISON_TOPIC"], name="outbox.tests.poison", max_retries=2,
+        retry_backoff=1, retry_backoff_max=1, retry_jitter=False, time_limit=3,
+    )  # fmt: skip
+    def poison(message, tx):
+        value = message.value
+        if value.get("exit") or value.get("hang") or value.get("orphan"):
+            _side("INSERT INTO poison_calls VALUES (%s, %s)",
+                  (message.message_id, _attempts(tx, poison.name, message)))  # fmt: skip
+        if value.get("exit"):
+            os._exit(1)
+        if value.get("hang"):
+            time.sleep(value["hang"])
+        if value.get("orphan"):
+            tx.execute("INSERT INTO children (parent) VALUES (-1)")  # no such parent
+        _effect(tx, "poison", message)

@@ -64,3 +64,47 @@ def test_every_sql_migration_has_a_django_migration():
     )
     newest = max(version for version, _, _ in available())
     assert f"sql_migrations(upto={newest})" in text
+
+
+_OPTIONS_PROBE = """
+import json, sys
+import django
+from django.conf import settings
+from psycopg2.extensions import parse_dsn
+dsn = parse_dsn(sys.argv[1])
+settings.configure(INSTALLED_APPS=["outbox_bridge.contrib.django"], DATABASES={"default": {
+    "ENGINE": "django.db.backends.postgresql", "NAME": dsn["dbname"], "USER": dsn.get("user", ""),
+    "HOST": dsn["host"], "PORT": dsn["port"], "OPTIONS": json.loads(sys.argv[2])}})
+django.setup()
+import psycopg2
+from outbox_bridge.config import get_settings
+from outbox_bridge.db import connect
+try:
+    conn = connect(get_settings())
+except psycopg2.OperationalError as exc:
+    print(json.dumps({"refused": str(exc)}))
+else:
+    with conn.cursor() as cur:
+        cur.execute("SHOW statement_timeout")
+        print(json.dumps({"statement_timeout": cur.fetchone()[0]}))
+"""
+
+
+def test_the_worker_connects_with_the_django_databases_options(db_url):
+    """OPTIONS reach libpq: a server setting in ``options`` applies, and ``sslmode=require``
+    against this server without TLS refuses to connect instead of connecting in clear."""
+    import json
+
+    def probe(options: dict) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_BRIDGE_")}
+        done = subprocess.run(
+            [sys.executable, "-c", _OPTIONS_PROBE, db_url, json.dumps(options)], cwd=ROOT,
+            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    carried = probe({"options": "-c statement_timeout=12345", "isolation_level": 1})
+    assert carried == {"statement_timeout": "12345ms"}
+    refused = probe({"sslmode": "require"})
+    assert "SSL" in refused.get("refused", ""), refused

@@ -42,7 +42,18 @@ def database_url(alias: str) -> str | None:
         "dbname": db.get("NAME"), "user": db.get("USER"), "password": db.get("PASSWORD"),
         "host": db.get("HOST"), "port": db.get("PORT"),
     }  # fmt: skip
-    return make_dsn(**{k: str(v) for k, v in parts.items() if v})
+    # OPTIONS holds libpq's own settings too (sslmode, sslrootcert, sslcert, sslkey,
+    # options, target_session_attrs, ...): the worker connects as the web app does
+    for name, value in (db.get("OPTIONS") or {}).items():
+        if name not in _DJANGO_ONLY_OPTIONS and isinstance(value, str | int | float):
+            parts[name] = value
+    return make_dsn(**{k: str(v) for k, v in parts.items() if v not in (None, "")})
+
+
+# OPTIONS that Django's PostgreSQL backend uses itself instead of handing them to libpq
+_DJANGO_ONLY_OPTIONS = frozenset(
+    {"isolation_level", "assume_role", "server_side_binding", "pool", "cursor_factory", "context"}
+)
 
 
 class OutboxBridgeConfig(AppConfig):

@@ -1,0 +1,57 @@
+"""What stays true over months (issue 18), against the real PostgreSQL and Kafka."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from confluent_kafka import Producer, TopicPartition
+
+from outbox_bridge.config import Settings
+from outbox_bridge.db import transaction
+from outbox_bridge.ops import consumer_lag
+from outbox_bridge.relay import MAX_PAUSES, pause_topics
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
+
+
+def test_a_pause_row_at_the_edge_pauses_for_the_maximum_without_overflow(db_url):
+    settings = Settings(database_url=db_url, pause_seconds=1.0, pause_max_seconds=30.0)
+    with transaction(settings) as cur:
+        cur.execute(
+            "INSERT INTO outbox_bridge.topic_pauses (topic, until, pauses) VALUES"
+            " ('a', now(), 1024), ('b', now(), 2147483647), ('c', now(), 3)"
+        )
+        paused = dict(pause_topics(cur, settings, {"a": "E", "b": "E", "c": "E", "d": "E"}))
+        cur.execute("SELECT topic, pauses FROM outbox_bridge.topic_pauses ORDER BY topic")
+        counts = dict(cur.fetchall())
+    assert 29 < paused["a"] <= 30 and 29 < paused["b"] <= 30  # 2 ^ 1024 is out of range
+    assert 7 < paused["c"] <= 8 and 0 < paused["d"] <= 1  # 1 * 2 ^ 3; a first pause
+    assert counts == {"a": 1025, "b": MAX_PAUSES, "c": 4, "d": 1}
+
+
+def test_consumer_lag_counts_from_the_low_watermark_when_older_records_are_gone(
+    services, topic, kafka_admin
+):
+    bootstrap = services["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"]
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for i in range(10):
+        producer.produce(topic, value=b"%d" % i, partition=0)
+    assert producer.flush(30) == 0
+    # as if retention had expired them before the group first read the partition
+    deleted = kafka_admin.delete_records([TopicPartition(topic, 0, 10)])
+    for future in deleted.values():
+        assert future.result(30).low_watermark == 10
+    settings = Settings(kafka_bootstrap_servers=bootstrap)
+    group = "test-" + uuid.uuid4().hex[:8]  # never committed anything
+
+    def lag_of_partition_0() -> dict:
+        return next(p for p in consumer_lag(settings, group, [topic]) if p["partition"] == 0)
+
+    assert lag_of_partition_0() == {
+        "topic": topic, "partition": 0, "committed": None, "end": 10, "lag": 0
+    }  # fmt: skip
+    for i in range(3):
+        producer.produce(topic, value=b"%d" % i, partition=0)
+    assert producer.flush(30) == 0
+    assert lag_of_partition_0()["lag"] == 3
