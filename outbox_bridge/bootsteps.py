@@ -112,11 +112,9 @@ class RetentionStep(_LoopStep):
         from .config import get_settings
         from .retention import Retention
 
-        settings = get_settings()
-        if settings.dedupe_window <= 0:
-            log.info("retention off (outbox_bridge_dedupe_window = 0)")
-            return None
-        return Retention(settings).run, "outbox-bridge-retention"
+        if get_settings().dedupe_window <= 0:
+            log.info("inbox messages kept for ever (outbox_bridge_dedupe_window = 0)")
+        return Retention(get_settings()).run, "outbox-bridge-retention"
 
 
 class MetricsStep(bootsteps.StartStopStep):
@@ -127,18 +125,26 @@ class MetricsStep(bootsteps.StartStopStep):
     def __init__(self, worker, **kwargs):
         super().__init__(worker, **kwargs)
         self.server = None
+        self.compaction = None
 
     def start(self, worker) -> None:
         from .config import get_settings
         from .contrib import metrics
+        from .loops import LoopThread
 
         settings = get_settings()
         if settings.metrics_port:
             self.server = metrics.serve(settings, settings.metrics_port, settings.metrics_address)
             log.info("metrics on http://%s:%d/metrics", settings.metrics_address,
                      settings.metrics_port)  # fmt: skip
+            # exited pool processes' files folded into one: the directory stays small
+            self.compaction = LoopThread(metrics.compact_forever, "outbox-bridge-metrics")
+            self.compaction.start()
 
     def stop(self, worker) -> None:
+        if self.compaction is not None:
+            self.compaction.stop()
+            self.compaction = None
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -168,7 +174,7 @@ def install(app: Celery) -> None:
     for flag, what in (
         ("--without-outbox-watcher", "the outbox LISTEN watcher"),
         ("--without-inbox-consumer", "the Kafka inbox consumer"),
-        ("--without-retention", "the pruning of handled inbox messages"),
+        ("--without-retention", "the pruning of handled inbox messages and old bookkeeping"),
     ):
         app.user_options["worker"].add(
             Option([flag], is_flag=True, default=False, help=f"Do not run {what} in this worker.")

@@ -72,8 +72,9 @@ class Settings:
     dead_hook: str | None = None
     # Retention: handled inbox messages (and their done deliveries) are forgotten after
     # this many seconds, the window in which a message read again is not handled again
-    # (0: kept for ever). Size it to the topics' retention.ms (Kafka's default: 7 days).
-    dedupe_window: float = 7 * 86400.0
+    # (0: kept for ever). Size it to the topics' retention.ms + segment.ms, the age up to
+    # which Kafka can hand a record out again (its defaults: 7 + 7 days).
+    dedupe_window: float = 14 * 86400.0
     # the worker prunes every prune_interval seconds, prune_batch rows per transaction
     prune_interval: float = 60.0
     prune_batch: int = 5000
@@ -84,6 +85,10 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     # a scrape counts at most this many rows per queue and state (the gauge saturates)
     metrics_count_limit: int = 100_000
+    # `outbox-bridge migrate`: each lock is waited for at most this many seconds (writers
+    # queue behind a waiting lock request), then the migration is tried again, this often
+    migrate_lock_timeout: float = 2.0
+    migrate_lock_retries: int = 60
     # where the worker's loops touch their heartbeat files for `outbox-bridge health --live`
     # ("": <temp dir>/outbox-bridge-health-<schema>)
     health_dir: str = ""
@@ -109,6 +114,13 @@ class Settings:
             raise ValueError("outbox_bridge_shards and outbox_bridge_batch_size must be >= 1")
         if not self.schema:
             raise ValueError("outbox_bridge_schema must not be empty")
+
+
+def kafka_connection(conf: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a librdkafka config that say how to reach the cluster (servers,
+    client id, security, SASL, TLS): what an admin client beside it needs too."""
+    return {k: v for k, v in conf.items()
+            if k.split(".")[0] in ("bootstrap", "client", "security", "sasl", "ssl")}  # fmt: skip
 
 
 def _parse(name: str, kind: str, raw: str) -> Any:

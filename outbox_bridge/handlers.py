@@ -97,7 +97,7 @@ def inbox_queue(settings: Settings, handler: str) -> Queue:
 _LOAD = """
 SELECT d.id, d.shard, d.attempts, i.message_id, i.topic, i.key, i.value, i.headers,
        i."partition", i."offset", i."timestamp"
-FROM {deliveries} d JOIN {inbox} i ON i.message_id = d.message_id
+FROM {deliveries} d JOIN {inbox} i ON i.topic = d.topic AND i.message_id = d.message_id
 WHERE d.id = ANY(%s) AND (d.state = 'pending' OR NOT %s)
 ORDER BY d.id
 """

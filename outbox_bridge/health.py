@@ -73,9 +73,14 @@ def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
     import psycopg2
     from confluent_kafka.admin import AdminClient
 
+    from .config import kafka_connection
+    from .db import text, transaction
+    from .inbox import consumer_config
     from .migrate import pending
+    from .retention import replay_warnings
 
     lines, ok = [], True
+    topics: list[str] = []  # those the registered handlers consume
     try:
         missing = pending(settings)
         if missing:
@@ -83,16 +88,20 @@ def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
             lines.append(f"database: migrations pending: {', '.join(missing)}")
         else:
             lines.append("database: answers, schema up to date")
+            with transaction(settings, "outbox-bridge health") as cur:
+                cur.execute(text("SELECT DISTINCT topic FROM {handlers}", settings.schema))
+                topics = sorted(r[0] for r in cur.fetchall())
     except psycopg2.Error as exc:
         ok = False
         lines.append(f"database: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
-    admin = AdminClient(
-        {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.timeout.ms": 3000}
-    )
+    conf = kafka_connection(consumer_config(settings, "outbox-bridge-health"))
+    admin = AdminClient({**conf, "socket.timeout.ms": 3000})
     try:
         meta = admin.list_topics(timeout=timeout)
         lines.append(f"kafka: answers ({len(meta.brokers)} brokers)")
     except Exception as exc:  # noqa: BLE001 - KafkaException: no answer in time
         ok = False
         lines.append(f"kafka: no answer in {timeout:.0f}s ({exc})")
+    else:  # a warning, not unreadiness: the worker runs, its dedupe has a gap
+        lines += [f"kafka: warning: {w}" for w in replay_warnings(settings, admin, topics, timeout)]
     return ok, lines

@@ -1,6 +1,6 @@
 """The Kafka consumer that fills the inbox.
 
-Each polled batch is written to the inbox (duplicates by message id ignored)
+Each polled batch is written to the inbox (duplicates by topic and message id ignored)
 together with one delivery per handler of its topic, in one transaction; the
 Kafka offsets are committed only after that commit. A message whose headers
 are broken still gets its inbox row, with dead deliveries that say why: the
@@ -27,7 +27,7 @@ from confluent_kafka import (
 )
 from psycopg2.extras import Json
 
-from .config import Settings
+from .config import Settings, kafka_connection
 from .contrib import metrics
 from .db import channel, connect, is_transient, q
 from .health import Heartbeat
@@ -45,8 +45,8 @@ _INSERT_INBOX = """
 INSERT INTO {inbox} (message_id, topic, "partition", "offset", key, value, headers, "timestamp")
 SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::bigint[], %s::bytea[], %s::bytea[],
                      %s::jsonb[], %s::timestamptz[])
-ON CONFLICT (message_id) DO NOTHING
-RETURNING message_id
+ON CONFLICT (topic, message_id) DO NOTHING
+RETURNING topic, message_id
 """
 
 # One delivery per handler of the topic registered in the database now: the
@@ -154,13 +154,13 @@ def store(
     collects the deliveries that are dead from the start (for ``fire_dead``
     after the commit).
     """
-    ids, problems = {}, {}
+    ids, problems = {}, {}  # by (topic, message id): the inbox deduplicates per topic
     cols: list[list[Any]] = [[] for _ in range(8)]
     for msg in messages:
         message_id, problem = message_identity(msg)
-        if message_id in ids:
+        if (msg.topic(), message_id) in ids:
             continue  # the same message twice in one batch
-        ids[message_id] = msg
+        ids[msg.topic(), message_id] = msg
         key = msg.key()
         if key is not None and len(key) > MAX_KEY_BYTES:
             problem = (
@@ -168,7 +168,7 @@ def store(
                 " outbox-bridge keeps" + (f"; {problem}" if problem else "")
             )
         if problem or broken:
-            problems[message_id] = broken or problem
+            problems[msg.topic(), message_id] = broken or problem
         headers = [] if broken else stored_headers(msg.headers())
         for col, value in zip(cols, (
             message_id, msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
@@ -176,11 +176,11 @@ def store(
         ), strict=True):  # fmt: skip
             col.append(value)
     cur.execute(q(_INSERT_INBOX, settings.schema), cols)
-    new = [r[0] for r in cur.fetchall()]
+    new = [(r[0], r[1]) for r in cur.fetchall()]
     rows: list[list[Any]] = [[] for _ in range(6)]
-    for message_id in new:
-        msg = ids[message_id]
-        problem = problems.get(message_id)
+    for topic, message_id in new:
+        msg = ids[topic, message_id]
+        problem = problems.get((topic, message_id))
         key = msg.key()
         if key is not None and len(key) > MAX_KEY_BYTES:
             key = None  # dead, and too long for the held-keys index: it holds nothing
@@ -252,6 +252,19 @@ class InboxConsumer:
         self.topics = sorted({topic for _name, topic, _retries in handlers})
         self.stored = 0  # new inbox rows written, for tests and logs
         self.heartbeat = Heartbeat(settings, "consumer")
+        self.checked_replay = False
+
+    def _warn_replay(self, conf: dict) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        from .retention import replay_warnings
+
+        try:
+            for line in replay_warnings(self.settings, AdminClient(kafka_connection(conf)),
+                                        self.topics):  # fmt: skip
+                log.warning("inbox: %s", line)
+        except Exception:  # noqa: BLE001 - a check, never a reason to stop
+            log.exception("inbox: could not compare the topics' retention with the window")
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, restarting with backoff after an error."""
@@ -265,9 +278,14 @@ class InboxConsumer:
             with conn, conn.cursor() as cur:
                 register_handlers(cur, self.settings, self.handlers)
                 group = consumer_group(cur, self.settings)
-            consumer = Consumer(consumer_config(self.settings, group))
+            conf = consumer_config(self.settings, group)
+            consumer = Consumer(conf)
             consumer.subscribe(self.topics, on_assign=self._on_assign, on_lost=self._on_lost)
             log.info("inbox consumer (group %s) subscribed to %s", group, ", ".join(self.topics))
+            if not self.checked_replay:  # once, beside the loop: it asks Kafka
+                self.checked_replay = True
+                threading.Thread(target=self._warn_replay, args=(conf,), daemon=True,
+                                 name="outbox-bridge replay check").start()  # fmt: skip
             while not stop.is_set():
                 self.heartbeat.beat()
                 batch = consume_batch(consumer, self.settings.batch_size, 0.5)

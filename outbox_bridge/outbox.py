@@ -135,12 +135,6 @@ def sent(cur: Any, settings: Settings, message_id: UUID) -> bool:
     return cur.fetchone() is not None
 
 
-def prune_receipts(cur: Any, schema: str) -> None:
-    """Forget receipts of ``send()`` older than a day (a retry comes within seconds)."""
-    cur.execute(text("DELETE FROM {send_receipts} WHERE sent_at < now() - interval '1 day'",
-                     schema))  # fmt: skip
-
-
 def send(
     topic: str,
     value: Any,

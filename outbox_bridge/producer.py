@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 from kombu.utils.imports import symbol_by_name
 
-from .config import Settings
+from .config import Settings, kafka_connection
 from .message import kafka_headers, record_size
 from .queue import Row
 
@@ -116,7 +116,7 @@ class Topics:
     here: the producer finds out, and the topic pauses."""
 
     def __init__(self, conf: dict):
-        self.admin = AdminClient({k: v for k, v in conf.items() if _connection_setting(k)})
+        self.admin = AdminClient(kafka_connection(conf))
         self.cache: dict[str, TopicInfo] = {}
 
     def get(self, topic: str, fresh: bool = False) -> TopicInfo:
@@ -140,10 +140,6 @@ class Topics:
             compacted=policy is not None and "compact" in (policy.value or ""),
             until=time.monotonic() + TOPIC_INFO_SECONDS,
         )
-
-
-def _connection_setting(key: str) -> bool:
-    return key.split(".")[0] in ("bootstrap", "client", "security", "sasl", "ssl")
 
 
 def refusal(row: Row, info: TopicInfo) -> str | None:

@@ -1,12 +1,17 @@
-"""Retention: the worker forgets handled inbox messages after the dedupe window.
+"""Retention: the worker forgets handled inbox messages after the dedupe window
+(and old bookkeeping: ``forget``).
 
 The inbox is what deduplicates: a message read again from Kafka (a consumer
 group rewound, a partition re-read after a crash) is recognised by its id and
 not handled again, for as long as its inbox row exists. Rows whose deliveries
 are all done are deleted ``dedupe_window`` seconds after they were received,
 with their done deliveries; a message read again after that is handled again.
-Size the window to the topics' own ``retention.ms`` (7 days by default), past
-which Kafka cannot hand the message out again anyway. Messages with a
+Size the window to what Kafka can hand out again: a segment is deleted only
+once its newest record is older than ``retention.ms``, and the active segment
+rolls only after ``segment.ms``, so a record can be read again until it is about
+``retention.ms + segment.ms`` old (14 days with Kafka's defaults, this
+window's default). The consumer warns at start, and ``health --ready`` says,
+when a subscribed topic can replay records older than the window. Messages with a
 delivery that is not done (pending, retrying, dead) stay; dead ones until
 ``outbox-bridge dead purge``.
 
@@ -33,14 +38,15 @@ log = logging.getLogger(__name__)
 # deliveries are all done go, with their deliveries.
 _BATCH = """
 WITH batch AS (
-    SELECT i.id, i.message_id, i.received_at < now() - %(window)s * interval '1s' AS old
+    SELECT i.id, i.topic, i.message_id, i.received_at < now() - %(window)s * interval '1s' AS old
     FROM {inbox} i WHERE i.id > %(after)s ORDER BY i.id LIMIT %(limit)s
 ), doomed AS (
-    SELECT n.id, n.message_id FROM batch n
-    WHERE n.old AND NOT EXISTS (SELECT 1 FROM {deliveries} d
-                                WHERE d.message_id = n.message_id AND d.state <> 'done')
+    SELECT n.id, n.topic, n.message_id FROM batch n
+    WHERE n.old AND NOT EXISTS (SELECT 1 FROM {deliveries} d WHERE d.message_id = n.message_id
+                                AND d.topic = n.topic AND d.state <> 'done')
 ), deliveries_gone AS (
-    DELETE FROM {deliveries} d USING doomed x WHERE d.message_id = x.message_id
+    DELETE FROM {deliveries} d USING doomed x
+    WHERE d.message_id = x.message_id AND d.topic = x.topic
 ), gone AS (
     DELETE FROM {inbox} i USING doomed x WHERE i.id = x.id RETURNING i.id
 )
@@ -95,8 +101,59 @@ def prune(
     return total
 
 
+def replay_warnings(settings: Settings, admin, topics: list[str], timeout: float = 10.0):
+    """A line per topic that can hand out records older than the dedupe window: a group
+    whose offsets are reset or expired would read them again, and after the window
+    the inbox no longer knows them (their handlers run again)."""
+    from confluent_kafka.admin import ConfigResource
+
+    window = settings.dedupe_window
+    if window <= 0 or not topics:
+        return []
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in sorted(topics)]
+    lines = []
+    for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
+        try:
+            configs = future.result(timeout)
+        except Exception as exc:  # noqa: BLE001 - not described: nothing to say about it
+            log.debug("topic %s: no configs (%s)", resource.name, exc)
+            continue
+        retention = int(configs["retention.ms"].value)
+        segment = int(configs["segment.ms"].value)
+        replay = None if retention < 0 else (retention + segment) / 1000
+        if replay is None or replay > window:
+            oldest = "records of any age" if replay is None else f"records up to {replay:.0f}s old"
+            lines.append(
+                f"topic {resource.name} can hand out {oldest} again (retention.ms + segment.ms),"
+                f" longer than outbox_bridge_dedupe_window ({window:.0f}s): a message read again"
+                " after the window is handled again"
+            )
+    return lines
+
+
+# Bookkeeping that would otherwise grow for ever: receipts of send() (a retry comes
+# within seconds), and the pause rows of topics that no relay has tried for a day (a
+# topic that no longer exists, or has no rows left: its row is made again if needed).
+_FORGET = (
+    "DELETE FROM {send_receipts} WHERE sent_at < now() - interval '1 day'",
+    "DELETE FROM {topic_pauses} WHERE until < now() - interval '1 day'",
+)
+
+
+def forget(settings: Settings) -> None:
+    """Delete what the pipeline no longer needs besides inbox messages (see _FORGET)."""
+    conn = connect(settings, autocommit=True, name="outbox-bridge retention")
+    try:
+        with conn.cursor() as cur:
+            for statement in _FORGET:
+                cur.execute(q(statement, settings.schema))
+    finally:
+        conn.close()
+
+
 class Retention:
-    """The worker's pruning loop: ``prune`` every ``prune_interval`` seconds."""
+    """The worker's pruning loop, every ``prune_interval`` seconds: ``forget`` and, with
+    a dedupe window, ``prune``."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -109,8 +166,11 @@ class Retention:
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
-            count = prune(self.settings, stop=stop, beat=self.heartbeat.beat,
-                          share=self.settings.prune_share)  # fmt: skip
+            forget(self.settings)
+            count = 0
+            if self.settings.dedupe_window > 0:
+                count = prune(self.settings, stop=stop, beat=self.heartbeat.beat,
+                              share=self.settings.prune_share)  # fmt: skip
             self.pruned += count
             if count:
                 log.info("retention: forgot %d handled inbox messages in %.1fs", count,

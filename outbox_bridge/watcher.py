@@ -27,7 +27,6 @@ from .config import Settings
 from .db import connect, q
 from .health import BEAT_EVERY, Heartbeat
 from .loops import run_forever
-from .outbox import prune_receipts
 from .queue import Queue
 from .signals import fire_dead
 
@@ -272,7 +271,6 @@ class Watcher:
             self._last_recheck = now
             for source in self.sources:
                 source.queue.forget_held(cur)
-            prune_receipts(cur, self.settings.schema)
         self.dispatched += sent
         return sent
 

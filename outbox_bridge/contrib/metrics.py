@@ -174,15 +174,78 @@ def process_exited(pid: int) -> None:
             pass
 
 
+# compact() and a scrape both read the files: one at a time (a scrape that saw a file
+# that compact() then folded would fail, or count it twice)
+_files = threading.Lock()
+COMPACT_EVERY = 10.0  # seconds between compactions in the worker
+
+
+def compact(path: str | None = None) -> int:
+    """Fold the counter and histogram files of processes that have exited into one
+    archive file per kind, so that the directory holds a file per live process and
+    kind, not one per process ever started (a crash loop, ``--max-tasks-per-child``
+    or autoscaling start thousands over months). Totals stay as they were. Returns
+    the files folded."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    path = path or os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return 0
+    folded = 0
+    with _files:
+        for kind in ("counter", "histogram"):
+            gone = [f for f in glob.glob(os.path.join(path, f"{kind}_*.db")) if _exited(f)]
+            if not gone:
+                continue
+            archive = MmapedDict(os.path.join(path, f"{kind}_archive.db"))
+            try:
+                for name in gone:
+                    for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(name):
+                        total, _ = archive.read_value(key)
+                        archive.write_value(key, total + value, timestamp)
+                    os.remove(name)
+                    folded += 1
+            finally:
+                archive.close()
+    return folded
+
+
+def _exited(name: str) -> bool:
+    pid = os.path.basename(name)[:-3].rsplit("_", 1)[-1]
+    if not pid.isdigit():
+        return False  # the archive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def compact_forever(stop: threading.Event) -> None:
+    """The worker's compaction loop (``MetricsStep``)."""
+    while not stop.wait(COMPACT_EVERY):
+        try:
+            compact()
+        except Exception:  # noqa: BLE001 - metrics never stop the worker
+            log.exception("metrics: could not compact the files of exited processes")
+
+
 def registry(settings: Settings, database: bool = True) -> Any:
     """A registry with every process's counters (multiprocess mode) and, with
     ``database``, the gauges read from PostgreSQL and Kafka at scrape time."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    class Collector(MultiProcessCollector):
+        def collect(self):  # noqa: D102
+            with _files:
+                return list(super().collect())
+
     found = CollectorRegistry()
     if os.environ.get(MULTIPROC_ENV):
-        MultiProcessCollector(found)
+        Collector(found)
     if database:
         found.register(DatabaseCollector(settings))
     return found

@@ -252,3 +252,48 @@ def test_a_slow_writers_row_on_a_shard_held_by_a_dead_key_goes_within_seconds(
     kafka_reader(topic).read_message_ids({str(late)}, timeout=30)
     took = time.monotonic() - committed
     assert took < 2, f"the late row waited {took:.1f}s"
+
+
+# -- 7, 8. the edges of the dedupe window -------------------------------------------
+def test_the_worker_and_ready_say_when_a_topic_can_replay_records_older_than_the_window(
+    inbox, kafka_admin, topic, worker_env
+):
+    short = topic + "-poison"  # the poison handler's topic: records gone after about 20 s
+    create_topic(kafka_admin, short, **{"retention.ms": "10000", "segment.ms": "10000"})
+    worker_env["OUTBOX_BRIDGE_DEDUPE_WINDOW"] = "60"  # the worker's and the probe's
+    worker = inbox.start(TEST_POISON_TOPIC=short)
+    # Kafka's defaults (7 + 7 days) on this test's other topics; the short one fits
+    said = wait_for(lambda: [line for line in worker.log_tail(400).splitlines()
+                             if "longer than outbox_bridge_dedupe_window (60s)" in line],
+                    60, "the worker's warning")  # fmt: skip
+    assert any(f"topic {topic} can hand out records up to 1209600s old" in s for s in said), said
+    assert not any(f"topic {short} " in s for s in said), said
+    ready = inbox.cli("health", "--ready")
+    assert ready.returncode == 0, ready.stdout  # a warning: the worker is ready all the same
+    assert f"kafka: warning: topic {topic} can hand out" in ready.stdout, ready.stdout
+    assert f"topic {short} " not in ready.stdout
+
+
+def test_one_message_id_on_two_topics_runs_the_handlers_of_each_once(inbox, kafka_admin, topic):
+    poison_topic, _worker = _poison_inbox(inbox, kafka_admin, topic)
+    message_id = str(uuid.uuid4())
+    copy = (b"m", json.dumps({"k": "m", "seq": 1}).encode(), [("message_id", message_id.encode())])
+    inbox.produce([copy], topic=topic)
+    inbox.produce([copy], topic=poison_topic)  # mirrored, headers kept (MirrorMaker, a retry topic)
+
+    def handled(handler: str, message: str) -> int:
+        return sum(1 for m, _k, _s in inbox.effects(handler) if str(m) == message)
+
+    wait_for(lambda: handled("record", message_id) and handled("switchable", message_id)
+             and handled("poison", message_id), 60, "the handlers of both topics")  # fmt: skip
+    # the same message again on each topic, then one after it: dropped as duplicates
+    marker = str(uuid.uuid4())
+    after = (b"m", json.dumps({"k": "m", "seq": 2}).encode(), [("message_id", marker.encode())])
+    for name in (topic, poison_topic):
+        inbox.produce([copy, after], topic=name)
+    wait_for(lambda: all(handled(h, marker) for h in ("record", "switchable", "poison")), 60,
+             "the messages after the duplicates")  # fmt: skip
+    assert [handled(h, message_id) for h in ("record", "switchable", "poison")] == [1, 1, 1]
+    stored = inbox.query("SELECT topic FROM outbox_bridge.inbox WHERE message_id = %s"
+                         " ORDER BY topic", (message_id,))  # fmt: skip
+    assert stored == sorted([(topic,), (poison_topic,)])

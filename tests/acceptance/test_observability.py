@@ -304,6 +304,10 @@ def test_the_worker_forgets_handled_messages_after_the_dedupe_window(inbox, db_u
     inbox.produce([(b"b", json.dumps({"k": "b", "seq": 2}).encode(),
                     [("message_id", second.encode())])])  # fmt: skip
 
+    # handled first (else "pruned" below could hold before it was even consumed)
+    wait_for(lambda: uuid.UUID(second) in [r[0] for r in inbox.effects()], 60,
+             "the second message to be handled")  # fmt: skip
+
     def pruned():
         return query(db_url, "SELECT message_id::text FROM outbox_bridge.inbox") == [(first,)]
 

@@ -55,3 +55,64 @@ def test_consumer_lag_counts_from_the_low_watermark_when_older_records_are_gone(
         producer.produce(topic, value=b"%d" % i, partition=0)
     assert producer.flush(30) == 0
     assert lag_of_partition_0()["lag"] == 3
+
+
+def test_retention_forgets_old_receipts_and_the_pauses_of_topics_nobody_tried_for_a_day(db_url):
+    from outbox_bridge.retention import forget
+
+    settings = Settings(database_url=db_url)
+    with transaction(settings) as cur:
+        cur.execute(
+            "INSERT INTO outbox_bridge.send_receipts (message_id, sent_at) VALUES"
+            " (gen_random_uuid(), now() - interval '25 hours'), (gen_random_uuid(), now())"
+        )
+        cur.execute(
+            "INSERT INTO outbox_bridge.topic_pauses (topic, until, pauses) VALUES"
+            " ('gone', now() - interval '25 hours', 900), ('away', now() + interval '30s', 9)"
+        )
+    forget(settings)
+    with transaction(settings) as cur:
+        cur.execute("SELECT count(*) FROM outbox_bridge.send_receipts")
+        assert cur.fetchone() == (1,)
+        cur.execute("SELECT topic FROM outbox_bridge.topic_pauses")
+        assert cur.fetchall() == [("away",)]
+
+
+def test_metric_files_of_exited_processes_fold_into_one_and_keep_their_totals(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from outbox_bridge.contrib import metrics
+
+    count = (
+        "from outbox_bridge.contrib import metrics;"
+        " metrics.count('handled', 'q', 3); metrics.handler_seconds('q', 0.5)"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for _ in range(6):  # six pool processes that have come and gone
+        done = subprocess.run([sys.executable, "-c", count], env=env, capture_output=True)
+        assert done.returncode == 0, done.stderr
+    assert len(list(tmp_path.glob("counter_*.db"))) == 6
+
+    def totals() -> dict[str, float]:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        found = CollectorRegistry()
+        MultiProcessCollector(found, path=str(tmp_path))
+        return {s.name: s.value for m in found.collect() for s in m.samples
+                if s.name in ("outbox_bridge_handled_total",
+                              "outbox_bridge_handler_seconds_count")}  # fmt: skip
+
+    before = totals()
+    assert before == {"outbox_bridge_handled_total": 18.0,
+                      "outbox_bridge_handler_seconds_count": 6.0}  # fmt: skip
+    assert metrics.compact(str(tmp_path)) == 12  # six counter and six histogram files
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == [
+        "counter_archive.db", "histogram_archive.db"
+    ]  # fmt: skip
+    assert totals() == before
+    subprocess.run([sys.executable, "-c", count], env=env, check=True)  # one more, then fold
+    assert metrics.compact(str(tmp_path)) == 2
+    assert totals()["outbox_bridge_handled_total"] == 21.0

@@ -14,7 +14,9 @@ def sql_migrations(upto: int) -> migrations.RunPython:
         from outbox_bridge.config import get_settings
         from outbox_bridge.migrate import apply
 
-        with schema_editor.connection.cursor() as cur:
-            apply(cur, get_settings().schema, upto=upto)
+        connection = schema_editor.connection
+        with connection.cursor() as cur:
+            # a migration with atomic = False runs on an autocommit connection
+            apply(cur, get_settings().schema, upto=upto, autocommit=not connection.in_atomic_block)
 
     return migrations.RunPython(forward, elidable=False)
