@@ -56,12 +56,13 @@ def _run(body, stop: threading.Event, what: str, beat: Callable[[], None] | None
 def wait(stop: threading.Event | None, delay: float, beat: Callable[[], None] | None) -> None:
     """Wait ``delay`` seconds or until ``stop`` is set, beating the loop's heartbeat at
     least every second meanwhile: a loop that waits on purpose is alive."""
-    if beat is None:
-        time.sleep(delay) if stop is None else stop.wait(delay)
+    if beat is None and stop is not None:
+        stop.wait(delay)
         return
     until = time.monotonic() + delay
     while (stop is None or not stop.is_set()) and (left := until - time.monotonic()) > 0:
-        beat()
+        if beat is not None:
+            beat()
         if stop is None:
             time.sleep(min(1.0, left))
         else:
