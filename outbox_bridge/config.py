@@ -89,6 +89,11 @@ class Settings:
     # queue behind a waiting lock request), then the migration is tried again, this often
     migrate_lock_timeout: float = 2.0
     migrate_lock_retries: int = 60
+    # Seconds a connection may go without an answer before it counts as dead (a peer
+    # gone silent: dropped route, NAT flush, paused VM): libpq's connect timeout,
+    # keepalives and tcp_user_timeout (both ends), Kafka's socket.timeout.ms, and the
+    # watchdog that closes a connection whose statement waits longer (0: off)
+    network_timeout: float = 30.0
     # where the worker's loops touch their heartbeat files for `outbox-bridge health --live`
     # ("": <temp dir>/outbox-bridge-health-<schema>)
     health_dir: str = ""
@@ -114,6 +119,14 @@ class Settings:
             raise ValueError("outbox_bridge_shards and outbox_bridge_batch_size must be >= 1")
         if not self.schema:
             raise ValueError("outbox_bridge_schema must not be empty")
+
+
+def kafka_network(settings: Settings) -> dict[str, Any]:
+    """librdkafka's deadline for an answer from a broker (then it reconnects), from
+    ``network_timeout``; ``producer_config``/``consumer_config`` may override it."""
+    if settings.network_timeout <= 0:
+        return {}
+    return {"socket.timeout.ms": max(10, min(300_000, round(settings.network_timeout * 1000)))}
 
 
 def kafka_connection(conf: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
+from . import watchdog
 from .config import Settings, get_settings
 
 psycopg2.extras.register_uuid()
@@ -48,13 +49,58 @@ def connect(
     dsn = psycopg2.extensions.parse_dsn(settings.database_url)
     # Our transactions may wait on Kafka (up to message.timeout.ms) while idle: a
     # server-wide idle_in_transaction_session_timeout below that must not cut them.
-    options = f"{dsn.pop('options', '')} -c idle_in_transaction_session_timeout=0".strip()
-    params = {"connect_timeout": 10, **dsn, "application_name": name, "options": options}
-    # notice a dead server or peer in seconds, not hours
-    params.update(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+    options = " ".join(
+        filter(
+            None,
+            (
+                *network_options(settings.network_timeout),
+                dsn.pop("options", ""),
+                "-c idle_in_transaction_session_timeout=0",
+            ),
+        )
+    )
+    params = {**network_params(settings.network_timeout), **dsn, "application_name": name,
+              "options": options.strip()}  # fmt: skip
     conn = psycopg2.connect(**params)
     conn.autocommit = autocommit
     return conn
+
+
+def network_params(timeout: float) -> dict[str, int]:
+    """libpq's settings that notice a dead server or route in about ``timeout``
+    seconds, not hours (the database URL's own values win)."""
+    if timeout <= 0:
+        return {"connect_timeout": 10}
+    return {
+        "connect_timeout": max(2, round(timeout / 3)),
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(timeout / 3)),
+        "keepalives_interval": max(1, round(timeout / 9)),
+        "keepalives_count": 3,
+        "tcp_user_timeout": round(timeout * 1000),
+    }
+
+
+def network_options(timeout: float) -> tuple[str, ...]:
+    """The same for the server's side of the connection: a backend whose client went
+    silent ends (and frees its locks) instead of waiting hours for it."""
+    if timeout <= 0:
+        return ()
+    p = network_params(timeout)
+    return tuple(f"-c {name}={p[key]}" for name, key in (
+        ("tcp_keepalives_idle", "keepalives_idle"),
+        ("tcp_keepalives_interval", "keepalives_interval"),
+        ("tcp_keepalives_count", "keepalives_count"),
+        ("tcp_user_timeout", "tcp_user_timeout")))  # fmt: skip
+
+
+@contextmanager
+def work(conn: Any, settings: Settings, what: str) -> Iterator[Any]:
+    """A transaction on ``conn`` with a cursor: outbox-bridge's own database work,
+    its connection closed by the watchdog when it waits longer than
+    ``network_timeout`` for an answer (see ``watchdog``)."""
+    with watchdog.guard(conn, settings.network_timeout, what), conn, conn.cursor() as cur:
+        yield cur
 
 
 _local = threading.local()
@@ -102,9 +148,10 @@ def recreate_database(admin_url: str, name: str) -> None:
 @contextmanager
 def transaction(settings: Settings | None = None, name: str = "outbox-bridge") -> Iterator[Any]:
     """A cursor in a transaction on a connection of its own, committed and closed after."""
+    settings = settings or get_settings()
     conn = connect(settings, name=name)
     try:
-        with conn, conn.cursor() as cur:
+        with work(conn, settings, name) as cur:
             yield cur
     finally:
         conn.close()

@@ -22,10 +22,11 @@ from typing import Any
 import psycopg2
 from celery import Task
 
+from . import watchdog
 from .celery import app
 from .config import Settings, get_settings
 from .contrib import metrics, tracing
-from .db import q, task_connection
+from .db import q, task_connection, work
 from .errors import DecodeError, OutboxBridgeError, TransientError
 from .linger import Linger
 from .message import JSONSerializer, Message, Serializer
@@ -51,14 +52,16 @@ class HandlerSpec:
 
 
 def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
-    if spec.session is None:
-        spec.func(message, cur)
-        return
-    from .contrib.sqlalchemy import session_for
+    # the handler's own statements may take as long as they need (its time limit)
+    with watchdog.paused():
+        if spec.session is None:
+            spec.func(message, cur)
+            return
+        from .contrib.sqlalchemy import session_for
 
-    with session_for(spec.session, cur.connection) as session:
-        spec.func(message, session)
-        session.flush()  # the ORM's pending writes join "done" in this transaction
+        with session_for(spec.session, cur.connection) as session:
+            spec.func(message, session)
+            session.flush()  # the ORM's pending writes join "done" in this transaction
 
 
 def _handle(spec: HandlerSpec, message: Message, cur: Any, queue: str) -> None:
@@ -123,7 +126,7 @@ def bury_deliveries(
     settings = get_settings()
     conn = task_connection(settings)
     conn.rollback()
-    with conn, conn.cursor() as cur:
+    with work(conn, settings, f"handler {handler}") as cur:
         # only deliveries that used up their own attempts; the others (their task ran
         # out of retries for another reason) are re-driven after their lease
         dead = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}", max_retries)
@@ -224,7 +227,7 @@ def _retry(task: Task, spec: HandlerSpec, ids: list[int], token: str) -> dict:
     queue = inbox_queue(settings, task.name)
     conn = task_connection(settings)
     lease = lease_for(task, task.request.retries, settings.lease_seconds)
-    with conn, conn.cursor() as cur:
+    with work(conn, settings, task.name) as cur:
         # every attempt has started already: the last one died with its process
         buried = [] if task.max_retries is None else queue.bury(cur, ids, token, None,
                                                                  task.max_retries)  # fmt: skip
@@ -246,7 +249,7 @@ def _held_attempt(task: Task, spec: HandlerSpec, ids: list[int], token: str, lea
     except _CommitFailed as exc:
         if len(ids) == 1:  # it is this delivery's failure
             conn = task_connection(get_settings())
-            with conn, conn.cursor() as cur:
+            with work(conn, get_settings(), task.name) as cur:
                 queue = inbox_queue(get_settings(), task.name)
                 queue.hold(cur, {ids[0]: str(exc)}, token, lease, count=False)
             raise HandlerFailed(str(exc)) from exc
@@ -274,7 +277,7 @@ def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
     conn = task_connection(settings)
     lease = lease_for(task, 0, settings.lease_seconds)
     totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
-    with conn, conn.cursor() as cur:
+    with work(conn, settings, task.name) as cur:
         cur.execute(q("SELECT id, topic, key FROM {deliveries} WHERE id = ANY(%s)",
                       settings.schema), (result["solo"],))  # fmt: skip
         keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
@@ -284,7 +287,7 @@ def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
         if key is None or (key[1] is not None and key in held):
             continue  # waits behind its key's head, which failed just now
         retry_token = str(uuid.uuid4())
-        with conn, conn.cursor() as cur:
+        with work(conn, settings, task.name) as cur:
             if not queue.renew(cur, result["owned"], token, settings.lease_seconds):
                 return {**totals, "stale": True}
             queue.hold(cur, {delivery_id: "runs on its own"}, retry_token, lease, count=False)
@@ -303,7 +306,7 @@ def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
                                  retries=1)  # fmt: skip
             except Exception:  # noqa: BLE001 - the lease brings it back
                 log.exception("could not enqueue the retry of delivery %d", delivery_id)
-    with conn, conn.cursor() as cur:
+    with work(conn, settings, task.name) as cur:
         queue.recovered(cur, result["recovering"], token)
     return {**totals, "owned": result["owned"]}
 
@@ -324,7 +327,7 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
         bind(conn)  # made while the connection is idle: see bind()
     handled = False  # past the handlers: an error now is the COMMIT's
     try:
-        with conn, conn.cursor() as cur:
+        with work(conn, settings, task.name) as cur:
             if shards is not None:
                 # locked until commit: a handler slower than the lease still finishes;
                 # one that hangs is ended by the task's time limit (handler_time_limit)

@@ -27,9 +27,9 @@ from confluent_kafka import (
 )
 from psycopg2.extras import Json
 
-from .config import Settings, kafka_connection
+from .config import Settings, kafka_connection, kafka_network
 from .contrib import metrics
-from .db import channel, connect, is_transient, q
+from .db import channel, connect, is_transient, q, work
 from .health import Heartbeat
 from .loops import run_forever
 from .message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
@@ -101,6 +101,7 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         # a crashed worker's partitions go to the others after 10 s, not 45 s
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 3000,
+        **kafka_network(settings),
     }
     conf.update(settings.consumer_config)
     return conf
@@ -275,7 +276,7 @@ class InboxConsumer:
         conn = connect(self.settings, name="outbox-bridge inbox")
         consumer = None
         try:
-            with conn, conn.cursor() as cur:
+            with work(conn, self.settings, "inbox consumer") as cur:
                 register_handlers(cur, self.settings, self.handlers)
                 group = consumer_group(cur, self.settings)
             conf = consumer_config(self.settings, group)
@@ -300,14 +301,14 @@ class InboxConsumer:
                     continue
                 dead: list[DeadMessage] = []
                 try:
-                    with conn, conn.cursor() as cur:
+                    with work(conn, self.settings, "inbox consumer") as cur:
                         self.stored += store(cur, self.settings, messages, dead=dead)
                 except psycopg2.Error as exc:
                     if is_transient(exc):
                         raise
                     # one message the database refuses as it is: find it, store it as dead
                     dead = []
-                    with conn, conn.cursor() as cur:
+                    with work(conn, self.settings, "inbox consumer") as cur:
                         self.stored += store_each(cur, self.settings, messages, dead)
                 fire_dead(dead)
                 metrics.consumed(messages)

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 from kombu.utils.imports import symbol_by_name
 
-from .config import Settings, kafka_connection
+from .config import Settings, kafka_connection, kafka_network
 from .message import kafka_headers, record_size
 from .queue import Row
 
@@ -96,6 +96,7 @@ def producer_config(settings: Settings) -> dict:
         "message.timeout.ms": 30_000,
         # a missing topic fails its messages soon (its topic pauses) instead of after 30 s
         "topic.metadata.propagation.max.ms": 2_000,
+        **kafka_network(settings),
     }
     conf.update(settings.producer_config)
     return conf

@@ -21,10 +21,11 @@ from typing import Any
 import psycopg2
 from celery import Task, signals
 
+from . import watchdog
 from .celery import app
 from .config import Settings, get_settings
 from .contrib import metrics, tracing
-from .db import drop_task_connection, is_transient, q, task_connection, transaction
+from .db import drop_task_connection, is_transient, q, task_connection, transaction, work
 from .errors import DeliveryFailed, TransientError
 from .linger import Linger
 from .producer import Outcome, get_relay, reset_relay
@@ -143,7 +144,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
             sent: tuple | None = None  # (rows, outcome, acked at), for the metrics
-            with conn, conn.cursor() as cur:
+            with work(conn, settings, "outbox task") as cur:
                 owned, recovering = queue.renew_round(
                     cur, owned, token, settings.lease_seconds, clock.adopt
                 )
@@ -178,7 +179,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     return stats
                 clock.busy()
                 stats["batches"] += 1
-                with tracing.sending(rows):
+                with tracing.sending(rows), watchdog.paused():  # Kafka has its own timeout
                     outcome: Outcome = relay.deliver(rows)
                 sent = (rows, outcome, time.time())
                 queue.complete(cur, outcome.delivered)
@@ -254,7 +255,7 @@ def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Sett
     try:
         conn = task_connection(settings)
         conn.rollback()
-        with conn, conn.cursor() as cur:
+        with work(conn, settings, "outbox task") as cur:
             queue.release(cur, shards, token, settings.pause_seconds)
     except Exception:  # noqa: BLE001 - the lease still recovers the shards
         log.exception("could not release shards %s", shards)
@@ -314,7 +315,7 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
     lease = lease_for(self, self.request.retries, settings.lease_seconds)
     try:
         conn = task_connection(settings)
-        with conn, conn.cursor() as cur:
+        with work(conn, settings, "outbox task") as cur:
             # every attempt has started already: the last one died with its process
             buried = queue.bury(cur, ids, token, None, settings.max_retries)
             started = [i for i, _n in queue.start_held(cur, ids, token, lease)]
@@ -345,13 +346,13 @@ def _retry_round(settings: Settings, queue: Queue, relay, ids: list[int], token,
     """Produce the held rows ``ids`` of ``token`` (their attempt already counted) and book
     what Kafka said: (rows, outcome, acked at, pause), or None when none is held."""
     conn = task_connection(settings)
-    with conn, conn.cursor() as cur:
+    with work(conn, settings, "outbox task") as cur:
         held = queue.fetch_held(cur, ids, token)
         if not held:
             return None
         rows = [row for row, _attempts, _shard in held]
         shard_of = {row.id: shard for row, _attempts, shard in held}
-        with tracing.sending(rows):
+        with tracing.sending(rows), watchdog.paused():
             outcome = relay.deliver(rows)
         acked_at = time.time()
         queue.complete(cur, outcome.delivered)
@@ -391,7 +392,7 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
     delivered (None: the shards are no longer ours)."""
     conn = task_connection(settings)
     lease = lease_for(retry, 0, settings.lease_seconds)
-    with conn, conn.cursor() as cur:
+    with work(conn, settings, "outbox task") as cur:
         cur.execute(q("SELECT id, topic, key FROM {outbox} WHERE id = ANY(%s)", settings.schema),
                     (region,))  # fmt: skip
         keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
@@ -402,7 +403,7 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
         if key is None or (key[1] is not None and key in held):
             continue  # gone, or behind its key's head that failed just now
         retry_token = uuid.uuid4()
-        with conn, conn.cursor() as cur:
+        with work(conn, settings, "outbox task") as cur:
             if not queue.renew(cur, owned, token, settings.lease_seconds):
                 return None
             queue.hold(cur, {row_id: "runs on its own"}, retry_token, lease, count=False)
@@ -419,7 +420,7 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
             held.add(key)
             countdown = backoff(retry, 0) if outcome.failed else pause
             enqueue_retry([row_id], retry_token, retries=1, countdown=countdown)
-    with conn, conn.cursor() as cur:
+    with work(conn, settings, "outbox task") as cur:
         queue.recovered(cur, recovering, token)
     return delivered
 

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 
+from . import watchdog
 from .config import Settings
 from .contrib import metrics
 from .db import connect, q
@@ -82,10 +83,11 @@ def prune(
                 if beat is not None:
                     beat()
                 started = time.monotonic()
-                cur.execute(
-                    q(_BATCH, settings.schema),
-                    {"window": window, "after": after, "limit": settings.prune_batch},
-                )
+                with watchdog.guard(conn, settings.network_timeout, "retention"):
+                    cur.execute(
+                        q(_BATCH, settings.schema),
+                        {"window": window, "after": after, "limit": settings.prune_batch},
+                    )
                 last, gone, all_old = cur.fetchone()
                 if gone and share < 1:
                     # beating meanwhile: a slow batch on a loaded database means a long
@@ -144,7 +146,7 @@ def forget(settings: Settings) -> None:
     """Delete what the pipeline no longer needs besides inbox messages (see _FORGET)."""
     conn = connect(settings, autocommit=True, name="outbox-bridge retention")
     try:
-        with conn.cursor() as cur:
+        with watchdog.guard(conn, settings.network_timeout, "retention"), conn.cursor() as cur:
             for statement in _FORGET:
                 cur.execute(q(statement, settings.schema))
     finally:

@@ -23,6 +23,7 @@ import psycopg2
 from celery import Celery, Task
 from psycopg2 import sql
 
+from . import watchdog
 from .config import Settings
 from .db import connect, q
 from .health import BEAT_EVERY, Heartbeat
@@ -204,24 +205,25 @@ class Watcher:
                 look: str | None = "all"
                 while not stop.is_set():
                     self.heartbeat.beat()
-                    if look == "all" or time.monotonic() >= next_full:
-                        self.dispatch(cur)
-                        # busy: look again soon; the inbox NOTIFYs once per batch only
-                        pause = self.settings.poll_interval if self.idle else BUSY_POLL
-                        next_full = time.monotonic() + pause
-                    elif look == "outbox":
-                        self.dispatch(cur, self.sources[:1])
-                    wait = min(BEAT_EVERY, max(0.0, next_full - time.monotonic()))
-                    if sequence is not None:
-                        wait = min(wait, poll)
-                    if not conn.notifies:
-                        ready, _, _ = select.select([conn], [], [], wait)
-                        if ready:
-                            conn.poll()
-                    notified = bool(conn.notifies)
-                    conn.notifies.clear()
-                    moved = sequence is not None and sequence.moved(cur)
-                    self.since = sequence.since() if sequence is not None else None
+                    with watchdog.guard(conn, self.settings.network_timeout, "watcher"):
+                        if look == "all" or time.monotonic() >= next_full:
+                            self.dispatch(cur)
+                            # busy: look again soon; the inbox NOTIFYs once per batch only
+                            pause = self.settings.poll_interval if self.idle else BUSY_POLL
+                            next_full = time.monotonic() + pause
+                        elif look == "outbox":
+                            self.dispatch(cur, self.sources[:1])
+                        wait = min(BEAT_EVERY, max(0.0, next_full - time.monotonic()))
+                        if sequence is not None:
+                            wait = min(wait, poll)
+                        if not conn.notifies:
+                            ready, _, _ = select.select([conn], [], [], wait)
+                            if ready:
+                                conn.poll()
+                        notified = bool(conn.notifies)
+                        conn.notifies.clear()
+                        moved = sequence is not None and sequence.moved(cur)
+                        self.since = sequence.since() if sequence is not None else None
                     look = "all" if notified else "outbox" if moved else None
                 self.outbox.heartbeat(cur, alive=False)  # commits need not NOTIFY us now
         finally:
