@@ -321,8 +321,23 @@ def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only, r
               help="How writers publish: psycopg2, psycopg, sqlalchemy, django, asyncpg,"
               " psycopg-async.")  # fmt: skip
 @click.option("--faults", default=6, show_default=True, help="Faults to inject.")
-@click.option("--kinds", default="kill_child,kill_worker,kafka,postgres,rabbitmq,rebalance",
-              show_default=True, help="Fault kinds, taken in turn.")  # fmt: skip
+@click.option("--kinds", default="kill_child,kill_worker,kafka,postgres,rabbitmq,rebalance,"
+              "blackhole_postgres,blackhole_kafka", show_default=True,
+              help="Fault kinds, taken in turn.")  # fmt: skip
+@click.option("--silence", default=60.0, show_default=True,
+              help="Seconds a blackhole fault keeps PostgreSQL or Kafka silent.")  # fmt: skip
+@click.option(
+    "--sample-every",
+    default=60.0,
+    show_default=True,
+    help="Seconds between samples of memory, files, connections, sizes and lag.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Also draw the samples into this PNG (needs matplotlib: the [soak] extra).",
+)
 @click.option("--seed", default=1, show_default=True, help="Same seed, same schedule.")
 @click.option("--poison", default=2, show_default=True, help="Messages a handler always fails.")
 @click.option("--fail-rate", default=0.2, show_default=True,
@@ -336,13 +351,14 @@ def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only, r
               help="The script that kills and restarts the services.")  # fmt: skip
 @click.option("--logdir", default="soak-logs", show_default=True, help="Ledger and logs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
-def soak(json_path, kinds, logdir, **options) -> None:
+def soak(json_path, kinds, logdir, plot_path, **options) -> None:
     """Traffic through the whole pipeline under faults, reconciled against a ledger."""
     from pathlib import Path
 
     from .soak import Options, Soak, summary
 
-    opts = Options(kinds=tuple(k for k in kinds.split(",") if k), logdir=Path(logdir), **options)
+    opts = Options(kinds=tuple(k for k in kinds.split(",") if k), logdir=Path(logdir),
+                   plot=Path(plot_path) if plot_path else None, **options)  # fmt: skip
     try:
         result = Soak(get_settings(), opts).run()
     except ValueError as exc:

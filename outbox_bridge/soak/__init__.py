@@ -27,12 +27,14 @@ from ..db import connect, recreate_database
 from ..migrate import migrate
 from .faults import KINDS, Faults, Worker, schedule
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
+from .proxy import Proxy
 from .reconcile import read_topic, reconcile
+from .samples import Sampler, load, plot
 from .writers import ADAPTERS, Writer
 
 _DRAINED = """
 SELECT (SELECT count(*) FROM outbox_bridge.outbox),
-       (SELECT count(*) FROM outbox_bridge.inbox WHERE message_id = ANY(%s::uuid[])),
+       (SELECT count(*) FROM outbox_bridge.inbox WHERE topic = %s),
        (SELECT count(*) FROM outbox_bridge.deliveries WHERE state NOT IN ('done', 'dead')),
        (SELECT count(*) FROM outbox_bridge.deliveries)
 """
@@ -61,6 +63,9 @@ class Options:
     fail_rate: float = 0.2
     poison: int = 2
     max_tail: float = 120.0  # seconds from the last write or fault to drained, at most
+    silence: float = 60.0  # of a blackhole fault
+    sample_every: float = 60.0  # seconds between samples of sizes and resources
+    plot: Path | None = None  # a PNG of the samples
     services: str = "scripts/services"
     logdir: Path = field(default_factory=lambda: Path("soak-logs"))
 
@@ -79,6 +84,9 @@ class Soak:
             raise ValueError(f"unknown fault kinds {set(opts.kinds) - set(KINDS)}: {KINDS}")
         if opts.workers < 2:
             raise ValueError("the soak needs at least two workers")
+        if "blackhole_kafka" in opts.kinds and not os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED"):
+            raise ValueError("blackhole_kafka needs OUTBOX_BRIDGE_KAFKA_PROXIED (Kafka's listener"
+                             " behind the proxy: eval \"$(scripts/services env)\")")  # fmt: skip
         if {"kafka", "postgres", "rabbitmq"} & set(opts.kinds) and not os.access(
             opts.services, os.X_OK
         ):
@@ -112,7 +120,24 @@ class Soak:
         for future in futures.values():
             future.result(30)
 
-    def worker_env(self) -> dict[str, str]:
+    def open_proxies(self) -> dict[str, str]:
+        """The proxies between the workers and PostgreSQL and Kafka (the blackholes'),
+        and the workers' URLs through them."""
+        dsn = psycopg2.extensions.parse_dsn(self.url)
+        pg = Proxy((dsn.get("host", "127.0.0.1"), int(dsn.get("port", 5432))))
+        self.proxies = {"postgres": pg}
+        urls = {"OUTBOX_BRIDGE_DATABASE_URL": psycopg2.extensions.make_dsn(
+            **{**dsn, "host": "127.0.0.1", "port": str(pg.port)})}  # fmt: skip
+        behind = os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED")
+        if behind:  # the listener that advertises the proxy's port
+            host, port = behind.rsplit(":", 1)
+            kafka = Proxy((host, int(port)), int(os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXY_PORT",
+                                                                "9095")))  # fmt: skip
+            self.proxies["kafka"] = kafka
+            urls["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"] = kafka.address
+        return urls
+
+    def worker_env(self, through: dict[str, str]) -> dict[str, str]:
         return {
             **os.environ,
             "OUTBOX_BRIDGE_DATABASE_URL": self.url,
@@ -120,6 +145,7 @@ class Soak:
             "OUTBOX_BRIDGE_SOAK_TOPIC": self.topic,
             "OUTBOX_BRIDGE_SOAK_CHAINED": self.chained,
             "OUTBOX_BRIDGE_SOAK_FAIL_RATE": str(self.opts.fail_rate),
+            **through,
         }
 
     # -- the run --------------------------------------------------------------
@@ -130,20 +156,31 @@ class Soak:
             f" ({o.adapter}), {o.workers} workers (-P {o.pool}), {o.faults} faults, seed {o.seed}"
         )
         self.prepare()
-        env = self.worker_env()
+        env = self.worker_env(self.open_proxies())
         make = lambda name: Worker(name, env, o.logdir, o.pool, o.concurrency)  # noqa: E731
         workers = [make(f"soak{i}-{self.run_id}") for i in range(o.workers)]
         spare = make(f"soak-spare-{self.run_id}")
         result: dict[str, Any] = {}
+        self.sampler = Sampler(
+            o.logdir / f"samples-{self.run_id}.jsonl", o.sample_every,
+            lambda: {w.name: w.proc.pid for w in workers if w.proc and w.proc.poll() is None},
+            self._query, self._lag, self.settings.schema,
+        )  # fmt: skip
         try:
             for w in workers:
                 w.start()
+            self.sampler.start()
             result = self._traffic(workers, spare)
             return result
         finally:
+            self.sampler.stop()
             for w in [*workers, spare]:
                 w.stop()
+            for proxy in self.proxies.values():
+                proxy.close()
             self.ledger.close()
+            if result:
+                result["samples"] = self._samples()
             if result and not result["violations"]:  # else they are evidence: kept
                 # fewer partitions: Kafka's next restart recovers faster
                 kafka = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
@@ -162,7 +199,8 @@ class Soak:
         urls = {"OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka_bootstrap_servers,
                 "OUTBOX_BRIDGE_DATABASE_URL": self.url,
                 "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", "")}  # fmt: skip
-        faults = Faults(workers, spare, o.services, self.addresses(urls), random.Random(o.seed))
+        faults = Faults(workers, spare, o.services, self.addresses(urls), random.Random(o.seed),
+                        self.proxies, o.silence)  # fmt: skip
         for at, kind in plan:
             time.sleep(max(0.0, t0 + at - time.monotonic()))
             began = self.now()
@@ -214,6 +252,41 @@ class Soak:
                     raise
                 time.sleep(1)
 
+    def _lag(self) -> int | None:
+        """The workers' inbox consumer lag on the soak's topic, in records (the chained
+        topic has no handler: only the reconciliation reads it)."""
+        from ..db import transaction
+        from ..inbox import consumer_group
+        from ..ops import consumer_lag
+
+        if not hasattr(self, "group"):
+            with transaction(self.settings, "outbox-bridge soak") as cur:
+                self.group = consumer_group(cur, self.settings)
+        lag = consumer_lag(self.settings, self.group, [self.topic])
+        return sum(p["lag"] for p in lag)
+
+    def _samples(self) -> dict[str, Any]:
+        """Where the samples are, and how each measure moved from the end of the warm-up
+        (a tenth of the run) to the end: what grew shows here."""
+        samples = load(self.sampler.path)
+        out: dict[str, Any] = {"path": str(self.sampler.path), "count": len(samples)}
+        if self.opts.plot and samples:
+            title = (f"soak {self.run_id}: {self.ledger.attempted()} messages,"
+                     f" {len(self.fault_log)} faults")  # fmt: skip
+            out["plot"] = str(plot(samples, self.opts.plot, title))
+        if len(samples) >= 3:
+            warm = samples[max(1, len(samples) // 10)]
+            last = samples[-1]
+            growth = {}
+            for field in ("rss_mb", "fds", "relations_kb"):
+                for name, end in (last.get(field) or {}).items():
+                    start = (warm.get(field) or {}).get(name)
+                    if start is not None:
+                        growth[f"{field}: {name}"] = [start, end]
+            growth["pg_connections"] = [warm.get("pg_connections"), last.get("pg_connections")]
+            out["from_warm_to_end"] = growth
+        return out
+
     def _resolve_unknown(self) -> dict[str, int]:
         txs = sorted({e.txid for e in self.ledger.entries
                       if e.outcome == UNKNOWN and e.txid is not None})  # fmt: skip
@@ -226,7 +299,7 @@ class Soak:
         committed = [e.message_id for e in self.ledger.entries if e.outcome == COMMITTED]
         self._progress = time.monotonic()
         while True:
-            ((outbox, stored, unsettled, deliveries),) = self._query(_DRAINED, (committed,))
+            ((outbox, stored, unsettled, deliveries),) = self._query(_DRAINED, (self.topic,))
             if outbox == 0 and stored == len(committed) and not unsettled \
                     and deliveries >= 2 * len(committed):  # fmt: skip
                 return round(self.now() - since, 1)
@@ -327,6 +400,14 @@ def summary(r: dict[str, Any]) -> str:
         f"drained {r['drained_after_s']}s after the last write or fault"
         f" (last write {r['last_write_s']}s, last fault {r['last_fault_s']}s)"
     )
+    samples = r.get("samples") or {}
+    if samples:
+        plotted = f", plotted in {samples['plot']}" if samples.get("plot") else ""
+        lines.append(f"samples: {samples['count']} in {samples['path']}{plotted}")
+        moved = samples.get("from_warm_to_end") or {}
+        for name, (start, end) in sorted(moved.items()):
+            if name.startswith(("rss_mb", "fds", "pg_")) or (end or 0) >= 1024:
+                lines.append(f"  {name}: {start} -> {end} (after warm-up -> end)")
     lines.append("violations: " + ("none" if not r["violations"] else ""))
     lines += [f"  - {v}" for v in r["violations"]]
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 Service faults go through ``scripts/services`` (``kill``: PostgreSQL in
 immediate mode, Kafka with SIGKILL; ``down``: RabbitMQ), then ``up``.
+Blackholes silence the proxy (``proxy.py``) between the workers and PostgreSQL
+or Kafka for ``silence`` seconds; the flows open meanwhile stay silent for good.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("kill_child", "kill_worker", "kafka", "postgres", "rabbitmq", "rebalance")
+KINDS = ("kill_child", "kill_worker", "kafka", "postgres", "rabbitmq", "rebalance",
+         "blackhole_postgres", "blackhole_kafka")  # fmt: skip
 
 
 class Worker:
@@ -112,9 +115,11 @@ class Faults:
     """Injects one fault at a time and says how it went."""
 
     def __init__(self, workers: list[Worker], spare: Worker, services: str,
-                 urls: dict[str, tuple[str, int]], rng: random.Random) -> None:  # fmt: skip
+                 urls: dict[str, tuple[str, int]], rng: random.Random,
+                 proxies: dict[str, Any] | None = None, silence: float = 60.0) -> None:  # fmt: skip
         self.workers, self.spare, self.services = workers, spare, services
         self.urls, self.rng = urls, rng
+        self.proxies, self.silence = proxies or {}, silence
 
     def inject(self, kind: str) -> dict[str, Any]:
         if kind == "kill_child" and self.workers[0].pool != "prefork":
@@ -177,3 +182,19 @@ class Faults:
         code = self.spare.stop(timeout=90)  # a warm shutdown waits for running tasks
         return {"detail": f"{self.spare.name} joined, left (exit {code})",
                 "verified": joined and code == 0}  # fmt: skip
+
+    def _blackhole(self, name: str) -> dict[str, Any]:
+        proxy = self.proxies[name]
+        flows = proxy.silence()
+        time.sleep(self.silence)
+        forwarding, silent = proxy.open_flows()
+        proxy.speak()
+        return {"detail": f"{name}: silent {self.silence:.0f}s ({flows} flows silenced,"
+                          f" {silent} still open and silent at the end, {forwarding} forwarding)",
+                "verified": flows > 0 and forwarding == 0}  # fmt: skip
+
+    def blackhole_postgres(self) -> dict[str, Any]:
+        return self._blackhole("postgres")
+
+    def blackhole_kafka(self) -> dict[str, Any]:
+        return self._blackhole("kafka")
