@@ -6,6 +6,7 @@ all drained); here we check that it ran what it says and found nothing.
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,8 @@ from tests.conftest import ROOT
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq,
               pytest.mark.slow, pytest.mark.services]  # fmt: skip
 
-KINDS = ["kill_child", "kill_worker", "kafka", "postgres", "rabbitmq", "rebalance"]
+KINDS = ["kill_child", "kill_worker", "kafka", "postgres", "rabbitmq", "rebalance",
+         "blackhole_postgres", "blackhole_kafka"]  # fmt: skip
 
 
 @pytest.mark.parametrize("pool, adapter", [("prefork", "psycopg2"), ("threads", "sqlalchemy")])
@@ -23,8 +25,9 @@ def test_a_short_soak_loses_nothing_doubles_nothing_and_keeps_order(
 ):
     report = tmp_path / "soak.json"
     done = subprocess.run(
-        ["outbox-bridge", "soak", "--seconds", "30", "--rate", "60", "--faults", "6",
-         "--pool", pool, "--adapter", adapter, "--seed", "7", "--max-tail", "90",
+        ["outbox-bridge", "soak", "--seconds", "30", "--rate", "60", "--faults", "8",
+         "--silence", "10", "--sample-every", "10", "--plot", str(tmp_path / "soak.png"),
+         "--pool", pool, "--adapter", adapter, "--seed", "7", "--max-tail", "120",
          "--services", native_services.script, "--logdir", str(tmp_path), "--json", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -41,3 +44,9 @@ def test_a_short_soak_loses_nothing_doubles_nothing_and_keeps_order(
     assert figures["lost"] == figures["phantom"] == figures["keys_out_of_order"] == 0
     assert figures["flaky_deliveries_retried"] > 0  # the handler's faults happened too
     assert result["drained_after_s"] is not None
+    samples = result["samples"]  # taken all along, and drawn
+    assert samples["count"] >= 5 and (tmp_path / "soak.png").stat().st_size > 10_000
+    sampled = [json.loads(line) for line in Path(samples["path"]).read_text().splitlines()]
+    assert all(s["rss_mb"] and s["fds"] for s in sampled)
+    assert any("outbox" in s.get("relations_kb", {}) and s.get("lag") is not None
+               for s in sampled)  # fmt: skip
