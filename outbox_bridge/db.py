@@ -146,13 +146,21 @@ def recreate_database(admin_url: str, name: str) -> None:
 
 
 @contextmanager
-def transaction(settings: Settings | None = None, name: str = "outbox-bridge") -> Iterator[Any]:
-    """A cursor in a transaction on a connection of its own, committed and closed after."""
+def transaction(
+    settings: Settings | None = None, name: str = "outbox-bridge", *, bounded: bool = False
+) -> Iterator[Any]:
+    """A cursor in a transaction on a connection of its own, committed and closed after.
+    ``bounded``: the whole of it under the watchdog's ``network_timeout`` (the worker's
+    own work; a command a person runs may take as long as it needs)."""
     settings = settings or get_settings()
     conn = connect(settings, name=name)
     try:
-        with work(conn, settings, name) as cur:
-            yield cur
+        if bounded:
+            with work(conn, settings, name) as cur:
+                yield cur
+        else:
+            with conn, conn.cursor() as cur:
+                yield cur
     finally:
         conn.close()
 

@@ -340,7 +340,7 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                 if solo:
                     recovering = owned
                 if recovering:
-                    region, _with_rows = queue.fetch_ids(cur, recovering, settings.batch_size)
+                    region = queue.suspects(cur, recovering, settings.batch_size)
                     if region:
                         return {**result, "solo": region, "recovering": recovering}
                     queue.recovered(cur, recovering, token)

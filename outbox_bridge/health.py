@@ -88,7 +88,7 @@ def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
             lines.append(f"database: migrations pending: {', '.join(missing)}")
         else:
             lines.append("database: answers, schema up to date")
-            with transaction(settings, "outbox-bridge health") as cur:
+            with transaction(settings, "outbox-bridge health", bounded=True) as cur:
                 cur.execute(text("SELECT DISTINCT topic FROM {handlers}", settings.schema))
                 topics = sorted(r[0] for r in cur.fetchall())
     except psycopg2.Error as exc:

@@ -34,7 +34,7 @@ CROSS JOIN LATERAL (
         FROM (
             SELECT o.* FROM {table} o
             WHERE o.shard = s.shard AND o.state = 'pending' {scope_o}
-              AND o.topic <> ALL(%(skip)s::text[])
+              AND o.topic <> ALL(%(skip)s::text[]) {region}
               AND NOT EXISTS (
                   SELECT 1 FROM {table} h
                   WHERE h.shard = s.shard AND h.state IN ('retrying', 'dead') {scope_h}
@@ -92,7 +92,9 @@ WITH free AS (
     UPDATE {claims} c SET token = (%(tokens)s::uuid[])[n.g + 1],
         lease_until = now() + %(lease)s * interval '1s', idle_above = NULL, idle_until = NULL,
         -- a token left behind: its task never gave the shard back (died mid-batch)
-        recovering = c.recovering OR c.token IS NOT NULL
+        recovering = c.recovering OR c.token IS NOT NULL,
+        recover_before = CASE WHEN c.token IS NULL THEN c.recover_before
+            ELSE greatest(c.recover_before, {recover_before}) END
     FROM numbered n
     WHERE c.queue = n.queue AND c.shard = n.shard
     RETURNING c.shard, c.token
@@ -120,7 +122,9 @@ WITH free AS (
 ), mine AS (
     UPDATE {claims} c SET token = %(token)s, lease_until = now() + %(lease)s * interval '1s',
         idle_above = NULL, idle_until = NULL,
-        recovering = c.recovering OR coalesce(c.token <> %(token)s, false)
+        recovering = c.recovering OR coalesce(c.token <> %(token)s, false),
+        recover_before = CASE WHEN coalesce(c.token <> %(token)s, false)
+            THEN greatest(c.recover_before, {recover_before}) ELSE c.recover_before END
     WHERE c.queue = %(queue)s
       AND ((c.shard = ANY(%(shards)s) AND c.token = %(token)s)
            OR c.shard IN (SELECT shard FROM free))
@@ -130,6 +134,13 @@ WITH free AS (
 )
 SELECT shard, recovering FROM mine
 """
+
+# when the dead owner last renewed its lease (the same lease assumed), plus the moments
+# its fetch may have come after that in the same transaction
+_RECOVER_BEFORE = "c.lease_until - %(lease)s * interval '1s' + interval '2s'"
+# the rows a dead owner may have had in hand (NULL: a redelivered task's, unknown)
+_REGION = """AND o.created_at <= coalesce((SELECT r.recover_before FROM {claims} r
+              WHERE r.queue = %(queue)s AND r.shard = s.shard), 'infinity')"""
 
 # message id as text and empty headers as NULL: less to parse per row on the hot path
 _OUTBOX_COLUMNS = (
@@ -186,7 +197,7 @@ class Queue:
     def _q(self, template: str):
         template = template.replace("{table}", "{" + self.table + "}")
         size = f"coalesce(octet_length(l.{self.size_column}), 0)" if self.size_column else "0"
-        template = template.replace("{size}", size)
+        template = template.replace("{size}", size).replace("{recover_before}", _RECOVER_BEFORE)
         for alias in ("o", "h", "t"):
             fragment = f"AND {alias}.handler = %(scope)s" if self.scope else ""
             template = template.replace("{scope_" + alias + "}", fragment)
@@ -329,19 +340,21 @@ class Queue:
         """These shards of ours are past what their dead owner may have had in hand."""
         cur.execute(
             self._q(
-                "UPDATE {claims} SET recovering = false"
+                "UPDATE {claims} SET recovering = false, recover_before = NULL"
                 " WHERE queue = %s AND shard = ANY(%s) AND token = %s AND recovering"
             ),
             (self.name, list(shards), token),
         )
 
     def _fetch(
-        self, cur, columns: str, shards: Sequence[int], limit: int, max_bytes: int, skip_topics=()
-    ):
+        self, cur, columns: str, shards: Sequence[int], limit: int, max_bytes: int, skip_topics=(),
+        region: bool = False,
+    ):  # fmt: skip
         per_shard = max(1, -(-limit // max(1, len(shards))))
         bytes_per_shard = max(1, max_bytes // max(1, len(shards)))
         cur.execute(
-            self._q(_FETCH.replace("{columns}", columns)),
+            self._q(_FETCH.replace("{columns}", columns).replace("{region}",
+                                                                 _REGION if region else "")),
             self._params(shards=list(shards), limit=per_shard, bytes=bytes_per_shard,
                          skip=list(skip_topics)),
         )  # fmt: skip
@@ -377,6 +390,14 @@ class Queue:
         """Like ``fetch``, ids only; and the shards that had rows."""
         rows, _full = self._fetch(cur, "o.id", shards, limit, 2**62, skip_topics)
         return [r[0] for r in rows], {r[1] for r in rows}
+
+    def suspects(
+        self, cur, shards: Sequence[int], limit: int, skip_topics: Sequence[str] = ()
+    ) -> list[int]:
+        """The ids that the dead owner of these recovering shards may have had in hand:
+        what ``fetch_ids`` gives, of the rows that existed at its last renewal."""
+        rows, _full = self._fetch(cur, "o.id", shards, limit, 2**62, skip_topics, region=True)
+        return [r[0] for r in rows]
 
     def release(
         self,

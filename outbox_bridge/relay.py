@@ -156,7 +156,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 if suspect:
                     recovering, suspect = owned, False
                 if recovering:
-                    region, _ = queue.fetch_ids(
+                    region = queue.suspects(
                         cur, recovering, settings.batch_size, skip_topics=list(skip)
                     )
                     if region:  # what its dead owner may have had in hand: one at a time
@@ -283,7 +283,7 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     if not ids or not token or not isinstance(exc, DeliveryFailed):
         return 0  # other errors: the lease runs out and the watcher re-drives the rows
     settings = get_settings()
-    with transaction(settings, "outbox-bridge bury") as cur:
+    with transaction(settings, "outbox-bridge bury", bounded=True) as cur:
         # only rows that used up their own attempts: a row whose task ran out of
         # retries for another reason is re-driven by the watcher after its lease
         dead = outbox_queue(settings).bury(

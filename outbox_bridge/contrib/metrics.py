@@ -407,7 +407,7 @@ class DatabaseCollector:
 
         while True:
             try:
-                with transaction(self.settings, "outbox-bridge metrics lag") as cur:
+                with transaction(self.settings, "outbox-bridge metrics lag", bounded=True) as cur:
                     cur.execute(q("SELECT DISTINCT topic FROM {handlers}", self.settings.schema))
                     topics = [r[0] for r in cur.fetchall()]
                     group = consumer_group(cur, self.settings)

@@ -89,6 +89,17 @@ def _in_order(inbox) -> None:
     assert all(s == sorted(s) for s in seqs.values()), seqs
 
 
+def _then_all_goes_on(inbox, db_url: str, topic: str, worker) -> list[str]:
+    """Messages after the silence are handled once; every key kept its order; the
+    worker never died (it is stopped here, before the proxies close)."""
+    after = _commit(db_url, topic, 80, 40)
+    _once(inbox, after, 30, "the messages after the silence")
+    _in_order(inbox)
+    assert worker.proc.poll() is None
+    worker.stop()
+    return after
+
+
 def test_postgres_gone_silent_is_noticed_by_the_deadline_and_nothing_is_lost_or_doubled(
     inbox, proxies, db_url, topic, worker_env, tmp_path
 ):
@@ -111,11 +122,7 @@ def test_postgres_gone_silent_is_noticed_by_the_deadline_and_nothing_is_lost_or_
     pg.speak()
     took = _once(inbox, during, BACK_WITHIN, f"the messages of the silence ({BACK_WITHIN}s)")
     assert "watcher: no answer from PostgreSQL in 5s" in worker.log_tail(1000)  # its deadline
-    after = _commit(db_url, topic, 80, 40)
-    _once(inbox, after, 30, "the messages after the silence")
-    _in_order(inbox)
-    assert worker.proc.poll() is None
-    worker.stop()  # before the proxies close
+    _then_all_goes_on(inbox, db_url, topic, worker)
     print(f"back {took:.1f}s after PostgreSQL spoke again (bound {BACK_WITHIN}s)")
 
 
@@ -139,12 +146,8 @@ def test_kafka_gone_silent_delays_and_nothing_is_lost_or_doubled(
     assert live.returncode == 0, live.stdout
     kf.speak()
     took = _once(inbox, during, BACK_WITHIN + 30, "the messages of the silence")
-    after = _commit(db_url, topic, 80, 40)
-    _once(inbox, after, 30, "the messages after the silence")
-    _in_order(inbox)
+    after = _then_all_goes_on(inbox, db_url, topic, worker)
     # every message reached Kafka (a resend after a silent acknowledgement may double one
     # there, at least once; the inbox takes it once)
     kafka_reader(topic).read_message_ids(set(before + during + after), 30)
-    assert worker.proc.poll() is None
-    worker.stop()
     print(f"back {took:.1f}s after Kafka spoke again")

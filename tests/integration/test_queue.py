@@ -294,3 +294,40 @@ def test_a_lingering_task_leaves_shards_whose_rows_are_all_held(db_url, conn):
         assert queue.renew(cur, [free], lingering, 30, adopt=True) == sorted({free, held})
         cur.execute("SELECT count(*) FROM outbox_bridge.wakes")
         assert cur.fetchone()[0] == 0  # the wake-up was consumed by taking the shard on
+
+
+def test_after_a_takeover_only_the_rows_the_dead_owner_may_have_had_are_suspects(db_url, conn):
+    """A backlog that arrived after the owner died is fetched in batches, not one row
+    per transaction: the suspects are the rows that existed at its last renewal."""
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        ids = [publish(cur, "t", n, key="a") for n in range(3)]  # in hand when it died
+        (shard,) = queue.ready_shards(cur)
+        ((_shards, dead_owner),) = queue.claim(cur, [shard], 30)
+        # it renewed 40 s ago (lease 30 s) and was never heard of again; the rows it had
+        # are 41 s old; 50 more came after its death
+        cur.execute("UPDATE outbox_bridge.claims SET lease_until = now() - interval '10s'"
+                    " WHERE shard = %s", (shard,))  # fmt: skip
+        cur.execute("UPDATE outbox_bridge.outbox SET created_at = now() - interval '41s'")
+        for n in range(50):
+            publish(cur, "t", 100 + n, key="a")
+    with conn, conn.cursor() as cur:
+        ((_shards, new_owner),) = queue.claim(cur, [shard], 30)
+        owned, recovering = queue.renew_round(cur, [shard], new_owner, 30)
+        assert new_owner != dead_owner and owned == recovering == [shard]
+        suspects = queue.suspects(cur, recovering, 2000)
+        every, _ = queue.fetch_ids(cur, recovering, 2000)
+    assert len(every) == 53
+    assert [_row_message(db_url, i) for i in suspects] == [str(m) for m in ids]
+    with conn, conn.cursor() as cur:
+        queue.recovered(cur, recovering, new_owner)
+        assert queue.renew_round(cur, [shard], new_owner, 30) == ([shard], [])
+        cur.execute("SELECT recover_before FROM outbox_bridge.claims WHERE shard = %s", (shard,))
+        assert cur.fetchone() == (None,)
+
+
+def _row_message(db_url: str, row_id: int) -> str:
+    from tests.conftest import query
+
+    return str(query(db_url, "SELECT message_id FROM outbox_bridge.outbox WHERE id = %s",
+                     (row_id,))[0][0])  # fmt: skip

@@ -58,6 +58,7 @@ def test_a_service_that_dies_while_starting_shows_its_log_tail(tmp_path):
         OUTBOX_BRIDGE_KAFKA_HEAP="1k",  # the JVM refuses such a heap and exits
         OUTBOX_BRIDGE_KAFKA_PORT=str(free_port()),
         OUTBOX_BRIDGE_KAFKA_CONTROLLER_PORT=str(free_port()),
+        OUTBOX_BRIDGE_KAFKA_PROXIED_PORT=str(free_port()),
     )  # fmt: skip
     assert out.returncode == 1
     assert "services: kafka did not start:" in out.stderr
