@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from .config import Settings
 from .db import q, transaction
@@ -143,6 +143,10 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
         ]
         lag = []
         for tp in consumer.committed(partitions, timeout=10):
+            if tp.error is not None:
+                # the coordinator is loading (a broker restarted): no offset is not
+                # "nothing committed", and the lag would read as the whole topic
+                raise KafkaException(tp.error)
             low, high = consumer.get_watermark_offsets(tp, timeout=10)
             committed = tp.offset if tp.offset >= 0 else None
             # what the group still has to read: records before the low watermark are
