@@ -5,6 +5,7 @@ all drained); here we check that it ran what it says and found nothing.
 """
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -27,9 +28,11 @@ def test_a_short_soak_loses_nothing_doubles_nothing_and_keeps_order(
     done = subprocess.run(
         ["outbox-bridge", "soak", "--seconds", "30", "--rate", "60", "--faults", "8",
          "--silence", "10", "--sample-every", "10", "--plot", str(tmp_path / "soak.png"),
-         "--pool", pool, "--adapter", adapter, "--seed", "7", "--max-tail", "120",
+         "--pool", pool, "--adapter", adapter, "--seed", "7", "--max-tail", "180",
          "--services", native_services.script, "--logdir", str(tmp_path), "--json", str(report)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        # a 10 s deadline: each blackhole costs its workers 10 s, not 30 s, after it
+        env={**os.environ, "OUTBOX_BRIDGE_NETWORK_TIMEOUT": "10"},
     )  # fmt: skip
     print(done.stdout[-6000:], done.stderr[-3000:])
     assert report.exists(), done.stderr[-3000:]
