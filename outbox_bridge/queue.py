@@ -138,9 +138,16 @@ SELECT shard, recovering FROM mine
 # when the dead owner last renewed its lease (the same lease assumed), plus the moments
 # its fetch may have come after that in the same transaction
 _RECOVER_BEFORE = "c.lease_until - %(lease)s * interval '1s' + interval '2s'"
-# the rows a dead owner may have had in hand (NULL: a redelivered task's, unknown)
-_REGION = """AND o.created_at <= coalesce((SELECT r.recover_before FROM {claims} r
-              WHERE r.queue = %(queue)s AND r.shard = s.shard), 'infinity')"""
+# The rows a dead owner may have had in hand: a prefix in id order of its shard, up to
+# the newest pending row that existed at its last renewal (NULL: a redelivered task's,
+# unknown: all). A prefix by id, not a filter by time, so that a key's rows never
+# split around it (ids and commit times of concurrent transactions disagree).
+_REGION = """AND o.id <= coalesce((
+    SELECT CASE WHEN r.recover_before IS NULL THEN 9223372036854775807
+        ELSE coalesce((SELECT max(t.id) FROM {table} t
+                       WHERE t.shard = s.shard AND t.state = 'pending' {scope_t}
+                         AND t.created_at <= r.recover_before), 0) END
+    FROM {claims} r WHERE r.queue = %(queue)s AND r.shard = s.shard), 9223372036854775807)"""
 
 # message id as text and empty headers as NULL: less to parse per row on the hot path
 _OUTBOX_COLUMNS = (
