@@ -71,6 +71,7 @@ _ids = itertools.count()
 _local = threading.local()
 _started_in: int | None = None  # the pid whose watchdog thread runs
 fired = 0  # connections shut down, for tests and logs
+sweeps = 0  # looks at the watched connections, for tests: "it has looked since"
 
 
 @contextmanager
@@ -130,11 +131,12 @@ def _ensure_thread() -> None:
 
 
 def _watch() -> None:
-    global fired
+    global fired, sweeps
     while True:
         _sleep(CHECK_EVERY)
         now = time.monotonic()
         with _lock:
+            sweeps += 1
             for key, entry in list(_watched.items()):
                 if entry.paused or now - entry.since <= entry.seconds:
                     continue

@@ -11,6 +11,19 @@ from outbox_bridge.config import Settings
 from outbox_bridge.db import network_options, network_params
 
 
+def _watched_past(moment: float, timeout: float = 10) -> None:
+    """Wait until the watchdog has looked at its connections after ``moment``."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        if seen is not None and watchdog.sweeps > seen:
+            return
+        if seen is None and time.monotonic() >= moment:
+            seen = watchdog.sweeps
+        time.sleep(0.05)
+    raise AssertionError("the watchdog did not look in time")
+
+
 class _Conn:
     """What ``guard`` needs of a connection: its socket's fd."""
 
@@ -42,8 +55,8 @@ def test_paused_time_does_not_count_and_the_deadline_starts_again_after_it():
         conn = _Conn(ours)
         with watchdog.guard(conn, 0.6, "test"):
             fired = watchdog.fired
-            with watchdog.paused():
-                time.sleep(1.5)  # user code, longer than the deadline
+            with watchdog.paused():  # user code, longer than the deadline
+                _watched_past(time.monotonic() + 1.5)
             assert watchdog.fired == fired
             peer.sendall(b"x")
             assert ours.recv(1) == b"x"  # still open
@@ -61,7 +74,7 @@ def test_a_block_that_ends_in_time_leaves_the_socket_alone():
         with watchdog.guard(_Conn(ours), 0.5, "test"):
             peer.sendall(b"y")
             assert ours.recv(1) == b"y"
-        time.sleep(1.2)  # past the deadline, after the block
+        _watched_past(time.monotonic() + 1.2)  # past the deadline, after the block
         peer.sendall(b"z")
         assert ours.recv(1) == b"z"
     finally:
