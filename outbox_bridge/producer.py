@@ -57,6 +57,8 @@ TOPIC_UNAVAILABLE = frozenset(
     }
 )
 
+BACKSTOP_SECONDS = 60.0  # librdkafka's message timeout beyond the relay's deadline
+PURGE_REPORT_SECONDS = 5.0  # purged messages report at once; more means a broken producer
 TOPIC_INFO_SECONDS = 30.0  # how long a topic's limits are trusted
 UNDESCRIBED_TOPIC_SECONDS = 2.0  # how soon a topic without an answer is asked again
 
@@ -92,7 +94,7 @@ def producer_config(settings: Settings) -> dict:
         "linger.ms": 5,
         "batch.size": 1_000_000,
         "queue.buffering.max.messages": 500_000,
-        # bounded wait while Kafka is away; the rows stay pending meanwhile
+        # the relay's own delivery deadline (see Relay); the rows stay pending meanwhile
         "message.timeout.ms": 30_000,
         # a missing topic fails its messages soon (its topic pauses) instead of after 30 s
         "topic.metadata.propagation.max.ms": 2_000,
@@ -165,21 +167,32 @@ class Relay:
         self.settings = settings
         self.pid = os.getpid()
         conf = producer_config(settings)
+        # ``message.timeout.ms`` is the relay's deadline, kept by purging the whole
+        # batch at once; librdkafka's own timer, which fails queued messages one by
+        # one (a key's later message could go out after an earlier one failed), is
+        # set beyond it and only bounds a producer that is being dropped.
+        self.timeout = int(conf.get("message.timeout.ms", 30_000)) / 1000 or float("inf")
+        if self.timeout != float("inf"):  # 0: no deadline but the lease's
+            conf["message.timeout.ms"] = round((self.timeout + BACKSTOP_SECONDS) * 1000)
         self.producer = Producer(conf)
         self.topics = Topics(conf)
         # a callable(row) that may raise to fail a row: validation, fault injection
         self.before_produce: Callable[[Row], None] | None = (
             symbol_by_name(settings.before_produce) if settings.before_produce else None
         )
-        self.timeout = conf.get("message.timeout.ms", 300_000) / 1000 + 10
         self.broken = False
 
-    def deliver(self, rows: Sequence[Row]) -> Outcome:
-        """Produce ``rows`` in order and wait for every delivery report.
+    def deliver(self, rows: Sequence[Row], until: float | None = None) -> Outcome:
+        """Produce ``rows`` in order and wait for every delivery report, at most
+        ``message.timeout.ms`` and never past ``until`` (a ``time.monotonic()``
+        value: the caller's lease on the rows, less a margin).
 
         A row that fails before it is sent holds back the later rows of its key
         in this batch (they are ``skipped``), so per-key order is kept; rows of
-        a topic that cannot take messages now wait (``later``).
+        a topic that cannot take messages now wait (``later``). What is not
+        delivered by the deadline is purged from the producer all at once (so
+        nothing of this batch goes out after the caller's lease, when the rows
+        may have a new owner) and waits (``later``).
         """
         outcome = Outcome()
         held: set[tuple[str, bytes]] = set()
@@ -223,13 +236,23 @@ class Relay:
                 if keyed and row.id not in outcome.later:
                     held.add((row.topic, row.key))
         deadline = time.monotonic() + self.timeout
-        while pending > 0:
-            if time.monotonic() > deadline:
-                # librdkafka should have timed them out: this producer is broken
-                self.broken = True
-                raise RuntimeError(f"{pending} delivery reports missing after the timeout")
+        if until is not None:
+            deadline = min(deadline, until)
+        while pending > 0 and time.monotonic() < deadline:
             # flush, not poll: it sends what linger.ms would still hold back
-            self.producer.flush(0.05)
+            self.producer.flush(min(0.05, max(0.0, deadline - time.monotonic())))
+        if pending > 0:
+            log.warning("%d of %d rows not delivered in time: purged together, they wait;"
+                        " the producer is made again", pending, len(rows))  # fmt: skip
+            self.producer.purge(in_queue=True, in_flight=True, blocking=True)
+            reports_by = time.monotonic() + PURGE_REPORT_SECONDS
+            while pending > 0 and time.monotonic() < reports_by:
+                self.producer.poll(0.05)  # the purged ones report _PURGE_QUEUE/_INFLIGHT
+            # a new producer, new connections: the purged requests no longer count
+            # towards socket.timeout.ms, so a silent connection would be kept for ever
+            self.broken = True
+            if pending > 0:
+                raise RuntimeError(f"{pending} delivery reports missing after a purge")
         if outcome.fatal:
             self.broken = True
             log.error("the Kafka producer hit a fatal error (%s); it is rebuilt", outcome.fatal)
@@ -261,6 +284,9 @@ class Relay:
                 self.producer.poll(0.1)
 
     def close(self, timeout: float = 10.0) -> None:
+        # deliver() waits for every report: what is still queued here belongs to an
+        # interrupted round whose rows stay pending; it must not go out later
+        self.producer.purge(in_queue=True, in_flight=True, blocking=False)
         self.producer.flush(timeout)
 
 

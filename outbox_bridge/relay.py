@@ -47,6 +47,14 @@ RETRY_TASK = "outbox_bridge.outbox.retry"
 _settings = get_settings()
 
 
+def in_lease(settings: Settings) -> float:
+    """When a round that renewed its lease just now must have Kafka's last report
+    (``time.monotonic()``): a quarter of the lease is left to commit, so no row of
+    the round is still in the producer when the lease ends and a next owner may
+    send the same key's rows."""
+    return time.monotonic() + settings.lease_seconds * 0.75
+
+
 def outbox_queue(settings: Settings) -> Queue:
     return Queue(name="outbox", table="outbox", schema=settings.schema)
 
@@ -148,6 +156,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 owned, recovering = queue.renew_round(
                     cur, owned, token, settings.lease_seconds, clock.adopt
                 )
+                until = in_lease(settings)
                 if not owned:
                     stats["stale"] = True
                     return stats
@@ -180,7 +189,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 clock.busy()
                 stats["batches"] += 1
                 with tracing.sending(rows), watchdog.paused():  # Kafka has its own timeout
-                    outcome: Outcome = relay.deliver(rows)
+                    outcome: Outcome = relay.deliver(rows, until)
                 sent = (rows, outcome, time.time())
                 queue.complete(cur, outcome.delivered)
                 stats["delivered"] += len(outcome.delivered)
@@ -319,8 +328,11 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
             # every attempt has started already: the last one died with its process
             buried = queue.bury(cur, ids, token, None, settings.max_retries)
             started = [i for i, _n in queue.start_held(cur, ids, token, lease)]
+        until = in_lease(settings)
         fire_dead(buried)
-        sent = _retry_round(settings, queue, relay, started, token, lease) if started else None
+        sent = (
+            _retry_round(settings, queue, relay, started, token, lease, until) if started else None
+        )
     except Exception as exc:
         try:
             reraise_database_error(exc)
@@ -342,9 +354,12 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
     return {"delivered": len(outcome.delivered)}
 
 
-def _retry_round(settings: Settings, queue: Queue, relay, ids: list[int], token, lease: float):
-    """Produce the held rows ``ids`` of ``token`` (their attempt already counted) and book
-    what Kafka said: (rows, outcome, acked at, pause), or None when none is held."""
+def _retry_round(
+    settings: Settings, queue: Queue, relay, ids: list[int], token, lease: float, until: float
+):
+    """Produce the held rows ``ids`` of ``token`` (their attempt already counted; Kafka's
+    reports awaited until ``until``) and book what Kafka said: (rows, outcome, acked at,
+    pause), or None when none is held."""
     conn = task_connection(settings)
     with work(conn, settings, "outbox task") as cur:
         held = queue.fetch_held(cur, ids, token)
@@ -353,7 +368,7 @@ def _retry_round(settings: Settings, queue: Queue, relay, ids: list[int], token,
         rows = [row for row, _attempts, _shard in held]
         shard_of = {row.id: shard for row, _attempts, shard in held}
         with tracing.sending(rows), watchdog.paused():
-            outcome = relay.deliver(rows)
+            outcome = relay.deliver(rows, until)
         acked_at = time.time()
         queue.complete(cur, outcome.delivered)
         pause = settings.pause_seconds
@@ -408,9 +423,11 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
                 return None
             queue.hold(cur, {row_id: "runs on its own"}, retry_token, lease, count=False)
             started = queue.start_held(cur, [row_id], retry_token, lease)
+        until = in_lease(settings)
         if not started:
             continue
-        sent = _retry_round(settings, queue, get_relay(settings), [row_id], retry_token, lease)
+        relay = get_relay(settings)
+        sent = _retry_round(settings, queue, relay, [row_id], retry_token, lease, until)
         if sent is None:
             continue
         rows, outcome, acked_at, pause = sent
