@@ -4,7 +4,6 @@
 worker`` delivers it to Kafka.
 """
 
-from .celery import app
 from .errors import (
     DecodeError,
     DeliveryFailed,
@@ -18,7 +17,7 @@ from .errors import (
     SchemaTooOld,
 )
 from .message import Message
-from .outbox import publish, publish_async, send
+from .outbox.publish import publish, publish_async, send
 
 __all__ = [
     "DecodeError",
@@ -42,9 +41,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # imported on use: it brings the Celery tasks, which read the settings
+    # Resolved on use, so that publishing (a web process) never builds the worker's
+    # Celery app nor reads celeryconfig: ``celery -A outbox_bridge`` asks for ``app``.
+    if name == "app":
+        from .worker.app import app
+
+        return app
     if name == "outbox_handler":
-        from .handlers import outbox_handler
+        from .inbox.handlers import outbox_handler
 
         return outbox_handler
     raise AttributeError(f"module 'outbox_bridge' has no attribute {name!r}")

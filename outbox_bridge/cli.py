@@ -187,7 +187,7 @@ def inbox_prune(days: float | None) -> None:
 @click.option("--timeout", default=5.0, show_default=True, help="--ready: seconds per check.")
 def health(mode: str | None, max_age: float, timeout: float) -> None:
     """Probes for orchestrators: exit 0 when healthy, 1 when not (a line per check)."""
-    from . import health as probes
+    from .worker import health as probes
 
     if mode is None:
         raise click.UsageError("say --live or --ready")
@@ -228,8 +228,8 @@ def metrics(port: int, address: str, once: bool) -> None:
 @main.command()
 def watch() -> None:
     """Run the outbox LISTEN watcher in the foreground (Ctrl-C stops it)."""
-    from .celery import app
-    from .watcher import Watcher
+    from .worker.app import app
+    from .worker.dispatcher import Watcher
 
     logging.getLogger().setLevel(logging.INFO)
     app.loader.import_default_modules()
@@ -244,23 +244,24 @@ def watch() -> None:
 @click.option("--topic", default="demo.orders", show_default=True)
 def demo(count: int, topic: str) -> None:
     """Sample orders through the outbox, Kafka and a handler (needs a worker that includes
-    outbox_bridge.demo_handlers, as scripts/up starts)."""
-    from .demo import run_demo
+    outbox_bridge.tools.demo.handlers, as scripts/up starts)."""
+    from .tools.demo import run_demo
 
     settings = get_settings()
     run_migrations(settings)
     if run_demo(settings, count, topic):
         raise click.ClickException(
-            "not every order was shipped: is a worker with outbox_bridge.demo_handlers running?"
+            "not every order was shipped: is a worker with"
+            " outbox_bridge.tools.demo.handlers running?"
         )
 
 
 @main.command()
 def consume() -> None:
     """Run the Kafka inbox consumer in the foreground (Ctrl-C stops it)."""
-    from .celery import app
-    from .handlers import handler_rows
-    from .inbox import InboxConsumer
+    from .inbox.consumer import InboxConsumer
+    from .inbox.handlers import handler_rows
+    from .worker.app import app
 
     logging.getLogger().setLevel(logging.INFO)
     app.loader.import_default_modules()
@@ -294,7 +295,7 @@ def consume() -> None:
 def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only, repeat,
           concurrency) -> None:  # fmt: skip
     """Measure the relay beside the raw Kafka producer (see docs/benchmarks.md)."""
-    from .bench import Bench, Options, table
+    from .tools.bench import Bench, Options, table
 
     options = Options(
         count=count, size=size, keys=keys, rate=rate, seconds=seconds, e2e_count=e2e_count,
@@ -355,7 +356,7 @@ def soak(json_path, kinds, logdir, plot_path, **options) -> None:
     """Traffic through the whole pipeline under faults, reconciled against a ledger."""
     from pathlib import Path
 
-    from .soak import Options, Soak, summary
+    from .tools.soak import Options, Soak, summary
 
     opts = Options(kinds=tuple(k for k in kinds.split(",") if k), logdir=Path(logdir),
                    plot=Path(plot_path) if plot_path else None, **options)  # fmt: skip

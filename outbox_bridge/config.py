@@ -3,11 +3,13 @@
 Every setting is a Celery config key prefixed ``outbox_bridge_`` (set it in
 ``celeryconfig.py``), and an environment variable ``OUTBOX_BRIDGE_<NAME>``
 overrides it (``OUTBOX_BRIDGE_MAX_RETRIES=3``). Defaults match
-``scripts/services``.
+``scripts/services``. A process that only publishes reads ``celeryconfig``
+itself: it never builds the worker's Celery app.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -155,27 +157,45 @@ _current: Settings | None = None
 _conf: Any = None
 
 
+_module_conf: dict[str, Any] | None = None
+
+
 def use_conf(conf: Any) -> None:
-    """Read settings from this mapping from now on (``outbox_bridge.celery`` hands in
-    its app's config); without one, only the environment and the defaults count."""
+    """Read settings from this mapping from now on (``outbox_bridge.worker.app`` hands in
+    its app's config, the Django app an overlay); None: the ``celeryconfig`` module."""
     global _conf, _current
     _conf, _current = conf, None
 
 
+def celeryconfig() -> dict[str, Any]:
+    """The ``outbox_bridge_*`` names of the top-level ``celeryconfig`` module, as the
+    worker's app reads them (``config_from_object("celeryconfig", silent=True)``)."""
+    global _module_conf
+    if _module_conf is None:
+        try:
+            module = importlib.import_module("celeryconfig")
+        except ImportError:
+            module = None
+        _module_conf = {
+            name: getattr(module, name) for name in dir(module) if name.startswith("outbox_bridge_")
+        }
+    return _module_conf
+
+
 def current_conf() -> Any:
-    """The mapping settings are read from (None: environment and defaults only)."""
-    return _conf
+    """The mapping settings are read from."""
+    return celeryconfig() if _conf is None else _conf
 
 
 def get_settings() -> Settings:
     """The current settings, read once per process."""
     global _current
     if _current is None:
-        _current = Settings.from_conf(_conf)
+        _current = Settings.from_conf(current_conf())
     return _current
 
 
 def reset_settings() -> None:
     """Forget cached settings (after the config or the environment changed)."""
-    global _current
-    _current = None
+    global _current, _module_conf
+    _current = _module_conf = None

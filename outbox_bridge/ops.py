@@ -38,7 +38,7 @@ def parse_key(key: str) -> bytes:
 
 def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
     """Counts per state, oldest pending age, keys held back by a failed head, consumer lag."""
-    from .inbox import consumer_group
+    from .inbox.consumer import consumer_group
 
     with transaction(settings, "outbox-bridge status") as cur:
         out = {"outbox": _outbox_status(cur, settings.schema)}
@@ -251,7 +251,7 @@ def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
 def prune_inbox(settings: Settings, older_than_seconds: float) -> int:
     """Forget inbox messages received before the cut-off whose deliveries are all done
     (what the worker's retention does after ``dedupe_window``; see ``retention``)."""
-    from .retention import prune
+    from .worker.maintenance import prune
 
     return prune(settings, older_than_seconds)
 

@@ -77,7 +77,7 @@ class NativeServices:
     script = str(ROOT / "scripts" / "services")
 
     def __init__(self, urls: dict[str, str]):
-        from outbox_bridge.soak import Soak  # the same port lookup as the soak's faults
+        from outbox_bridge.tools.soak import Soak  # the same port lookup as the soak's faults
 
         self.ports = Soak.addresses(urls)
 
@@ -85,7 +85,7 @@ class NativeServices:
         subprocess.run([self.script, *args], check=True, timeout=timeout, capture_output=True)
 
     def down(self, name: str, how: str = "down") -> None:
-        from outbox_bridge.soak.faults import refused
+        from outbox_bridge.tools.soak.faults import refused
 
         self._run(how, name)
         assert refused(*self.ports[name]), f"{name} still answers after `services {how}`"

@@ -126,13 +126,13 @@ if os.environ.get("TEST_CRASH_BEFORE_OFFSET_COMMIT"):
     # the worker dies between the inbox's database commit and its Kafka offset commit
     import signal
 
-    import outbox_bridge.inbox
+    import outbox_bridge.inbox.consumer
 
     def _crash(consumer, messages):
         _side("INSERT INTO started (message_id) VALUES (NULL)")  # the crash happened here
         os.kill(os.getpid(), signal.SIGKILL)
 
-    outbox_bridge.inbox.commit_offsets = _crash
+    outbox_bridge.inbox.consumer.commit_offsets = _crash
 
 
 if os.environ.get("TEST_EXTRA_HANDLER"):

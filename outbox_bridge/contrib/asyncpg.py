@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..adapters import numbered, refuse_autocommit, wrong_side
+from ..outbox.adapters import numbered, refuse_autocommit, wrong_side
 
 
 def execute(tx: Any, sql: str, params: tuple) -> None:

@@ -402,7 +402,7 @@ class DatabaseCollector:
 
     def _sample_lag(self) -> None:
         from ..db import q, transaction
-        from ..inbox import consumer_group
+        from ..inbox.consumer import consumer_group
         from ..ops import consumer_lag
 
         while True:

@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from ..adapters import refuse_autocommit, wrong_side
+from ..outbox.adapters import refuse_autocommit, wrong_side
 
 _HOW = "Open one (with conn.transaction():, or a connection without autocommit)"
 

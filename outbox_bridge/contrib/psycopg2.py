@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg2.extensions as ext
 
-from ..adapters import refuse_autocommit
+from ..outbox.adapters import refuse_autocommit
 
 
 def execute(tx: Any, sql: str, params: tuple) -> None:

@@ -17,8 +17,8 @@ from sqlalchemy import create_engine, exc, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
-from ..adapters import numbered, refuse_autocommit, wrong_side
 from ..errors import NotInTransaction
+from ..outbox.adapters import numbered, refuse_autocommit, wrong_side
 
 _HOW = "Use an engine or connection without AUTOCOMMIT isolation"
 

@@ -1,6 +1,6 @@
 """Networks that go silent (issue 18, item 12): PostgreSQL or Kafka stops answering
 without closing a connection (a dropped route, a NAT table flush, a paused VM).
-A proxy of our own (``outbox_bridge.soak.proxy``) stands between a real worker
+A proxy of our own (``outbox_bridge.tools.soak.proxy``) stands between a real worker
 and each service; ``silence()`` keeps every socket open and forwards nothing,
 and the flows open during the silence stay silent for good, so the worker gets
 out only by its own deadlines (``network_timeout``), then a lease."""
@@ -15,8 +15,8 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
-from outbox_bridge.loops import MAX_DELAY
-from outbox_bridge.soak.proxy import Proxy
+from outbox_bridge.tools.soak.proxy import Proxy
+from outbox_bridge.worker.loops import MAX_DELAY
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]

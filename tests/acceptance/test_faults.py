@@ -69,7 +69,7 @@ def test_deliveries_parked_behind_a_handlers_failed_head_go_on_when_it_succeeds(
     """Found by the soak: a handler's head that succeeds on retry must free the
     deliveries parked behind it at once, not at the watcher's next repair (a lease)."""
     from outbox_bridge.config import Settings
-    from outbox_bridge.handlers import inbox_queue
+    from outbox_bridge.inbox.handlers import inbox_queue
 
     inbox.query("INSERT INTO switches VALUES ('broken', true) RETURNING name")
     inbox.start(OUTBOX_BRIDGE_LEASE_SECONDS="120")  # the repair would come after 2 minutes

@@ -21,7 +21,7 @@ import pytest
 from outbox_bridge import publish
 from outbox_bridge.config import Settings
 from outbox_bridge.migrate import notify_trigger
-from outbox_bridge.relay import outbox_queue
+from outbox_bridge.outbox.tasks import outbox_queue
 from tests.conftest import ROOT, query, rows, wait_for, watcher_idle_since
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]

@@ -10,7 +10,7 @@ from confluent_kafka import Producer, TopicPartition
 from outbox_bridge.config import Settings
 from outbox_bridge.db import transaction
 from outbox_bridge.ops import consumer_lag
-from outbox_bridge.relay import MAX_PAUSES, pause_topics
+from outbox_bridge.outbox.tasks import MAX_PAUSES, pause_topics
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -58,7 +58,7 @@ def test_consumer_lag_counts_from_the_low_watermark_when_older_records_are_gone(
 
 
 def test_retention_forgets_old_receipts_and_the_pauses_of_topics_nobody_tried_for_a_day(db_url):
-    from outbox_bridge.retention import forget
+    from outbox_bridge.worker.maintenance import forget
 
     settings = Settings(database_url=db_url)
     with transaction(settings) as cur:

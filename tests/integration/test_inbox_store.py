@@ -137,7 +137,7 @@ def test_prune_forgets_only_old_fully_handled_messages(conn):
 def test_retention_prunes_in_batches_past_kept_rows_and_stops_at_the_window(conn):
     import dataclasses
 
-    from outbox_bridge.retention import prune
+    from outbox_bridge.worker.maintenance import prune
 
     settings = dataclasses.replace(get_settings(), prune_batch=3)
     with conn, conn.cursor() as cur:
@@ -163,7 +163,7 @@ def test_retention_prunes_in_batches_past_kept_rows_and_stops_at_the_window(conn
 
 def test_the_default_consumer_group_is_derived_from_the_inbox_database(conn, db_url):
     from outbox_bridge.config import Settings
-    from outbox_bridge.inbox import consumer_group
+    from outbox_bridge.inbox.consumer import consumer_group
 
     with conn, conn.cursor() as cur:
         derived = consumer_group(cur, Settings(database_url=db_url))
@@ -196,7 +196,7 @@ def handler_task(conn):
     messages of one key and returns (queue, shards, token, ids)."""
     from outbox_bridge import outbox_handler
     from outbox_bridge.db import drop_task_connection
-    from outbox_bridge.handlers import REGISTRY, inbox_queue
+    from outbox_bridge.inbox.handlers import REGISTRY, inbox_queue
 
     settings = get_settings()
     name = f"outbox.t.record_{uuid.uuid4().hex[:6]}"

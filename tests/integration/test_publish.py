@@ -174,7 +174,7 @@ def test_send_decides_by_its_receipt_not_by_a_transaction_id(db_url, conn):
     txid_status() can read "committed" for a send() that never committed (found by
     the soak). send() writes a receipt in its transaction and asks for that."""
     from outbox_bridge.config import get_settings
-    from outbox_bridge.outbox import sent
+    from outbox_bridge.outbox.publish import sent
 
     message_id = send("orders", {"id": 1})
     with conn, conn.cursor() as cur:

@@ -9,8 +9,8 @@ import pytest
 from outbox_bridge import publish
 from outbox_bridge.config import get_settings
 from outbox_bridge.migrate import notify_trigger
-from outbox_bridge.outbox import shard_of
-from outbox_bridge.relay import outbox_queue
+from outbox_bridge.outbox.publish import shard_of
+from outbox_bridge.outbox.tasks import outbox_queue
 from tests.conftest import rows
 
 pytestmark = pytest.mark.postgres
@@ -86,7 +86,7 @@ def test_a_shard_is_claimed_by_one_watcher_at_a_time(db_url, conn):
 
 @pytest.mark.kafka
 def test_a_stale_claim_changes_nothing(db_url, conn, services, topic):
-    from outbox_bridge.relay import publish as publish_task
+    from outbox_bridge.outbox.tasks import publish as publish_task
 
     queue = outbox_queue(get_settings())
     with conn, conn.cursor() as cur:
@@ -188,7 +188,7 @@ def test_each_task_thread_has_its_own_connection_and_producer(db_url, services):
     import threading
 
     from outbox_bridge.db import task_connection
-    from outbox_bridge.producer import get_relay
+    from outbox_bridge.outbox.kafka import get_relay
 
     settings = get_settings()
     got: dict[str, tuple] = {}

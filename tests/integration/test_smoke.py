@@ -5,7 +5,7 @@ import uuid
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from outbox_bridge.celery import app
+from outbox_bridge import app
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq]

@@ -10,8 +10,8 @@ from confluent_kafka import Consumer, Producer
 
 from outbox_bridge import publish
 from outbox_bridge.config import get_settings
-from outbox_bridge.inbox import consume_batch
-from outbox_bridge.watcher import SequenceWatch
+from outbox_bridge.inbox.consumer import consume_batch
+from outbox_bridge.worker.dispatcher import SequenceWatch
 
 pytestmark = pytest.mark.postgres
 

@@ -6,8 +6,8 @@ import threading
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from outbox_bridge import loops
-from outbox_bridge.inbox import commit_offsets
+from outbox_bridge.inbox.consumer import commit_offsets
+from outbox_bridge.worker import loops
 
 
 def test_restart_backoff_grows_on_quick_failures_and_starts_over_after_a_healthy_run(monkeypatch):

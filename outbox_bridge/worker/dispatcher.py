@@ -23,13 +23,13 @@ import psycopg2
 from celery import Celery, Task
 from psycopg2 import sql
 
-from . import watchdog
-from .config import Settings
-from .db import connect, q
+from .. import watchdog
+from ..config import Settings
+from ..db import connect, q
+from ..queue import Queue
+from ..signals import fire_dead
 from .health import BEAT_EVERY, Heartbeat
 from .loops import run_forever
-from .queue import Queue
-from .signals import fire_dead
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class Source:
 
 def sources(app: Celery, settings: Settings) -> list[Source]:
     """The outbox, and one queue per registered ``@outbox_handler``."""
-    from .handlers import handlers, inbox_queue
-    from .relay import PUBLISH_TASK, RETRY_TASK, outbox_queue
+    from ..inbox.handlers import handlers, inbox_queue
+    from ..outbox.tasks import PUBLISH_TASK, RETRY_TASK, outbox_queue
 
     found = [
         Source(outbox_queue(settings), app.tasks[PUBLISH_TASK], app.tasks[RETRY_TASK],

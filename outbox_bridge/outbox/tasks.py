@@ -21,23 +21,23 @@ from typing import Any
 import psycopg2
 from celery import Task, signals
 
-from . import watchdog
-from .celery import app
-from .config import Settings, get_settings
-from .contrib import metrics, tracing
-from .db import drop_task_connection, is_transient, q, task_connection, transaction, work
-from .errors import DeliveryFailed, TransientError
-from .linger import Linger
-from .producer import Outcome, get_relay, reset_relay
-from .queue import Queue
-from .retrying import (
+from .. import watchdog
+from ..config import Settings, get_settings
+from ..contrib import metrics, tracing
+from ..db import drop_task_connection, is_transient, q, task_connection, transaction, work
+from ..errors import DeliveryFailed, TransientError
+from ..linger import Linger
+from ..queue import Queue
+from ..retrying import (
     again_later,
     backoff,
     lease_for,
     reraise_database_error,
     transient_countdown,
 )
-from .signals import fire_dead
+from ..signals import fire_dead
+from ..worker.app import app
+from .kafka import Outcome, get_relay, reset_relay
 
 log = logging.getLogger(__name__)
 

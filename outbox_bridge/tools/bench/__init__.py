@@ -29,17 +29,17 @@ import click
 import psycopg2
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from .bench_drivers import compare as compare_drivers
-from .config import Settings
-from .db import connect, q, recreate_database, transaction
-from .inbox import consume_batch
-from .message import kafka_headers
-from .migrate import migrate, notify_trigger
-from .ops import ensure_topics
-from .outbox import publish
-from .producer import producer_config
-from .queue import Queue
-from .watcher import SequenceWatch
+from ...config import Settings
+from ...db import connect, q, recreate_database, transaction
+from ...inbox.consumer import consume_batch
+from ...message import kafka_headers
+from ...migrate import migrate, notify_trigger
+from ...ops import ensure_topics
+from ...outbox.kafka import producer_config
+from ...outbox.publish import publish
+from ...queue import Queue
+from ...worker.dispatcher import SequenceWatch
+from .drivers import compare as compare_drivers
 
 BENCH_DB = "outbox_bridge_bench"
 SCRAPE_ROWS = 1_000_000  # pending rows while the metrics scrape is timed
@@ -446,7 +446,7 @@ class Bench:
         rate, seconds = self.opts.rate, self.opts.seconds
         say(f"steady state into a handler: {rate} messages/s for {seconds:.0f}s")
         self.sql("TRUNCATE bench_done")
-        with self.worker("--include", "outbox_bridge.bench_handlers"):
+        with self.worker("--include", "outbox_bridge.tools.bench.handlers"):
             self._consumer_ready()
             t0 = time.monotonic()
             sent = self._offer(self.topic("e2e"), seconds)
@@ -473,7 +473,7 @@ class Bench:
         count = self.opts.e2e_count
         say(f"end to end: {count} messages through Kafka, the inbox and a handler")
         out: dict[str, Any] = {}
-        with self.worker("--include", "outbox_bridge.bench_handlers", *args, env=env) as proc:
+        with self.worker("--include", "outbox_bridge.tools.bench.handlers", *args, env=env) as proc:
             self._consumer_ready()
             profile = self._statements_reset() and "db_profile_end_to_end" not in self.results
             with rss_peaks(proc.pid, out):
@@ -512,7 +512,7 @@ class Bench:
         """What a scrape of the database gauges costs with a backlog of SCRAPE_ROWS
         pending rows: fresh, and after VACUUM; with the default count limit and
         counting every row."""
-        from .contrib.metrics import DatabaseCollector
+        from ...contrib.metrics import DatabaseCollector
 
         say(f"metrics scrape: {SCRAPE_ROWS} pending rows, no worker")
         self.fill(self.topic("scrape"), SCRAPE_ROWS, bulk=True)
@@ -630,7 +630,7 @@ class Bench:
                                 "mb": round(size / 2**20, 1)})  # fmt: skip
 
         env = {"OUTBOX_BRIDGE_DEDUPE_WINDOW": str(window), "OUTBOX_BRIDGE_PRUNE_INTERVAL": "1"}
-        with self.worker("--include", "outbox_bridge.bench_handlers", env=env):
+        with self.worker("--include", "outbox_bridge.tools.bench.handlers", env=env):
             self._consumer_ready()
             sampler = threading.Thread(target=sample)
             sampler.start()

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import Settings
+from ..config import Settings
 
 BEAT_EVERY = 1.0
 
@@ -73,11 +73,11 @@ def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
     import psycopg2
     from confluent_kafka.admin import AdminClient
 
-    from .config import kafka_connection
-    from .db import text, transaction
-    from .inbox import consumer_config
-    from .migrate import pending
-    from .retention import replay_warnings
+    from ..config import kafka_connection
+    from ..db import text, transaction
+    from ..inbox.consumer import consumer_config
+    from ..migrate import pending
+    from .maintenance import replay_warnings
 
     lines, ok = [], True
     topics: list[str] = []  # those the registered handlers consume

@@ -15,7 +15,7 @@ import itertools
 import re
 from typing import Any
 
-from .errors import NotInTransaction
+from ..errors import NotInTransaction
 
 # top-level package of the transaction's class -> module with its adapter
 _ADAPTERS = {

@@ -25,9 +25,9 @@ class SchemaCheckStep(bootsteps.StartStopStep):
     def start(self, worker) -> None:
         import psycopg2
 
-        from .config import get_settings
-        from .errors import SchemaTooOld
-        from .migrate import pending
+        from ..config import get_settings
+        from ..errors import SchemaTooOld
+        from ..migrate import pending
 
         try:
             missing = pending(get_settings())
@@ -74,8 +74,8 @@ class OutboxWatcherStep(_LoopStep):
     flag = "without_outbox_watcher"
 
     def loop(self, worker):
-        from .config import get_settings
-        from .watcher import Watcher
+        from ..config import get_settings
+        from .dispatcher import Watcher
 
         settings = get_settings()
         if not settings.watcher:
@@ -91,9 +91,9 @@ class InboxConsumerStep(_LoopStep):
     flag = "without_inbox_consumer"
 
     def loop(self, worker):
-        from .config import get_settings
-        from .handlers import handler_rows
-        from .inbox import InboxConsumer
+        from ..config import get_settings
+        from ..inbox.consumer import InboxConsumer
+        from ..inbox.handlers import handler_rows
 
         settings = get_settings()
         rows = handler_rows()
@@ -109,8 +109,8 @@ class RetentionStep(_LoopStep):
     flag = "without_retention"
 
     def loop(self, worker):
-        from .config import get_settings
-        from .retention import Retention
+        from ..config import get_settings
+        from .maintenance import Retention
 
         if get_settings().dedupe_window <= 0:
             log.info("inbox messages kept for ever (outbox_bridge_dedupe_window = 0)")
@@ -128,8 +128,8 @@ class MetricsStep(bootsteps.StartStopStep):
         self.compaction = None
 
     def start(self, worker) -> None:
-        from .config import get_settings
-        from .contrib import metrics
+        from ..config import get_settings
+        from ..contrib import metrics
         from .loops import LoopThread
 
         settings = get_settings()
@@ -153,8 +153,8 @@ class MetricsStep(bootsteps.StartStopStep):
 
 def _before_pool(**_) -> None:
     # multiprocess metrics need their directory before the pool forks
-    from .config import get_settings
-    from .contrib import metrics
+    from ..config import get_settings
+    from ..contrib import metrics
 
     metrics.prepare_worker(get_settings())
 
@@ -162,7 +162,7 @@ def _before_pool(**_) -> None:
 def _process_exits(**_) -> None:
     import os
 
-    from .contrib import metrics
+    from ..contrib import metrics
 
     metrics.process_exited(os.getpid())
 

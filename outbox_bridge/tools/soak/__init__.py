@@ -22,9 +22,9 @@ from typing import Any
 import psycopg2
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from ..config import Settings
-from ..db import connect, recreate_database
-from ..migrate import migrate
+from ...config import Settings
+from ...db import connect, recreate_database
+from ...migrate import migrate
 from .faults import KINDS, Faults, Worker, schedule
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
 from .proxy import Proxy
@@ -257,9 +257,9 @@ class Soak:
     def _lag(self) -> int | None:
         """The workers' inbox consumer lag on the soak's topic, in records (the chained
         topic has no handler: only the reconciliation reads it)."""
-        from ..db import transaction
-        from ..inbox import consumer_group
-        from ..ops import consumer_lag
+        from ...db import transaction
+        from ...inbox.consumer import consumer_group
+        from ...ops import consumer_lag
 
         if not hasattr(self, "group"):
             with transaction(self.settings, "outbox-bridge soak") as cur:

@@ -1,7 +1,7 @@
 """The demo's handler: the sample shipping service records every order it hears of.
 
 Loaded by ``scripts/up`` with ``celery -A outbox_bridge worker --include
-outbox_bridge.demo_handlers``.
+outbox_bridge.tools.demo.handlers``.
 """
 
 from outbox_bridge import Message, outbox_handler

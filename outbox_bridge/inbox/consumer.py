@@ -27,14 +27,14 @@ from confluent_kafka import (
 )
 from psycopg2.extras import Json
 
-from .config import Settings, kafka_connection, kafka_network
-from .contrib import metrics
-from .db import channel, connect, is_transient, q, work
-from .health import Heartbeat
-from .loops import run_forever
-from .message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
-from .outbox import shard_of
-from .signals import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead
+from ..config import Settings, kafka_connection, kafka_network
+from ..contrib import metrics
+from ..db import channel, connect, is_transient, q, work
+from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
+from ..outbox.publish import shard_of
+from ..signals import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead
+from ..worker.health import Heartbeat
+from ..worker.loops import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class InboxConsumer:
     def _warn_replay(self, conf: dict) -> None:
         from confluent_kafka.admin import AdminClient
 
-        from .retention import replay_warnings
+        from ..worker.maintenance import replay_warnings
 
         try:
             for line in replay_warnings(self.settings, AdminClient(kafka_connection(conf)),

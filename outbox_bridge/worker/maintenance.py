@@ -26,10 +26,10 @@ import logging
 import threading
 import time
 
-from . import watchdog
-from .config import Settings
-from .contrib import metrics
-from .db import connect, q
+from .. import watchdog
+from ..config import Settings
+from ..contrib import metrics
+from ..db import connect, q
 from .health import Heartbeat
 from .loops import run_forever, wait
 

@@ -22,17 +22,17 @@ from typing import Any
 import psycopg2
 from celery import Task
 
-from . import watchdog
-from .celery import app
-from .config import Settings, get_settings
-from .contrib import metrics, tracing
-from .db import q, task_connection, work
-from .errors import DecodeError, OutboxBridgeError, TransientError
-from .linger import Linger
-from .message import JSONSerializer, Message, Serializer
-from .queue import Queue
-from .retrying import again_later, backoff, lease_for, reraise_database_error, transient_countdown
-from .signals import fire_dead
+from .. import watchdog
+from ..config import Settings, get_settings
+from ..contrib import metrics, tracing
+from ..db import q, task_connection, work
+from ..errors import DecodeError, OutboxBridgeError, TransientError
+from ..linger import Linger
+from ..message import JSONSerializer, Message, Serializer
+from ..queue import Queue
+from ..retrying import again_later, backoff, lease_for, reraise_database_error, transient_countdown
+from ..signals import fire_dead
+from ..worker.app import app
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
         if spec.session is None:
             spec.func(message, cur)
             return
-        from .contrib.sqlalchemy import session_for
+        from ..contrib.sqlalchemy import session_for
 
         with session_for(spec.session, cur.connection) as session:
             spec.func(message, session)
@@ -322,7 +322,7 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
     first_countdown = backoff(task, 0)
     result: dict[str, Any] = {}
     if spec.session is not None:
-        from .contrib.sqlalchemy import bind
+        from ..contrib.sqlalchemy import bind
 
         bind(conn)  # made while the connection is idle: see bind()
     handled = False  # past the handlers: an error now is the COMMIT's

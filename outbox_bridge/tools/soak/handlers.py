@@ -1,4 +1,4 @@
-"""The soak's handlers, loaded by its workers (``--include outbox_bridge.soak.handlers``).
+"""The soak's handlers, loaded by its workers (``--include outbox_bridge.tools.soak.handlers``).
 
 ``soak.effect`` writes an effect row and chains a message; ``soak.flaky`` fails
 at random (and always on a poison message) before it writes its effect row.

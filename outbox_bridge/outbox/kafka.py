@@ -23,9 +23,9 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 from kombu.utils.imports import symbol_by_name
 
-from .config import Settings, kafka_connection, kafka_network
-from .message import kafka_headers, record_size
-from .queue import Row
+from ..config import Settings, kafka_connection, kafka_network
+from ..message import kafka_headers, record_size
+from ..queue import Row
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .config import DEFAULT_BROKER_URL, use_conf
+from ..config import DEFAULT_BROKER_URL, use_conf
 
 app = Celery("outbox_bridge")
 
@@ -36,7 +36,7 @@ app.add_defaults(
     }
 )
 app.config_from_object("celeryconfig", silent=True)
-app.conf.imports = tuple(app.conf.imports or ()) + ("outbox_bridge.relay",)
+app.conf.imports = tuple(app.conf.imports or ()) + ("outbox_bridge.outbox.tasks",)
 use_conf(app.conf)
 
 from . import bootsteps  # noqa: E402  (registers worker options and steps)

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from ..outbox import publish, publish_async
+from ...outbox.publish import publish, publish_async
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
 
 ADAPTERS = ("psycopg2", "psycopg", "sqlalchemy", "django", "asyncpg", "psycopg-async")

@@ -8,10 +8,10 @@ from decimal import Decimal
 import click
 from confluent_kafka import Consumer, TopicPartition
 
-from .config import Settings
-from .db import connect, q
-from .ops import ensure_topics
-from .outbox import publish
+from ...config import Settings
+from ...db import connect, q
+from ...ops import ensure_topics
+from ...outbox.publish import publish
 
 
 def _kafka_total(settings: Settings, topic: str) -> int:

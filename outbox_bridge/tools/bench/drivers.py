@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from .config import Settings
-from .db import connect, text
-from .outbox import publish
+from ...config import Settings
+from ...db import connect, text
+from ...outbox.publish import publish
 
 _READ = "SELECT id, topic, key, value, headers FROM {outbox} WHERE topic = %s ORDER BY id LIMIT %s"
 _DELETE = "DELETE FROM {outbox} WHERE id = ANY(%s)"

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .db import is_transient
+from ..db import is_transient
 from .health import Heartbeat
 
 log = logging.getLogger(__name__)

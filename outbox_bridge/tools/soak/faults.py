@@ -32,7 +32,7 @@ class Worker:
         self.cmd = [
             sys.executable, "-m", "celery", "-A", "outbox_bridge", "worker", "-P", pool,
             "-c", str(concurrency), "-n", f"{name}@%h", "-l", "info", "--without-mingle",
-            "--without-gossip", "--include", "outbox_bridge.soak.handlers",
+            "--without-gossip", "--include", "outbox_bridge.tools.soak.handlers",
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
 

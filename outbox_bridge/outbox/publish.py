@@ -13,12 +13,11 @@ from uuid import UUID
 
 import psycopg2
 
-from . import adapters
-from .config import Settings, get_settings
-from .contrib import tracing
-from .db import connect, is_transient, text
-from .errors import MessageTooLarge
-from .message import (
+from ..config import Settings, get_settings
+from ..contrib import tracing
+from ..db import connect, is_transient, text
+from ..errors import MessageTooLarge
+from ..message import (
     Headers,
     JSONSerializer,
     Serializer,
@@ -27,6 +26,7 @@ from .message import (
     encode_key,
     record_size,
 )
+from . import adapters
 
 log = logging.getLogger(__name__)
 
