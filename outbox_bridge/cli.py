@@ -229,14 +229,14 @@ def metrics(port: int, address: str, once: bool) -> None:
 def watch() -> None:
     """Run the outbox LISTEN watcher in the foreground (Ctrl-C stops it)."""
     from .worker.app import app
-    from .worker.dispatcher import Watcher
+    from .worker.dispatcher import Dispatcher
 
     logging.getLogger().setLevel(logging.INFO)
     app.loader.import_default_modules()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    Watcher(app, get_settings()).run(stop)
+    Dispatcher(app, get_settings()).run(stop)
 
 
 @main.command()

@@ -96,6 +96,14 @@ class Settings:
     # keepalives and tcp_user_timeout (both ends), Kafka's socket.timeout.ms, and the
     # watchdog that closes a connection whose statement waits longer (0: off)
     network_timeout: float = 30.0
+    # dotted paths ("module:attribute") of the subscribers of outbox-bridge's events
+    # (outbox_bridge.events): metrics and tracing, each a no-op until it is set up
+    middleware: list[str] = field(
+        default_factory=lambda: [
+            "outbox_bridge.contrib.metrics:Metrics",
+            "outbox_bridge.contrib.tracing:Tracing",
+        ]
+    )
     # where the worker's loops touch their heartbeat files for `outbox-bridge health --live`
     # ("": <temp dir>/outbox-bridge-health-<schema>)
     health_dir: str = ""
@@ -148,6 +156,10 @@ def _parse(name: str, kind: str, raw: str) -> Any:
             return float(raw)
         if kind.startswith("dict"):
             return json.loads(raw)
+        if kind.startswith("list"):  # a JSON list, or names separated by commas
+            return json.loads(raw) if raw.lstrip().startswith("[") else [
+                part.strip() for part in raw.split(",") if part.strip()
+            ]
     except ValueError as exc:
         raise ValueError(f"OUTBOX_BRIDGE_{name.upper()}={raw!r}: not a valid {kind}") from exc
     return raw

@@ -11,13 +11,58 @@ source of truth: a lost task or a crashed worker costs at most one lease.
 
 from __future__ import annotations
 
+import random
 import uuid
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import events
 from .db import channel, q
-from .signals import DEAD_COLUMNS, DeadMessage, dead_messages
+
+
+def shard_of(topic: str, key: bytes | None, shards: int) -> int:
+    """The shard of a message: all messages of one (topic, key) share it."""
+    if key is None:
+        return random.randrange(shards)  # no order to keep: spread them
+    return zlib.crc32(topic.encode() + b"\0" + key) % shards
+
+
+@dataclass(frozen=True)
+class DeadMessage:
+    """A message that has just become dead.
+
+    ``queue`` is ``"outbox"`` (it could not be sent to Kafka) or the name of
+    the handler task that could not handle it; ``id`` is the row id that
+    ``outbox-bridge dead retry --id`` takes.
+    """
+
+    queue: str
+    id: int
+    message_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    attempts: int
+    last_error: str | None
+
+
+# RETURNING columns of a row that became dead, in DeadMessage's order after queue
+DEAD_COLUMNS = "id, message_id, topic, key, attempts, last_error"
+
+
+def dead_messages(queue: str, rows: Iterable[tuple]) -> list[DeadMessage]:
+    return [
+        DeadMessage(queue, r[0], r[1], r[2], None if r[3] is None else bytes(r[3]), r[4], r[5])
+        for r in rows
+    ]
+
+
+def fire_dead(dead: Iterable[DeadMessage]) -> None:
+    """Announce messages that became dead (the ``dead`` event: the ``message_dead``
+    signal, the dead hook, metrics); call only after their change committed."""
+    for message in dead:
+        events.emit("dead", message)
 
 # {scope_X}: "AND X.handler = %(scope)s" for an inbox handler's queue, else "".
 
@@ -597,7 +642,7 @@ class Queue:
         max_retries: int | None = None,
     ) -> list[DeadMessage]:  # fmt: skip
         """Retrying rows of ``token`` become dead (idempotent); returns those that did,
-        for ``signals.fire_dead`` after the commit. With ``max_retries``, only rows
+        for ``fire_dead`` after the commit. With ``max_retries``, only rows
         that failed more often than that."""
         cur.execute(
             self._q(

@@ -224,7 +224,7 @@ def _exited(name: str) -> bool:
 
 
 def compact_forever(stop: threading.Event) -> None:
-    """The worker's compaction loop (``MetricsStep``)."""
+    """The worker's compaction loop (``Metrics.worker_started``)."""
     while not stop.wait(COMPACT_EVERY):
         try:
             compact()
@@ -263,6 +263,67 @@ def serve(settings: Settings, port: int, address: str, database: bool = True):
 
     server, _thread = start_http_server(port, address, registry(settings, database))
     return server
+
+
+class Metrics:
+    """The middleware (``outbox_bridge.events``) that records Prometheus metrics: no-ops
+    unless ``PROMETHEUS_MULTIPROC_DIR`` is set; the worker serves them on
+    ``metrics_port`` and folds exited processes' files together."""
+
+    def __init__(self) -> None:
+        self.server: Any = None
+        self.compaction: Any = None
+
+    def active(self) -> bool:
+        return on()
+
+    def delivered(self, rows: Iterable[Any], acked_at: float) -> None:
+        delivered(rows, acked_at)
+
+    def counted(self, counter: str, queue: str, n: int) -> None:
+        count(counter, queue, n)
+
+    def dead(self, message: Any) -> None:
+        count("dead", message.queue)
+
+    def batch(self, queue: str, n: int) -> None:
+        batch(queue, n)
+
+    def handled_in(self, queue: str, seconds: float) -> None:
+        handler_seconds(queue, seconds)
+
+    def consumed(self, messages: Iterable[Any]) -> None:
+        consumed(messages)
+
+    def pruned(self, n: int) -> None:
+        pruned(n)
+
+    def worker_starting(self, settings: Settings) -> None:
+        prepare_worker(settings)  # multiprocess mode needs its directory before the fork
+
+    def worker_started(self, settings: Settings) -> None:
+        from ..loops import LoopThread
+
+        if not settings.metrics_port:
+            return
+        self.server = serve(settings, settings.metrics_port, settings.metrics_address)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_address,
+                 settings.metrics_port)  # fmt: skip
+        # exited pool processes' files folded into one: the directory stays small
+        self.compaction = LoopThread(compact_forever, "outbox-bridge-metrics")
+        self.compaction.start()
+
+    def worker_stopping(self) -> None:
+        if self.compaction is not None:
+            self.compaction.stop()
+            self.compaction = None
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def process_exited(self, pid: int) -> None:
+        process_exited(pid)
 
 
 # -- gauges read at scrape time ----------------------------------------------------

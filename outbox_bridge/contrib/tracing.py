@@ -131,3 +131,20 @@ def processing(message: Any, handler: str) -> Iterator[None]:
         attributes=attributes,
     ):
         yield
+
+
+class Tracing:
+    """The middleware (``outbox_bridge.events``) that carries the trace context:
+    in the headers of ``publish()``, around the relay's sends and the handlers."""
+
+    def active(self) -> bool:
+        return recording()
+
+    def publishing(self, headers: list[list[Any]]) -> list[list[Any]]:
+        return inject(headers)
+
+    def sending(self, rows: Sequence[Any]) -> Any:
+        return sending(rows)
+
+    def processing(self, message: Any, handler: str) -> Any:
+        return processing(message, handler)

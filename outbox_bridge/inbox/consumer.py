@@ -27,14 +27,12 @@ from confluent_kafka import (
 )
 from psycopg2.extras import Json
 
+from .. import events
 from ..config import Settings, kafka_connection, kafka_network
-from ..contrib import metrics
 from ..db import channel, connect, is_transient, q, work
+from ..loops import Heartbeat, run_forever
 from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
-from ..outbox.publish import shard_of
-from ..signals import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead
-from ..worker.health import Heartbeat
-from ..worker.loops import run_forever
+from ..queue import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +256,6 @@ class InboxConsumer:
     def _warn_replay(self, conf: dict) -> None:
         from confluent_kafka.admin import AdminClient
 
-        from ..worker.maintenance import replay_warnings
 
         try:
             for line in replay_warnings(self.settings, AdminClient(kafka_connection(conf)),
@@ -311,7 +308,7 @@ class InboxConsumer:
                     with work(conn, self.settings, "inbox consumer") as cur:
                         self.stored += store_each(cur, self.settings, messages, dead)
                 fire_dead(dead)
-                metrics.consumed(messages)
+                events.emit("consumed", messages)
                 # only now, after the database commit
                 commit_offsets(consumer, messages)
         finally:
@@ -372,3 +369,33 @@ def _next_offsets(messages: list) -> list[TopicPartition]:
         key = (msg.topic(), msg.partition())
         last[key] = max(last.get(key, -1), msg.offset())
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def replay_warnings(settings: Settings, admin, topics: list[str], timeout: float = 10.0):
+    """A line per topic that can hand out records older than the dedupe window: a group
+    whose offsets are reset or expired would read them again, and after the window
+    the inbox no longer knows them (their handlers run again)."""
+    from confluent_kafka.admin import ConfigResource
+
+    window = settings.dedupe_window
+    if window <= 0 or not topics:
+        return []
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in sorted(topics)]
+    lines = []
+    for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
+        try:
+            configs = future.result(timeout)
+        except Exception as exc:  # noqa: BLE001 - not described: nothing to say about it
+            log.debug("topic %s: no configs (%s)", resource.name, exc)
+            continue
+        retention = int(configs["retention.ms"].value)
+        segment = int(configs["segment.ms"].value)
+        replay = None if retention < 0 else (retention + segment) / 1000
+        if replay is None or replay > window:
+            oldest = "records of any age" if replay is None else f"records up to {replay:.0f}s old"
+            lines.append(
+                f"topic {resource.name} can hand out {oldest} again (retention.ms + segment.ms),"
+                f" longer than outbox_bridge_dedupe_window ({window:.0f}s): a message read again"
+                " after the window is handled again"
+            )
+    return lines

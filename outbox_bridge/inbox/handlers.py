@@ -22,16 +22,22 @@ from typing import Any
 import psycopg2
 from celery import Task
 
-from .. import watchdog
+from .. import events, watchdog
 from ..config import Settings, get_settings
-from ..contrib import metrics, tracing
 from ..db import q, task_connection, work
 from ..errors import DecodeError, OutboxBridgeError, TransientError
-from ..linger import Linger
 from ..message import JSONSerializer, Message, Serializer
-from ..queue import Queue
-from ..retrying import again_later, backoff, lease_for, reraise_database_error, transient_countdown
-from ..signals import fire_dead
+from ..queue import Queue, fire_dead
+from ..shardtask import (
+    Linger,
+    Source,
+    again_later,
+    backoff,
+    lease_for,
+    provides,
+    reraise_database_error,
+    transient_countdown,
+)
 from ..worker.app import app
 
 log = logging.getLogger(__name__)
@@ -65,16 +71,17 @@ def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
 
 
 def _handle(spec: HandlerSpec, message: Message, cur: Any, queue: str) -> None:
-    """One handler call, in a trace span, timed (when tracing or metrics are on)."""
-    if not (metrics.on() or tracing.recording()):
+    """One handler call, inside the middleware's ``processing`` (a trace span) and
+    timed, when some middleware is active."""
+    if not events.active():
         _call(spec, message, cur)
         return
     started = time.perf_counter()
     try:
-        with tracing.processing(message, queue):
+        with events.around("processing", message, queue):
             _call(spec, message, cur)
     finally:
-        metrics.handler_seconds(queue, time.perf_counter() - started)
+        events.emit("handled_in", queue, time.perf_counter() - started)
 
 
 # topic -> handlers, filled as handler modules are imported
@@ -83,6 +90,17 @@ REGISTRY: dict[str, list[HandlerSpec]] = {}
 
 def handlers() -> list[HandlerSpec]:
     return [spec for specs in REGISTRY.values() for spec in specs]
+
+
+@provides
+def handler_sources(settings: Settings) -> list[Source]:
+    """A queue per registered handler, served by its task (which retries itself too)."""
+    return [
+        Source(inbox_queue(settings, spec.task.name), spec.task.name, spec.task.name,
+               spec.task.max_retries if spec.task.max_retries is not None else 10**9,
+               batch_size=settings.batch_size)
+        for spec in handlers()
+    ]  # fmt: skip
 
 
 def handler_rows() -> list[tuple[str, str, int | None]]:
@@ -421,11 +439,11 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
         raise
     # committed
     fire_dead(buried)
-    metrics.count("handled", task.name, len(done))
-    metrics.count("failed", task.name, len(failed))
-    metrics.batch(task.name, len(done) + len(failed) + len(dead))
+    events.emit("counted", "handled", task.name, len(done))
+    events.emit("counted", "failed", task.name, len(failed))
+    events.emit("batch", task.name, len(done) + len(failed) + len(dead))
     if shards is None:
-        metrics.count("retried", task.name, len(done) + len(failed) + len(dead))
+        events.emit("counted", "retried", task.name, len(done) + len(failed) + len(dead))
     result.update({"done": len(done), "failed": len(failed), "dead": len(dead), "batches": 1})
     if shards is not None:
         if failed:

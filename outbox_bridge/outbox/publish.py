@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import uuid
-import zlib
 from typing import Any
 from uuid import UUID
 
 import psycopg2
 
+from .. import events
 from ..config import Settings, get_settings
-from ..contrib import tracing
 from ..db import connect, is_transient, text
 from ..errors import MessageTooLarge
 from ..message import (
@@ -26,6 +24,7 @@ from ..message import (
     encode_key,
     record_size,
 )
+from ..queue import shard_of
 from . import adapters
 
 log = logging.getLogger(__name__)
@@ -41,13 +40,6 @@ _INSERT = (
 )
 
 
-def shard_of(topic: str, key: bytes | None, shards: int) -> int:
-    """The shard of a message: all messages of one (topic, key) share it."""
-    if key is None:
-        return random.randrange(shards)  # no order to keep: spread them
-    return zlib.crc32(topic.encode() + b"\0" + key) % shards
-
-
 def _row(
     topic: str,
     value: Any,
@@ -59,7 +51,7 @@ def _row(
 ) -> tuple:
     check_topic(topic)
     key_bytes = encode_key(key)
-    stored_headers = tracing.inject(encode_headers(headers))
+    stored_headers = events.publishing(encode_headers(headers))
     data = (serializer or _json).dumps(value)
     size = record_size(key_bytes, data, stored_headers)
     if size > settings.max_message_bytes:

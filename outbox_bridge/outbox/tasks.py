@@ -21,21 +21,21 @@ from typing import Any
 import psycopg2
 from celery import Task, signals
 
-from .. import watchdog
+from .. import events, watchdog
 from ..config import Settings, get_settings
-from ..contrib import metrics, tracing
 from ..db import drop_task_connection, is_transient, q, task_connection, transaction, work
 from ..errors import DeliveryFailed, TransientError
-from ..linger import Linger
-from ..queue import Queue
-from ..retrying import (
+from ..queue import Queue, fire_dead
+from ..shardtask import (
+    Linger,
+    Source,
     again_later,
     backoff,
     lease_for,
+    provides,
     reraise_database_error,
     transient_countdown,
 )
-from ..signals import fire_dead
 from ..worker.app import app
 from .kafka import Outcome, get_relay, reset_relay
 
@@ -57,6 +57,12 @@ def in_lease(settings: Settings) -> float:
 
 def outbox_queue(settings: Settings) -> Queue:
     return Queue(name="outbox", table="outbox", schema=settings.schema)
+
+
+@provides
+def outbox_sources(settings: Settings) -> list[Source]:
+    """The outbox, served by the publish task and its retry task."""
+    return [Source(outbox_queue(settings), PUBLISH_TASK, RETRY_TASK, settings.max_retries)]
 
 
 def first_per_key(rows_by_id: dict[int, Any], failed: dict[int, str]) -> dict[int, str]:
@@ -188,7 +194,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     return stats
                 clock.busy()
                 stats["batches"] += 1
-                with tracing.sending(rows), watchdog.paused():  # Kafka has its own timeout
+                with events.around("sending", rows), watchdog.paused():  # Kafka has its own timeout
                     outcome: Outcome = relay.deliver(rows, until)
                 sent = (rows, outcome, time.time())
                 queue.complete(cur, outcome.delivered)
@@ -254,10 +260,10 @@ def _book(cur, settings, queue, owned, rows, outcome, known, retry_token, lease)
 
 
 def _record(queue: str, rows: list, outcome: Outcome, acked_at: float) -> None:
-    metrics.batch(queue, len(rows))
+    events.emit("batch", queue, len(rows))
     ids = set(outcome.delivered)
-    metrics.delivered((r for r in rows if r.id in ids), acked_at)
-    metrics.count("failed", queue, len(outcome.failed))
+    events.emit("delivered", (r for r in rows if r.id in ids), acked_at)
+    events.emit("counted", "failed", queue, len(outcome.failed))
 
 
 def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Settings) -> None:
@@ -343,7 +349,7 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
     if sent is None:
         return {"delivered": 0, "stale": not started and not buried, "dead": len(buried)}
     rows, outcome, acked_at, pause = sent
-    metrics.count("retried", "outbox", len(rows))
+    events.emit("counted", "retried", "outbox", len(rows))
     _record("outbox", rows, outcome, acked_at)
     if outcome.later and not outcome.failed:
         # the topic or the producer is away: try again later without spending a retry
@@ -367,7 +373,7 @@ def _retry_round(
             return None
         rows = [row for row, _attempts, _shard in held]
         shard_of = {row.id: shard for row, _attempts, shard in held}
-        with tracing.sending(rows), watchdog.paused():
+        with events.around("sending", rows), watchdog.paused():
             outcome = relay.deliver(rows, until)
         acked_at = time.time()
         queue.complete(cur, outcome.delivered)

@@ -7,9 +7,13 @@ defaults below.
 
 from __future__ import annotations
 
-from celery import Celery
+import os
 
-from ..config import DEFAULT_BROKER_URL, use_conf
+from celery import Celery, signals
+from click import Option
+
+from .. import events
+from ..config import DEFAULT_BROKER_URL, get_settings, use_conf
 
 app = Celery("outbox_bridge")
 
@@ -39,6 +43,27 @@ app.config_from_object("celeryconfig", silent=True)
 app.conf.imports = tuple(app.conf.imports or ()) + ("outbox_bridge.outbox.tasks",)
 use_conf(app.conf)
 
-from . import bootsteps  # noqa: E402  (registers worker options and steps)
+# The worker's steps are named, not imported (Celery loads them when a worker starts):
+# the tasks that use this app stay free of the loops that send them work.
+STEPS = ("SchemaCheckStep", "OutboxWatcherStep", "InboxConsumerStep", "RetentionStep",
+         "EventsStep")  # fmt: skip
+for step in STEPS:
+    app.steps["worker"].add(f"outbox_bridge.worker.bootsteps:{step}")
+for flag, what in (
+    ("--without-outbox-watcher", "the outbox LISTEN watcher"),
+    ("--without-inbox-consumer", "the Kafka inbox consumer"),
+    ("--without-retention", "the pruning of handled inbox messages and old bookkeeping"),
+):
+    app.user_options["worker"].add(
+        Option([flag], is_flag=True, default=False, help=f"Do not run {what} in this worker.")
+    )
 
-bootsteps.install(app)
+
+@signals.worker_init.connect(weak=False)
+def _before_pool(**_) -> None:
+    events.emit("worker_starting", get_settings())
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def _process_exits(**_) -> None:
+    events.emit("process_exited", os.getpid())

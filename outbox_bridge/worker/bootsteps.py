@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from celery import Celery, bootsteps
-from click import Option
+from celery import bootsteps
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class _LoopStep(bootsteps.StartStopStep):
         raise NotImplementedError
 
     def start(self, worker) -> None:
-        from .loops import LoopThread
+        from ..loops import LoopThread
 
         found = self.loop(worker)
         if found is not None:
@@ -75,13 +74,13 @@ class OutboxWatcherStep(_LoopStep):
 
     def loop(self, worker):
         from ..config import get_settings
-        from .dispatcher import Watcher
+        from .dispatcher import Dispatcher
 
         settings = get_settings()
         if not settings.watcher:
             log.info("outbox watcher off (outbox_bridge_watcher)")
             return None
-        watcher = Watcher(worker.app, settings, worker.concurrency or 4)
+        watcher = Dispatcher(worker.app, settings, worker.concurrency or 4)
         return watcher.run, "outbox-bridge-watcher"
 
 
@@ -117,70 +116,19 @@ class RetentionStep(_LoopStep):
         return Retention(get_settings()).run, "outbox-bridge-retention"
 
 
-class MetricsStep(bootsteps.StartStopStep):
-    """Serves Prometheus metrics on ``outbox_bridge_metrics_port`` (0: off)."""
+class EventsStep(bootsteps.StartStopStep):
+    """Tells the middleware (``outbox_bridge.events``) that the worker runs and stops:
+    the metrics middleware serves ``outbox_bridge_metrics_port`` meanwhile."""
 
     requires = {"celery.worker.components:Pool", SchemaCheckStep}
 
-    def __init__(self, worker, **kwargs):
-        super().__init__(worker, **kwargs)
-        self.server = None
-        self.compaction = None
-
     def start(self, worker) -> None:
+        from .. import events
         from ..config import get_settings
-        from ..contrib import metrics
-        from .loops import LoopThread
 
-        settings = get_settings()
-        if settings.metrics_port:
-            self.server = metrics.serve(settings, settings.metrics_port, settings.metrics_address)
-            log.info("metrics on http://%s:%d/metrics", settings.metrics_address,
-                     settings.metrics_port)  # fmt: skip
-            # exited pool processes' files folded into one: the directory stays small
-            self.compaction = LoopThread(metrics.compact_forever, "outbox-bridge-metrics")
-            self.compaction.start()
+        events.emit("worker_started", get_settings())
 
     def stop(self, worker) -> None:
-        if self.compaction is not None:
-            self.compaction.stop()
-            self.compaction = None
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        from .. import events
 
-
-def _before_pool(**_) -> None:
-    # multiprocess metrics need their directory before the pool forks
-    from ..config import get_settings
-    from ..contrib import metrics
-
-    metrics.prepare_worker(get_settings())
-
-
-def _process_exits(**_) -> None:
-    import os
-
-    from ..contrib import metrics
-
-    metrics.process_exited(os.getpid())
-
-
-def install(app: Celery) -> None:
-    """Add outbox-bridge's worker options, steps and signal receivers to ``app``."""
-    from celery import signals
-
-    for flag, what in (
-        ("--without-outbox-watcher", "the outbox LISTEN watcher"),
-        ("--without-inbox-consumer", "the Kafka inbox consumer"),
-        ("--without-retention", "the pruning of handled inbox messages and old bookkeeping"),
-    ):
-        app.user_options["worker"].add(
-            Option([flag], is_flag=True, default=False, help=f"Do not run {what} in this worker.")
-        )
-    for step in (SchemaCheckStep, OutboxWatcherStep, InboxConsumerStep, RetentionStep,
-                 MetricsStep):  # fmt: skip
-        app.steps["worker"].add(step)
-    signals.worker_init.connect(_before_pool, weak=False)
-    signals.worker_process_shutdown.connect(_process_exits, weak=False)
+        events.emit("worker_stopping")

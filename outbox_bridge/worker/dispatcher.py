@@ -1,4 +1,4 @@
-"""The watcher: turns committed work into Celery tasks.
+"""The dispatcher: turns committed work into Celery tasks.
 
 It finds new outbox rows by reading the outbox id sequence every
 ``wake_poll`` seconds (commits pay nothing for it; a deployment may add the
@@ -16,20 +16,18 @@ import logging
 import select
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
-from celery import Celery, Task
+from celery import Celery
 from psycopg2 import sql
 
 from .. import watchdog
 from ..config import Settings
 from ..db import connect, q
-from ..queue import Queue
-from ..signals import fire_dead
-from .health import BEAT_EVERY, Heartbeat
-from .loops import run_forever
+from ..loops import BEAT_EVERY, Heartbeat, run_forever
+from ..queue import fire_dead
+from ..shardtask import Source, sources
 
 log = logging.getLogger(__name__)
 
@@ -46,46 +44,20 @@ IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY ag
 BUSY_POLL = 0.05  # seconds between looks while commits do not NOTIFY
 
 
-@dataclass
-class Source:
-    """One queue the watcher dispatches, and the Celery tasks that serve it."""
-
-    queue: Queue
-    task: Task  # gets (shards, token) for the outbox, (ids, token, shards) for a handler
-    retry_task: Task  # gets (ids, token)
-    max_retries: int
-    batch_size: int = 0  # > 0: send the ids of the claimed shard's next rows (handlers)
-
-    def send(self, cur, shards: list[int], token: Any) -> bool:
-        if not self.batch_size:
-            self.task.apply_async((shards, str(token)))
-            return True
-        ids, with_rows = self.queue.fetch_ids(cur, shards, self.batch_size)
-        empty = [s for s in shards if s not in with_rows]
-        if empty:  # nothing to hand out there: all held back, or drained meanwhile
-            self.queue.release(cur, empty, token, held=empty)
-        if not ids:
-            return False
-        self.task.apply_async((ids, str(token), sorted(with_rows)))
+def send(app: Celery, source: Source, cur, shards: list[int], token: Any) -> bool:
+    """Send the task of claimed ``shards``; False when it had nothing to hand out."""
+    task = app.tasks[source.task]
+    if not source.batch_size:
+        task.apply_async((shards, str(token)))
         return True
-
-
-def sources(app: Celery, settings: Settings) -> list[Source]:
-    """The outbox, and one queue per registered ``@outbox_handler``."""
-    from ..inbox.handlers import handlers, inbox_queue
-    from ..outbox.tasks import PUBLISH_TASK, RETRY_TASK, outbox_queue
-
-    found = [
-        Source(outbox_queue(settings), app.tasks[PUBLISH_TASK], app.tasks[RETRY_TASK],
-               settings.max_retries)
-    ]  # fmt: skip
-    for spec in handlers():
-        found.append(
-            Source(inbox_queue(settings, spec.task.name), spec.task, spec.task,
-                   spec.task.max_retries if spec.task.max_retries is not None else 10**9,
-                   batch_size=settings.batch_size)
-        )  # fmt: skip
-    return found
+    ids, with_rows = source.queue.fetch_ids(cur, shards, source.batch_size)
+    empty = [s for s in shards if s not in with_rows]
+    if empty:  # nothing to hand out there: all held back, or drained meanwhile
+        source.queue.release(cur, empty, token, held=empty)
+    if not ids:
+        return False
+    task.apply_async((ids, str(token), sorted(with_rows)))
+    return True
 
 
 class SequenceWatch:
@@ -167,15 +139,19 @@ _STILL_RUNNING = (
 )
 
 
-class Watcher:
-    """Dispatches claimed shards, and re-drives lost retries, as Celery tasks."""
+class Dispatcher:
+    """Dispatches claimed shards, and re-drives lost retries, as Celery tasks: of the
+    outbox and of every handler, the sources the sides register (``shardtask``)."""
 
     def __init__(self, app: Celery, settings: Settings, concurrency: int = 4):
         self.app = app
         self.settings = settings
         # about one task per worker process per round: fewer tasks, less overhead
         self.parallel_tasks = settings.parallel_tasks or concurrency
-        self.sources = sources(app, settings)
+        # the outbox first: "outbox" looks (the sequence moved) dispatch only it
+        self.sources = sorted(sources(settings), key=lambda s: s.queue.name != "outbox")
+        if not self.sources or self.sources[0].queue.name != "outbox":
+            raise RuntimeError("the outbox's tasks are not imported (outbox_bridge.outbox.tasks)")
         self.outbox = self.sources[0].queue
         self.dispatched = 0  # tasks sent, for tests and logs
         self._last_retry_scan = 0.0
@@ -306,7 +282,7 @@ class Watcher:
         claims = source.queue.claim(cur, shards, self.settings.lease_seconds, groups)
         for group, token in claims:
             try:
-                sent += source.send(cur, group, token)
+                sent += send(self.app, source, cur, group, token)
             except psycopg2.Error:
                 raise  # the loop reconnects
             except Exception as exc:  # noqa: BLE001 - broker away: retried after a pause
@@ -326,7 +302,8 @@ class Watcher:
                 fire_dead(source.queue.bury(cur, [row_id], token, None))  # autocommit
                 continue
             try:
-                source.retry_task.apply_async(([row_id], str(token)), retries=attempts)
+                retry = self.app.tasks[source.retry_task]
+                retry.apply_async(([row_id], str(token)), retries=attempts)
                 sent += 1
             except Exception as exc:  # noqa: BLE001 - retried at the next lease
                 log.warning(

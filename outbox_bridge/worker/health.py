@@ -9,43 +9,10 @@ every migration this version needs, and Kafka answers a metadata request.
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 import time
-from pathlib import Path
 
 from ..config import Settings
-
-BEAT_EVERY = 1.0
-
-
-def health_dir(settings: Settings) -> Path:
-    if settings.health_dir:
-        return Path(settings.health_dir)
-    return Path(tempfile.gettempdir()) / f"outbox-bridge-health-{settings.schema}"
-
-
-class Heartbeat:
-    """The heartbeat file of one loop: ``beat()`` as often as you like."""
-
-    def __init__(self, settings: Settings, name: str):
-        self.path = health_dir(settings) / name
-        self.last = 0.0
-
-    def beat(self) -> None:
-        now = time.monotonic()
-        if now - self.last < BEAT_EVERY:
-            return
-        self.last = now
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.touch()
-        except OSError:
-            pass  # a read-only disk must not stop the loop; the probe then says so
-
-    def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+from ..loops import health_dir
 
 
 def live(settings: Settings, max_age: float) -> tuple[bool, list[str]]:
@@ -75,9 +42,8 @@ def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
 
     from ..config import kafka_connection
     from ..db import text, transaction
-    from ..inbox.consumer import consumer_config
+    from ..inbox.consumer import consumer_config, replay_warnings
     from ..migrate import pending
-    from .maintenance import replay_warnings
 
     lines, ok = [], True
     topics: list[str] = []  # those the registered handlers consume

@@ -26,12 +26,10 @@ import logging
 import threading
 import time
 
-from .. import watchdog
+from .. import events, watchdog
 from ..config import Settings
-from ..contrib import metrics
 from ..db import connect, q
-from .health import Heartbeat
-from .loops import run_forever, wait
+from ..loops import Heartbeat, run_forever, wait
 
 log = logging.getLogger(__name__)
 
@@ -94,43 +92,13 @@ def prune(
                     # pause, and a silent one would read as a hung loop (health --live)
                     wait(stop, (time.monotonic() - started) * (1 / max(share, 0.01) - 1), beat)
                 total += gone
-                metrics.pruned(gone)
+                events.emit("pruned", gone)
                 if last is None or not all_old:
                     break  # the end, or rows inside the window: the rest are newer
                 after = last
     finally:
         conn.close()
     return total
-
-
-def replay_warnings(settings: Settings, admin, topics: list[str], timeout: float = 10.0):
-    """A line per topic that can hand out records older than the dedupe window: a group
-    whose offsets are reset or expired would read them again, and after the window
-    the inbox no longer knows them (their handlers run again)."""
-    from confluent_kafka.admin import ConfigResource
-
-    window = settings.dedupe_window
-    if window <= 0 or not topics:
-        return []
-    resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in sorted(topics)]
-    lines = []
-    for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
-        try:
-            configs = future.result(timeout)
-        except Exception as exc:  # noqa: BLE001 - not described: nothing to say about it
-            log.debug("topic %s: no configs (%s)", resource.name, exc)
-            continue
-        retention = int(configs["retention.ms"].value)
-        segment = int(configs["segment.ms"].value)
-        replay = None if retention < 0 else (retention + segment) / 1000
-        if replay is None or replay > window:
-            oldest = "records of any age" if replay is None else f"records up to {replay:.0f}s old"
-            lines.append(
-                f"topic {resource.name} can hand out {oldest} again (retention.ms + segment.ms),"
-                f" longer than outbox_bridge_dedupe_window ({window:.0f}s): a message read again"
-                " after the window is handled again"
-            )
-    return lines
 
 
 # Bookkeeping that would otherwise grow for ever: receipts of send() (a retry comes

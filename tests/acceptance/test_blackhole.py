@@ -15,8 +15,8 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
+from outbox_bridge.loops import MAX_DELAY
 from outbox_bridge.tools.soak.proxy import Proxy
-from outbox_bridge.worker.loops import MAX_DELAY
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]

@@ -222,7 +222,7 @@ def test_retention_beats_while_it_paces_itself_after_a_slow_batch(
 def test_a_slow_writers_row_on_a_shard_held_by_a_dead_key_goes_within_seconds(
     start_worker, db_url, topic, kafka_reader
 ):
-    from outbox_bridge.outbox.publish import shard_of
+    from outbox_bridge.queue import shard_of
     from tests.conftest import watcher_idle_since
 
     shard = shard_of(topic, b"dead", 16)

@@ -9,8 +9,8 @@ import pytest
 from outbox_bridge import publish
 from outbox_bridge.config import get_settings
 from outbox_bridge.migrate import notify_trigger
-from outbox_bridge.outbox.publish import shard_of
 from outbox_bridge.outbox.tasks import outbox_queue
+from outbox_bridge.queue import shard_of
 from tests.conftest import rows
 
 pytestmark = pytest.mark.postgres

@@ -6,8 +6,8 @@ import threading
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from outbox_bridge import loops
 from outbox_bridge.inbox.consumer import commit_offsets
-from outbox_bridge.worker import loops
 
 
 def test_restart_backoff_grows_on_quick_failures_and_starts_over_after_a_healthy_run(monkeypatch):
@@ -67,7 +67,7 @@ def test_other_commit_errors_still_raise():
 def test_again_later_sends_the_same_work_without_spending_a_retry():
     from types import SimpleNamespace
 
-    from outbox_bridge.retrying import again_later
+    from outbox_bridge.shardtask import again_later
 
     sent = []
     task = SimpleNamespace(

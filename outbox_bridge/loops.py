@@ -1,20 +1,54 @@
-"""Long-running loops (the watcher, the inbox consumer): restart with backoff, never die."""
+"""Long-running loops (the dispatcher, the inbox consumer, maintenance): restart with
+backoff, never die, and beat a heartbeat file that ``outbox-bridge health --live`` reads."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from ..db import is_transient
-from .health import Heartbeat
+from .config import Settings
+from .db import is_transient
 
 log = logging.getLogger(__name__)
 
 FIRST_DELAY = 0.5
 MAX_DELAY = 10.0  # an idle reconnect costs little; a silent network ends sooner
 HEALTHY_AFTER = 60.0  # a run this long was healthy: the next restart is quick again
+BEAT_EVERY = 1.0  # seconds between touches of a loop's heartbeat file
+
+
+def health_dir(settings: Settings) -> Path:
+    if settings.health_dir:
+        return Path(settings.health_dir)
+    return Path(tempfile.gettempdir()) / f"outbox-bridge-health-{settings.schema}"
+
+
+class Heartbeat:
+    """The heartbeat file of one loop: ``beat()`` as often as you like."""
+
+    def __init__(self, settings: Settings, name: str):
+        self.path = health_dir(settings) / name
+        self.last = 0.0
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self.last < BEAT_EVERY:
+            return
+        self.last = now
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        except OSError:
+            pass  # a read-only disk must not stop the loop; the probe then says so
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 def run_forever(

@@ -1,0 +1,125 @@
+"""The package's layout: what may import what (every import counts, also those
+inside functions), and what a publishing process loads."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "outbox_bridge"
+CORE = {"config", "errors", "message", "db", "migrate", "events", "queue", "shardtask",
+        "watchdog", "queries"}  # fmt: skip
+SIDES = ("outbox", "inbox")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if "migrations" not in parts:
+            found[".".join(parts)] = path
+    return found
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports, anywhere in its text."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                base = ".".join([*base, node.module] if node.module else base)
+            elif (node.module or "").startswith("outbox_bridge"):
+                base = node.module.removeprefix("outbox_bridge").lstrip(".")
+            else:
+                continue
+            targets = [f"{base}.{a.name}".strip(".") for a in node.names] + [base]
+        elif isinstance(node, ast.Import):
+            targets = [a.name.removeprefix("outbox_bridge").lstrip(".")
+                       for a in node.names if a.name.startswith("outbox_bridge")]  # fmt: skip
+        for target in targets:
+            # the deepest known module named: "x.y import z" is x.y.z when that is a module
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    found = modules()
+    known = set(found)
+    return {name: imports(name, path, known) - {""} for name, path in found.items()}
+
+
+def test_there_is_no_import_circle():
+    edges = graph()
+    circles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        for nxt in sorted(edges.get(node, ())):
+            if nxt in trail:
+                circles.append(trail[trail.index(nxt) :] + [nxt])
+            elif nxt not in done:
+                visit(nxt, [*trail, nxt])
+        done.add(node)
+
+    done: set[str] = set()
+    for start in sorted(edges):
+        if start not in done:
+            visit(start, [start])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_the_core_imports_nothing_from_the_sides_the_worker_the_commands_or_contrib():
+    edges = graph()
+    for name in CORE & set(edges):
+        outside = {m for m in edges[name] if m.split(".")[0] not in CORE}
+        assert not outside, f"core module {name} imports {sorted(outside)}"
+
+
+def test_the_two_sides_never_import_each_other():
+    edges = graph()
+    for name, targets in edges.items():
+        side = name.split(".")[0]
+        if side in SIDES:
+            other = {t for t in targets if t.split(".")[0] in SIDES and t.split(".")[0] != side}
+            assert not other, f"{name} imports {sorted(other)} from the other side"
+
+
+def test_publishing_builds_no_celery_app_and_reads_no_celeryconfig(tmp_path):
+    # a celeryconfig that would say so if it were read
+    (tmp_path / "celeryconfig.py").write_text("import sys\nsys.modules['read_it'] = sys\n")
+    code = (
+        "import sys, outbox_bridge\n"
+        "from outbox_bridge import publish, send, publish_async, Message\n"
+        "loaded = sorted(m for m in sys.modules if m == 'celery' or m.startswith('celery.')"
+        " or m.startswith('outbox_bridge.worker') or m == 'read_it')\n"
+        "print(loaded)\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}:{PACKAGE.parent}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_worker_app_is_still_what_celery_dash_a_finds():
+    code = (
+        "import outbox_bridge\n"
+        "from celery import Celery\n"
+        "assert isinstance(outbox_bridge.app, Celery)\n"
+        "outbox_bridge.app.loader.import_default_modules()\n"
+        "print(sorted(t for t in outbox_bridge.app.tasks if t.startswith('outbox_bridge')))\n"
+    )
+    env = {"PYTHONPATH": str(PACKAGE.parent), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # task names are strings in messages already queued: they must not move with modules
+    assert "outbox_bridge.outbox.publish" in out.stdout
+    assert "outbox_bridge.outbox.retry" in out.stdout
