@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from outbox_bridge.config import get_settings
-from outbox_bridge.inbox import (
+from outbox_bridge.inbox.consumer import (
     message_identity,
     register_handlers,
     store,
