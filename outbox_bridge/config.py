@@ -157,9 +157,11 @@ def _parse(name: str, kind: str, raw: str) -> Any:
         if kind.startswith("dict"):
             return json.loads(raw)
         if kind.startswith("list"):  # a JSON list, or names separated by commas
-            return json.loads(raw) if raw.lstrip().startswith("[") else [
-                part.strip() for part in raw.split(",") if part.strip()
-            ]
+            return (
+                json.loads(raw)
+                if raw.lstrip().startswith("[")
+                else [part.strip() for part in raw.split(",") if part.strip()]
+            )
     except ValueError as exc:
         raise ValueError(f"OUTBOX_BRIDGE_{name.upper()}={raw!r}: not a valid {kind}") from exc
     return raw

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import threading
@@ -166,20 +165,8 @@ def transaction(
 
 
 # the tables that SQL templates name as {outbox}, {claims}, ...
-_TABLES = ("outbox", "claims", "wakeup", "migrations", "inbox", "deliveries", "wakes",
+TABLES = ("outbox", "claims", "wakeup", "migrations", "inbox", "deliveries", "wakes",
            "handlers", "topic_pauses", "send_receipts")  # fmt: skip
-
-
-@functools.lru_cache(maxsize=64)
-def _compose(template: str, schema: str) -> sql.Composed:
-    return sql.SQL(template).format(
-        schema=sql.Identifier(schema), **{n: sql.Identifier(schema, n) for n in _TABLES}
-    )
-
-
-def q(template: str, schema: str | None = None) -> sql.Composed:
-    """``template`` with {outbox}, {claims}, ... as quoted, schema-qualified names."""
-    return _compose(template, schema or get_settings().schema)
 
 
 def quote_ident(name: str) -> str:
@@ -188,16 +175,6 @@ def quote_ident(name: str) -> str:
     if "\x00" in name:
         raise ValueError(f"an SQL identifier cannot contain NUL: {name!r}")
     return '"' + name.replace('"', '""') + '"'
-
-
-@functools.lru_cache(maxsize=64)
-def text(template: str, schema: str) -> str:
-    """``template`` with {outbox}, {inbox}, ... as plain SQL text (one text for every
-    driver: psycopg 3, asyncpg, SQLAlchemy and Django take no psycopg2 ``Composed``)."""
-    return template.format(
-        schema=quote_ident(schema),
-        **{n: f"{quote_ident(schema)}.{quote_ident(n)}" for n in _TABLES},
-    )
 
 
 def channel(schema: str, queue: str) -> str:

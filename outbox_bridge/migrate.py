@@ -21,7 +21,8 @@ from typing import Any
 import psycopg2
 
 from .config import Settings, get_settings
-from .db import connect, quote_ident, text, transaction
+from .db import connect, quote_ident, transaction
+from .queries import render_text
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,9 @@ def apply(
 
 def _prepare(cur: Any, schema: str, autocommit: bool) -> set[int]:
     """The schema and the migrations table, where missing; the versions applied."""
-    cur.execute(text("CREATE SCHEMA IF NOT EXISTS {schema}", schema))
-    cur.execute(
-        text(
-            "CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY,"
-            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-            schema,
-        )
-    )
-    cur.execute(text("SELECT version FROM {migrations}", schema))
+    cur.execute(render_text("migrate.create_schema", schema))
+    cur.execute(render_text("migrate.create_migrations", schema))
+    cur.execute(render_text("migrate.applied", schema))
     return {row[0] for row in cur.fetchall()}
 
 
@@ -136,8 +131,7 @@ def _in_transaction(cur, schema, version, name, sql_text, lock_timeout: float) -
     cur.execute("SELECT set_config('search_path', %s, true)", (quote_ident(schema),))
     _timeout(cur, lock_timeout, local=True)
     cur.execute(sql_text)
-    cur.execute(text("INSERT INTO {migrations} (version, name) VALUES (%s, %s)", schema),
-                (version, name))  # fmt: skip
+    cur.execute(render_text("migrate.record", schema), (version, name))
     cur.execute("SELECT set_config('search_path', %s, true)", (search_path,))
     cur.execute("SELECT set_config('lock_timeout', %s, true)", (old_timeout,))
 
@@ -168,8 +162,7 @@ def _on_its_own(cur, schema, version, name, sql_text, lock_timeout: float, retri
             # a concurrent build waits for older transactions without blocking writes
             _timeout(cur, 0 if _CONCURRENTLY.match(statement) else lock_timeout, local=False)
             _with_retries(label, retries, lambda s=statement: cur.execute(s))
-        cur.execute(text("INSERT INTO {migrations} (version, name) VALUES (%s, %s)", schema),
-                    (version, name))  # fmt: skip
+        cur.execute(render_text("migrate.record", schema), (version, name))
     finally:
         cur.execute("SELECT set_config('search_path', %s, false)", (search_path,))
         cur.execute("SELECT set_config('lock_timeout', %s, false)", (old_timeout,))
@@ -196,7 +189,7 @@ def pending(settings: Settings | None = None) -> list[str]:
         cur.execute("SELECT to_regclass(%s)", (f"{quote_ident(settings.schema)}.migrations",))
         done: set[int] = set()
         if cur.fetchone()[0] is not None:
-            cur.execute(text("SELECT version FROM {migrations}", settings.schema))
+            cur.execute(render_text("migrate.applied", settings.schema))
             done = {row[0] for row in cur.fetchall()}
     return [f"{v:04d}_{name}" for v, name, _sql in available() if v not in done]
 
@@ -209,13 +202,12 @@ def script(schema: str) -> str:
     load can be run again."""
     parts = [
         f"-- outbox-bridge schema {quote_ident(schema)}: run each version once, in order",
-        text("CREATE SCHEMA IF NOT EXISTS {schema};", schema),
-        text("CREATE TABLE IF NOT EXISTS {migrations} (version integer PRIMARY KEY,"
-             " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());", schema),
-    ]  # fmt: skip
+        render_text("migrate.create_schema", schema) + ";",
+        render_text("migrate.create_migrations", schema) + ";",
+    ]
     for version, name, sql_text in available():
-        record = text(f"INSERT INTO {{migrations}} (version, name) VALUES ({version}, '{name}');",
-                      schema)  # fmt: skip
+        # a script for another tool: the values (ours, from the file name) as literals
+        record = render_text("migrate.record", schema) % (version, f"'{name}'") + ";"
         if sql_text.startswith(NO_TRANSACTION):  # outside a transaction, one by one
             parts += [f"\n-- {version:04d}_{name} (outside a transaction)",
                       f"SET search_path TO {quote_ident(schema)};"]  # fmt: skip
@@ -240,12 +232,6 @@ def notify_trigger(cur: Any, schema: str, on: bool) -> None:
     """Create (``on``) or drop the writer-side NOTIFY trigger, an opt-in since 0005:
     each INSERT statement on the outbox then wakes an idle watcher at commit,
     at a cost to every writer. With it, ``wake_poll`` may be slower or 0."""
-    cur.execute(text("DROP TRIGGER IF EXISTS outbox_wakeup ON {outbox}", schema))
+    cur.execute(render_text("migrate.drop_notify_trigger", schema))
     if on:
-        cur.execute(
-            text(
-                "CREATE TRIGGER outbox_wakeup AFTER INSERT ON {outbox}"
-                " FOR EACH STATEMENT EXECUTE FUNCTION {schema}.outbox_wakeup()",
-                schema,
-            )
-        )
+        cur.execute(render_text("migrate.create_notify_trigger", schema))

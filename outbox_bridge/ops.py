@@ -8,10 +8,11 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from .config import Settings
-from .db import q, transaction
+from .db import transaction
+from .inbox import inbox_queue
+from .outbox import outbox_queue
+from .queries import render
 from .queue import Queue
-
-_HELD = "state IN ('retrying', 'dead')"
 
 
 def show_key(key: bytes | memoryview | None) -> str | None:
@@ -41,9 +42,9 @@ def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
     from .inbox.consumer import consumer_group
 
     with transaction(settings, "outbox-bridge status") as cur:
-        out = {"outbox": _outbox_status(cur, settings.schema)}
-        out["inbox"] = _inbox_status(cur, settings.schema)
-        cur.execute(q("SELECT DISTINCT topic FROM {handlers}", settings.schema))
+        out = {"outbox": _outbox_status(cur, settings)}
+        out["inbox"] = _inbox_status(cur, settings)
+        cur.execute(render("ops.handler_topics", settings.schema))
         topics = [r[0] for r in cur.fetchall()]
         group = consumer_group(cur, settings)
     if kafka:
@@ -52,78 +53,31 @@ def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
     return out
 
 
-def _outbox_status(cur, schema: str) -> dict[str, Any]:
-    cur.execute(q("SELECT state, count(*) FROM {outbox} GROUP BY state", schema))
-    counts = {"pending": 0, "waiting": 0, "retrying": 0, "dead": 0, **dict(cur.fetchall())}
-    cur.execute(
-        q(
-            "SELECT extract(epoch FROM now() - min(created_at)) FROM {outbox}"
-            " WHERE state = 'pending'",
-            schema,
-        )
-    )
-    oldest = cur.fetchone()[0]
-    cur.execute(
-        q(
-            "SELECT h.topic, h.key, h.state, h.attempts, h.last_error,"
-            " (SELECT count(*) FROM {outbox} w WHERE w.shard = h.shard AND w.topic = h.topic"
-            "  AND w.key = h.key AND w.state IN ('pending', 'waiting'))"
-            f" FROM {{outbox}} h WHERE h.{_HELD} AND h.key IS NOT NULL ORDER BY h.id LIMIT 100",
-            schema,
-        )
-    )
+def _queue_status(cur, settings: Settings, queue: Queue, done: bool) -> dict[str, Any]:
     blocked = [
         {"topic": t, "key": show_key(k), "state": s, "attempts": a, "last_error": e, "waiting": w}
-        for t, k, s, a, e, w in cur.fetchall()
+        for t, k, s, a, e, w in queue.blocked_keys(cur)
     ]
     return {
-        "counts": counts,
-        "oldest_pending_seconds": None if oldest is None else float(oldest),
+        "counts": queue.counts(cur, done=done),
+        "oldest_pending_seconds": queue.oldest_pending(cur, settings.shards),
         "blocked_keys": blocked,
     }
 
 
-def _inbox_status(cur, schema: str) -> dict[str, Any]:
-    cur.execute(
-        q(
-            "SELECT handler, state, count(*),"
-            " extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending'))"
-            " FROM {deliveries} GROUP BY handler, state ORDER BY handler",
-            schema,
-        )
-    )
+def _outbox_status(cur, settings: Settings) -> dict[str, Any]:
+    return _queue_status(cur, settings, outbox_queue(settings), done=False)
+
+
+def _inbox_status(cur, settings: Settings) -> dict[str, Any]:
+    cur.execute(render("ops.handler_names", settings.schema))
     handlers: dict[str, Any] = {}
-    for handler, state, count, oldest in cur.fetchall():
-        entry = handlers.setdefault(
-            handler,
-            {"counts": {"pending": 0, "waiting": 0, "retrying": 0, "dead": 0, "done": 0},
-             "oldest_pending_seconds": None},
-        )  # fmt: skip
-        entry["counts"][state] = count
-        if oldest is not None:
-            entry["oldest_pending_seconds"] = float(oldest)
-    cur.execute(
-        q(
-            "SELECT h.handler, h.topic, h.key, h.state, h.attempts,"
-            " h.last_error, (SELECT count(*) FROM {deliveries} w WHERE w.handler = h.handler"
-            "  AND w.shard = h.shard AND w.topic = h.topic AND w.key = h.key"
-            "  AND w.state IN ('pending', 'waiting'))"
-            f" FROM {{deliveries}} h WHERE h.{_HELD} AND h.key IS NOT NULL"
-            " ORDER BY h.id LIMIT 100",
-            schema,
-        )
-    )
-    for handler, t, k, s, a, e, w in cur.fetchall():
-        handlers[handler].setdefault("blocked_keys", []).append(
-            {
-                "topic": t,
-                "key": show_key(k),
-                "state": s,
-                "attempts": a,
-                "last_error": e,
-                "waiting": w,
-            }
-        )
+    for (name,) in cur.fetchall():
+        entry = _queue_status(cur, settings, inbox_queue(settings, name), done=True)
+        if not entry["blocked_keys"]:
+            del entry["blocked_keys"]
+        if any(entry["counts"].values()):
+            handlers[name] = entry
     return {"handlers": handlers}
 
 
@@ -161,21 +115,17 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
         consumer.close()
 
 
-def _where(topic, key, ids, handler) -> tuple[str, list]:
-    where, params = ["state = 'dead'"], []
-    if topic:
-        where.append("topic = %s")
-        params.append(topic)
-    if key is not None:
-        where.append("key = %s")
-        params.append(parse_key(key))
-    if ids:
-        where.append("(id::text = ANY(%s) OR message_id::text = ANY(%s))")
-        params += [list(ids), list(ids)]
-    if handler:
-        where.append("handler = %s")
-        params.append(handler)
-    return " AND ".join(where), params
+def _match(topic, key, ids, handler) -> dict[str, Any]:
+    """The parameters of ``ops.dead_match`` (and the handler filter)."""
+    return {
+        "topic": topic or None,
+        "key": None if key is None else parse_key(key),
+        "ids": [str(i) for i in ids],
+        "handler": handler or None,
+    }
+
+
+_DEAD_MATCH = {"dead_match": "ops.dead_match"}
 
 
 def _tables(handler: str | None) -> list[str]:
@@ -188,19 +138,10 @@ def dead_list(
 ) -> list[dict]:
     """Dead outbox rows and dead deliveries (``queue`` says which), oldest first."""
     found: list[dict] = []
+    params = {**_match(topic, key, ids, handler), "limit": limit}
     with transaction(settings, "outbox-bridge dead") as cur:
         for table in _tables(handler):
-            where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
-            queue = "'outbox'" if table == "outbox" else "handler"
-            cur.execute(
-                q(
-                    f"SELECT {queue} AS queue, id, message_id, topic,"
-                    " key, attempts, last_error, created_at,"
-                    f" failed_at, dead_at FROM {{{table}}} WHERE {where} ORDER BY id LIMIT %s",
-                    settings.schema,
-                ),
-                params + [limit],
-            )
+            cur.execute(render(f"ops.dead_{table}", settings.schema, _DEAD_MATCH), params)
             cols = [d.name for d in cur.description]
             for r in cur.fetchall():
                 entry = dict(zip(cols, r, strict=True))
@@ -221,19 +162,11 @@ def dead_purge(settings: Settings, topic=None, key=None, ids=(), handler=None) -
 
 def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
     total = 0
+    params = _match(topic, key, ids, handler)
     with transaction(settings, "outbox-bridge dead") as cur:
         for table in _tables(handler):
-            where, params = _where(topic, key, ids, handler if table == "deliveries" else None)
-            queue_of = "'outbox'" if table == "outbox" else "'inbox:' || handler"
-            action = (
-                f"UPDATE {{{table}}} SET state = 'pending', attempts = 0, claim_token = NULL,"
-                f" lease_until = NULL, dead_at = NULL WHERE {where}"
-                if retry
-                else f"DELETE FROM {{{table}}} WHERE {where}"
-            )
-            cur.execute(
-                q(f"{action} RETURNING {queue_of}, shard, topic, key", settings.schema), params
-            )
+            statement = ("ops.retry_" if retry else "ops.purge_") + table
+            cur.execute(render(statement, settings.schema, _DEAD_MATCH), params)
             freed: dict[str, set[tuple]] = {}
             for queue, shard, topic_, key_ in cur.fetchall():
                 freed.setdefault(queue, set()).add(
@@ -259,15 +192,7 @@ def prune_inbox(settings: Settings, older_than_seconds: float) -> int:
 def list_handlers(settings: Settings) -> list[dict]:
     """The handlers registered in the database, with their delivery counts."""
     with transaction(settings, "outbox-bridge handlers") as cur:
-        cur.execute(
-            q(
-                "SELECT h.name, h.topic, h.max_retries, h.registered_at, h.seen_at,"
-                " (SELECT count(*) FROM {deliveries} d WHERE d.handler = h.name"
-                "  AND d.state <> 'done') AS open_deliveries"
-                " FROM {handlers} h ORDER BY h.topic, h.name",
-                settings.schema,
-            )
-        )
+        cur.execute(render("ops.handlers", settings.schema))
         cols = [d.name for d in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
@@ -276,12 +201,9 @@ def forget_handler(settings: Settings, name: str) -> int:
     """Unregister a handler that no worker runs any more, with its open deliveries
     (a worker that still runs it registers it again at its next start)."""
     with transaction(settings, "outbox-bridge handlers") as cur:
-        cur.execute(
-            q("DELETE FROM {deliveries} WHERE handler = %s AND state <> 'done'", settings.schema),
-            (name,),
-        )
+        cur.execute(render("ops.forget_deliveries", settings.schema), {"name": name})
         dropped = cur.rowcount
-        cur.execute(q("DELETE FROM {handlers} WHERE name = %s", settings.schema), (name,))
+        cur.execute(render("ops.forget_handler", settings.schema), {"name": name})
         if not cur.rowcount:
             raise ValueError(f"no handler {name!r} is registered")
         return dropped

@@ -28,6 +28,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..config import Settings
+from ..inbox import inbox_queue
+from ..outbox import outbox_queue
+from ..queries import render
 
 log = logging.getLogger(__name__)
 
@@ -327,26 +330,6 @@ class Metrics:
 
 
 # -- gauges read at scrape time ----------------------------------------------------
-_STATES = ("pending", "waiting", "retrying", "dead")
-# one literal state per count: each uses that state's partial index
-_COUNTS = " UNION ALL ".join(
-    f"SELECT '{state}', count(*) FROM (SELECT 1 FROM {{table}} o WHERE o.state = '{state}'"
-    f" {{scope}} LIMIT %(cap)s) x"
-    for state in _STATES
-)
-_OLDEST = """
-SELECT extract(epoch FROM now() - min(x.created_at))
-FROM generate_series(0, %(shards)s - 1) s(shard)
-CROSS JOIN LATERAL (SELECT o.created_at FROM {table} o
-                    WHERE o.shard = s.shard AND o.state = 'pending' {scope}
-                    ORDER BY o.id LIMIT 1) x
-"""
-_BLOCKED = """
-SELECT count(*) FROM (SELECT 1 FROM {table} o WHERE o.state IN ('retrying', 'dead') {scope}
-                      AND o.key IS NOT NULL LIMIT %(cap)s) x
-"""
-
-
 class DatabaseCollector:
     """Gauges read from PostgreSQL when Prometheus scrapes (see the module doc)."""
 
@@ -406,8 +389,6 @@ class DatabaseCollector:
     def _read(self) -> list:
         from prometheus_client.core import GaugeMetricFamily
 
-        from ..db import q
-
         schema = self.settings.schema
         rows = GaugeMetricFamily(
             "outbox_bridge_rows",
@@ -428,26 +409,20 @@ class DatabaseCollector:
         pauses = GaugeMetricFamily("outbox_bridge_topic_pauses",
                                    "Consecutive pauses of the topic (breaker state)",
                                    labels=["topic"])  # fmt: skip
-        params = {"cap": self.settings.metrics_count_limit, "shards": self.settings.shards}
+        cap, shards = self.settings.metrics_count_limit, self.settings.shards
         with self._cursor() as cur:
-            cur.execute(q("SELECT name FROM {handlers} ORDER BY name", schema))
-            queues = [("outbox", "outbox", None)] + [
-                (name, "deliveries", name) for (name,) in cur.fetchall()
+            cur.execute(render("ops.handler_names", schema))
+            queues = [("outbox", outbox_queue(self.settings))] + [
+                (name, inbox_queue(self.settings, name)) for (name,) in cur.fetchall()
             ]
-            for queue, table, handler in queues:
-                scope = "AND o.handler = %(handler)s" if handler else ""
-                args = {**params, "handler": handler}
-                for template, family in ((_COUNTS, rows), (_OLDEST, oldest), (_BLOCKED, blocked)):
-                    text = template.replace("{table}", "{" + table + "}").replace("{scope}", scope)
-                    cur.execute(q(text, schema), args)
-                    if family is rows:
-                        for state, n in cur.fetchall():
-                            family.add_metric([queue, state], n)
-                        continue
-                    (value,) = cur.fetchone()
-                    if value is not None:
-                        family.add_metric([queue], float(value))
-            cur.execute(q("SELECT topic, until > now(), pauses FROM {topic_pauses}", schema))
+            for name, queue in queues:
+                for state, n in queue.counts(cur, cap).items():
+                    rows.add_metric([name, state], n)
+                age = queue.oldest_pending(cur, shards)
+                if age is not None:
+                    oldest.add_metric([name], age)
+                blocked.add_metric([name], float(queue.blocked_count(cur, cap)))
+            cur.execute(render("metrics.topic_pauses", schema))
             for topic, active, n in cur.fetchall():
                 paused.add_metric([topic], 1 if active else 0)
                 pauses.add_metric([topic], n)
@@ -462,14 +437,14 @@ class DatabaseCollector:
             self.lag_thread.start()
 
     def _sample_lag(self) -> None:
-        from ..db import q, transaction
+        from ..db import transaction
         from ..inbox.consumer import consumer_group
         from ..ops import consumer_lag
 
         while True:
             try:
                 with transaction(self.settings, "outbox-bridge metrics lag", bounded=True) as cur:
-                    cur.execute(q("SELECT DISTINCT topic FROM {handlers}", self.settings.schema))
+                    cur.execute(render("ops.handler_topics", self.settings.schema))
                     topics = [r[0] for r in cur.fetchall()]
                     group = consumer_group(cur, self.settings)
                 self.lag = consumer_lag(self.settings, group, topics)

@@ -29,43 +29,16 @@ from psycopg2.extras import Json
 
 from .. import events
 from ..config import Settings, kafka_connection, kafka_network
-from ..db import channel, connect, is_transient, q, work
+from ..db import channel, connect, is_transient, work
 from ..loops import Heartbeat, run_forever
 from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
+from ..queries import render
 from ..queue import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead, shard_of
 
 log = logging.getLogger(__name__)
 
 # ids of messages from producers that set no message_id header
 _NAMESPACE = uuid.UUID("5f1c3e1e-8a7b-4c1d-9a57-0b0f5e2d7c11")
-
-_INSERT_INBOX = """
-INSERT INTO {inbox} (message_id, topic, "partition", "offset", key, value, headers, "timestamp")
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::bigint[], %s::bytea[], %s::bytea[],
-                     %s::jsonb[], %s::timestamptz[])
-ON CONFLICT (topic, message_id) DO NOTHING
-RETURNING topic, message_id
-"""
-
-# One delivery per handler of the topic registered in the database now: the
-# handlers are a fact in PostgreSQL, not of the worker that consumed the message.
-_INSERT_DELIVERIES = """
-INSERT INTO {deliveries} (message_id, handler, topic, key, shard, state, last_error, dead_at)
-SELECT x.m, h.name, x.t, x.k, x.s, x.st, x.e, CASE WHEN x.st = 'dead' THEN now() END
-FROM unnest(%s::uuid[], %s::text[], %s::bytea[], %s::int[], %s::text[], %s::text[])
-     WITH ORDINALITY AS x(m, t, k, s, st, e, n)
-JOIN {handlers} h ON h.topic = x.t
-ORDER BY x.n, h.name  -- delivery ids in Kafka order: handlers run them in id order
-ON CONFLICT (message_id, handler) DO NOTHING
-"""
-
-_REGISTER = """
-INSERT INTO {handlers} (name, topic, max_retries)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])
-ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, max_retries = excluded.max_retries,
-    seen_at = now()
-"""
-
 
 HandlerRow = tuple[str, str, "int | None"]  # (task name, topic, max_retries)
 
@@ -75,7 +48,8 @@ def register_handlers(cur, settings: Settings, specs: Iterable[HandlerRow]) -> N
     A handler receives the messages stored after its first registration."""
     specs = sorted(specs)
     if specs:
-        cur.execute(q(_REGISTER, settings.schema), [list(c) for c in zip(*specs, strict=True)])
+        cur.execute(render("inbox.register_handlers", settings.schema),
+                    [list(c) for c in zip(*specs, strict=True)])  # fmt: skip
 
 
 def consumer_group(cur, settings: Settings) -> str:
@@ -83,7 +57,7 @@ def consumer_group(cur, settings: Settings) -> str:
     database, so that two applications never share a group by accident."""
     if settings.consumer_group:
         return settings.consumer_group
-    cur.execute(q("SELECT current_database(), id FROM {schema}.identity", settings.schema))
+    cur.execute(render("inbox.identity", settings.schema))
     database, ident = cur.fetchone()
     return f"outbox-bridge-{database}-{str(ident)[:8]}"
 
@@ -174,7 +148,7 @@ def store(
             Json(headers), _timestamp(msg),
         ), strict=True):  # fmt: skip
             col.append(value)
-    cur.execute(q(_INSERT_INBOX, settings.schema), cols)
+    cur.execute(render("inbox.insert_messages", settings.schema), cols)
     new = [(r[0], r[1]) for r in cur.fetchall()]
     rows: list[list[Any]] = [[] for _ in range(6)]
     for topic, message_id in new:
@@ -191,15 +165,16 @@ def store(
     if rows[0]:
         if problems and dead is not None:  # rare: the deliveries that are dead from the start
             cur.execute(
-                q(_INSERT_DELIVERIES + f" RETURNING handler, state, {DEAD_COLUMNS}",
-                  settings.schema),
+                render("inbox.insert_deliveries_returning_dead", settings.schema,
+                       {"insert_deliveries": "inbox.insert_deliveries",
+                        "dead_columns": DEAD_COLUMNS}),
                 rows,
             )  # fmt: skip
             for handler, state, *found in cur.fetchall():
                 if state == "dead":
                     dead += dead_messages(handler, [found])
         else:
-            cur.execute(q(_INSERT_DELIVERIES, settings.schema), rows)
+            cur.execute(render("inbox.insert_deliveries", settings.schema), rows)
         if cur.rowcount:
             cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
     return len(new)
@@ -255,7 +230,6 @@ class InboxConsumer:
 
     def _warn_replay(self, conf: dict) -> None:
         from confluent_kafka.admin import AdminClient
-
 
         try:
             for line in replay_warnings(self.settings, AdminClient(kafka_connection(conf)),

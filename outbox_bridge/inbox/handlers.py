@@ -24,10 +24,11 @@ from celery import Task
 
 from .. import events, watchdog
 from ..config import Settings, get_settings
-from ..db import q, task_connection, work
+from ..db import task_connection, work
 from ..errors import DecodeError, OutboxBridgeError, TransientError
 from ..message import JSONSerializer, Message, Serializer
-from ..queue import Queue, fire_dead
+from ..queries import render
+from ..queue import fire_dead
 from ..shardtask import (
     Linger,
     Source,
@@ -39,6 +40,7 @@ from ..shardtask import (
     transient_countdown,
 )
 from ..worker.app import app
+from . import inbox_queue
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +110,6 @@ def handler_rows() -> list[tuple[str, str, int | None]]:
     return [(s.task.name, s.topic, s.task.max_retries) for s in handlers()]
 
 
-def inbox_queue(settings: Settings, handler: str) -> Queue:
-    return Queue(
-        name=f"inbox:{handler}", table="deliveries", schema=settings.schema, scope=handler,
-        done="done", size_column=None,
-    )  # fmt: skip
-
-
-_LOAD = """
-SELECT d.id, d.shard, d.attempts, i.message_id, i.topic, i.key, i.value, i.headers,
-       i."partition", i."offset", i."timestamp"
-FROM {deliveries} d JOIN {inbox} i ON i.topic = d.topic AND i.message_id = d.message_id
-WHERE d.id = ANY(%s) AND (d.state = 'pending' OR NOT %s)
-ORDER BY d.id
-"""
-
-
 class HandlerTask(Task):
     """Base of handler tasks: marks deliveries dead after the last retry."""
 
@@ -178,8 +164,6 @@ class _CommitFailed(Exception):
 # in its own transaction, and they are checked before its savepoint is released: a
 # Django-style DEFERRABLE INITIALLY DEFERRED foreign key that a handler breaks fails
 # that delivery alone, not the COMMIT of the batch.
-_BEFORE_HANDLER = "SAVEPOINT outbox_bridge_delivery; SET CONSTRAINTS ALL DEFERRED"
-_AFTER_HANDLER = "SET CONSTRAINTS ALL IMMEDIATE; RELEASE SAVEPOINT outbox_bridge_delivery"
 
 
 def run_deliveries(
@@ -296,8 +280,7 @@ def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
     lease = lease_for(task, 0, settings.lease_seconds)
     totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
     with work(conn, settings, task.name) as cur:
-        cur.execute(q("SELECT id, topic, key FROM {deliveries} WHERE id = ANY(%s)",
-                      settings.schema), (result["solo"],))  # fmt: skip
+        cur.execute(render("inbox.keys_of", settings.schema), {"ids": result["solo"]})
         keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
     held: set[tuple[str, bytes | None]] = set()
     for delivery_id in result["solo"]:
@@ -374,7 +357,8 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                 mine = queue.take_held(cur, ids, token)
             # only what is still pending is ours to run (a redelivered task message); the
             # claim row locked above keeps it so until commit
-            cur.execute(q(_LOAD, settings.schema), (list(mine), shards is not None))
+            cur.execute(render("inbox.load", settings.schema),
+                        {"ids": list(mine), "fresh": shards is not None})  # fmt: skip
             held: set[tuple[str, bytes]] = set()
             key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
             for row in cur.fetchall():
@@ -405,10 +389,10 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                         raise _NeedsSavepoints() from exc
                     done.append(delivery_id)
                     continue
-                cur.execute(_BEFORE_HANDLER)
+                cur.execute(render("inbox.before_handler", settings.schema))
                 try:
                     _handle(spec, message, cur, task.name)
-                    cur.execute(_AFTER_HANDLER)
+                    cur.execute(render("inbox.after_handler", settings.schema))
                     done.append(delivery_id)
                 except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
                     cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")

@@ -13,7 +13,7 @@ import psycopg2
 
 from .. import events
 from ..config import Settings, get_settings
-from ..db import connect, is_transient, text
+from ..db import connect, is_transient
 from ..errors import MessageTooLarge
 from ..message import (
     Headers,
@@ -24,20 +24,13 @@ from ..message import (
     encode_key,
     record_size,
 )
+from ..queries import render_text
 from ..queue import shard_of
 from . import adapters
 
 log = logging.getLogger(__name__)
 
 _json = JSONSerializer()
-
-# One text for every driver (CAST, not "::", which SQLAlchemy's text() would take
-# for a bind name). Values go as text, bytes and int, which every driver passes as
-# they are; headers through text, so a jsonb codec of the caller's does not apply.
-_INSERT = (
-    "INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)"
-    " VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb), %s)"
-)
 
 
 def _row(
@@ -115,13 +108,13 @@ def _prepare(topic, value, key, headers, serializer) -> tuple[UUID, str, tuple]:
     settings = get_settings()
     message_id = uuid.uuid4()
     row = _row(topic, value, key, headers, serializer, settings, message_id)
-    return message_id, text(_INSERT, settings.schema), row
+    return message_id, render_text("outbox.insert", settings.schema), row
 
 
 def sent(cur: Any, settings: Settings, message_id: UUID) -> bool:
     """Whether a ``send()`` of ``message_id`` committed (its receipt is there)."""
     cur.execute(
-        text("SELECT 1 FROM {send_receipts} WHERE message_id = %s", settings.schema),
+        render_text("outbox.receipt", settings.schema),
         (str(message_id),),
     )
     return cur.fetchone() is not None
@@ -175,9 +168,9 @@ def send(
                     unknown = None  # it did not commit: write it again
                 cur.execute("SELECT txid_current(), pg_backend_pid()")
                 txid = cur.fetchone()
-                cur.execute(text(_INSERT, settings.schema), row)
+                cur.execute(render_text("outbox.insert", settings.schema), row)
                 cur.execute(
-                    text("INSERT INTO {send_receipts} (message_id) VALUES (%s)", settings.schema),
+                    render_text("outbox.insert_receipt", settings.schema),
                     (str(message_id),),
                 )
             conn.commit()

@@ -23,8 +23,9 @@ from celery import Task, signals
 
 from .. import events, watchdog
 from ..config import Settings, get_settings
-from ..db import drop_task_connection, is_transient, q, task_connection, transaction, work
+from ..db import drop_task_connection, is_transient, task_connection, transaction, work
 from ..errors import DeliveryFailed, TransientError
+from ..queries import render
 from ..queue import Queue, fire_dead
 from ..shardtask import (
     Linger,
@@ -37,6 +38,7 @@ from ..shardtask import (
     transient_countdown,
 )
 from ..worker.app import app
+from . import outbox_queue
 from .kafka import Outcome, get_relay, reset_relay
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,6 @@ def in_lease(settings: Settings) -> float:
     the round is still in the producer when the lease ends and a next owner may
     send the same key's rows."""
     return time.monotonic() + settings.lease_seconds * 0.75
-
-
-def outbox_queue(settings: Settings) -> Queue:
-    return Queue(name="outbox", table="outbox", schema=settings.schema)
 
 
 @provides
@@ -86,9 +84,7 @@ MAX_PAUSES = 1_000_000  # the count of consecutive pauses a pause row keeps, at 
 
 def paused_topics(cur, settings: Settings) -> dict[str, float]:
     """Every topic with a pause row -> seconds its pause still runs (<= 0: over)."""
-    cur.execute(
-        q("SELECT topic, extract(epoch FROM until - now()) FROM {topic_pauses}", settings.schema)
-    )
+    cur.execute(render("outbox.topic_pauses", settings.schema))
     return {topic: float(left) for topic, left in cur.fetchall()}
 
 
@@ -99,17 +95,7 @@ def pause_topics(cur, settings: Settings, reasons: dict[str, str]) -> list[tuple
     MAX_DOUBLINGS and the count at MAX_PAUSES, so a topic that stays away for
     months never overflows the arithmetic (2 ^ 1024 is out of range)."""
     cur.execute(
-        q(
-            "INSERT INTO {topic_pauses} AS p (topic, until, pauses, last_error)"
-            " SELECT t, now() + %(base)s * interval '1s', 1, e"
-            " FROM unnest(%(topics)s::text[], %(errors)s::text[]) AS x(t, e)"
-            " ON CONFLICT (topic) DO UPDATE SET pauses = least(p.pauses, %(cap)s) + 1,"
-            "  until = now() + least(%(max)s::float8,"
-            "   %(base)s::float8 * 2 ^ least(p.pauses, %(doublings)s)) * interval '1s',"
-            "  last_error = excluded.last_error"
-            " RETURNING topic, extract(epoch FROM until - now())",
-            settings.schema,
-        ),
+        render("outbox.pause_topics", settings.schema),
         {
             "base": settings.pause_seconds,
             "max": settings.pause_max_seconds,
@@ -124,9 +110,7 @@ def pause_topics(cur, settings: Settings, reasons: dict[str, str]) -> list[tuple
 
 def resume_topics(cur, settings: Settings, topics: set[str]) -> None:
     if topics:
-        cur.execute(
-            q("DELETE FROM {topic_pauses} WHERE topic = ANY(%s)", settings.schema), (list(topics),)
-        )
+        cur.execute(render("outbox.resume_topics", settings.schema), {"topics": list(topics)})
 
 
 @app.task(
@@ -414,8 +398,7 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
     conn = task_connection(settings)
     lease = lease_for(retry, 0, settings.lease_seconds)
     with work(conn, settings, "outbox task") as cur:
-        cur.execute(q("SELECT id, topic, key FROM {outbox} WHERE id = ANY(%s)", settings.schema),
-                    (region,))  # fmt: skip
+        cur.execute(render("outbox.keys_of", settings.schema), {"ids": region})
         keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
     held: set[tuple[str, bytes | None]] = set()
     delivered = 0

@@ -24,8 +24,9 @@ from psycopg2 import sql
 
 from .. import watchdog
 from ..config import Settings
-from ..db import connect, q
+from ..db import connect
 from ..loops import BEAT_EVERY, Heartbeat, run_forever
+from ..queries import render
 from ..queue import fire_dead
 from ..shardtask import Source, sources
 
@@ -73,18 +74,11 @@ class SequenceWatch:
     move or the fallback timer."""
 
     def __init__(self, cur, schema: str):
+        self.schema = schema
         table = sql.Identifier(schema, "outbox").as_string(cur)
-        cur.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE c.oid = pg_get_serial_sequence(%s, 'id')::regclass",
-            (table,),
-        )
+        cur.execute(render("worker.sequence_of_outbox", schema), {"table": table})
         nspname, relname = cur.fetchone()
-        # the first id taken leaves last_value as it was and sets is_called
-        self.query = sql.SQL("SELECT last_value + is_called::int FROM {}").format(
-            sql.Identifier(nspname, relname)
-        )
+        self.query = render("worker.sequence_value", schema, {"sequence": (nspname, relname)})
         self.value: int | None = None
         # (when, value) of the moves of the last LATE_COMMIT_SECONDS: see since()
         self.moves: collections.deque[tuple[float, int]] = collections.deque()
@@ -106,12 +100,13 @@ class SequenceWatch:
         if self.running is None:
             # a superset of those running at the last move; those that ended
             # since are visible to this look
-            cur.execute(_RUNNING)
+            cur.execute(render("worker.running", self.schema))
             self.running = set(cur.fetchall())
             return True
         if not self.running:
             return False
-        cur.execute(_STILL_RUNNING, ([pid for pid, _xid in self.running],))
+        cur.execute(render("worker.still_running", self.schema),
+                    {"pids": [pid for pid, _xid in self.running]})  # fmt: skip
         self.running &= set(cur.fetchall())
         if time.monotonic() > self.until:
             self.running = set()
@@ -129,14 +124,6 @@ class SequenceWatch:
         if old is not None:  # keep the newest value older than the horizon
             self.moves.appendleft((horizon, old))
         return self.moves[0][1] if self.moves else self.value
-
-
-# transactions that have a transaction id now, other than the watcher's (it has none)
-_RUNNING = "SELECT pid, backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
-_STILL_RUNNING = (
-    "SELECT pid, backend_xid::text FROM pg_stat_activity"
-    " WHERE pid = ANY(%s) AND backend_xid IS NOT NULL"
-)
 
 
 class Dispatcher:
@@ -270,10 +257,7 @@ class Dispatcher:
         long batch) does not count, so it cannot hold its queue back for a lease."""
         fresh = self.settings.lease_seconds - max(2.0, 2 * self.settings.linger_max_seconds)
         cur.execute(
-            q("SELECT queue, count(DISTINCT token) FROM {claims} WHERE token IS NOT NULL"
-              " AND lease_until > now() + %s * interval '1s' GROUP BY queue",
-              self.settings.schema),
-            (fresh,),
+            render("worker.active_tasks", self.settings.schema), {"fresh": fresh}
         )  # fmt: skip
         return dict(cur.fetchall())
 

@@ -13,6 +13,7 @@ import time
 
 from ..config import Settings
 from ..loops import health_dir
+from ..queries import render
 
 
 def live(settings: Settings, max_age: float) -> tuple[bool, list[str]]:
@@ -41,7 +42,7 @@ def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
     from confluent_kafka.admin import AdminClient
 
     from ..config import kafka_connection
-    from ..db import text, transaction
+    from ..db import transaction
     from ..inbox.consumer import consumer_config, replay_warnings
     from ..migrate import pending
 
@@ -55,7 +56,7 @@ def ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, list[str]]:
         else:
             lines.append("database: answers, schema up to date")
             with transaction(settings, "outbox-bridge health", bounded=True) as cur:
-                cur.execute(text("SELECT DISTINCT topic FROM {handlers}", settings.schema))
+                cur.execute(render("inbox.handler_topics", settings.schema))
                 topics = sorted(r[0] for r in cur.fetchall())
     except psycopg2.Error as exc:
         ok = False

@@ -28,32 +28,15 @@ import time
 
 from .. import events, watchdog
 from ..config import Settings
-from ..db import connect, q
+from ..db import connect
 from ..loops import Heartbeat, run_forever, wait
+from ..queries import render
 
 log = logging.getLogger(__name__)
 
+
 # The next rows after ``after``; those received before the window whose
 # deliveries are all done go, with their deliveries.
-_BATCH = """
-WITH batch AS (
-    SELECT i.id, i.topic, i.message_id, i.received_at < now() - %(window)s * interval '1s' AS old
-    FROM {inbox} i WHERE i.id > %(after)s ORDER BY i.id LIMIT %(limit)s
-), doomed AS (
-    SELECT n.id, n.topic, n.message_id FROM batch n
-    WHERE n.old AND NOT EXISTS (SELECT 1 FROM {deliveries} d WHERE d.message_id = n.message_id
-                                AND d.topic = n.topic AND d.state <> 'done')
-), deliveries_gone AS (
-    DELETE FROM {deliveries} d USING doomed x
-    WHERE d.message_id = x.message_id AND d.topic = x.topic
-), gone AS (
-    DELETE FROM {inbox} i USING doomed x WHERE i.id = x.id RETURNING i.id
-)
-SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM gone),
-       coalesce((SELECT bool_and(old) FROM batch), false)
-"""
-
-
 def prune(
     settings: Settings,
     window: float | None = None,
@@ -73,8 +56,9 @@ def prune(
         with conn.cursor() as cur:
             # one pruner at a time per schema (every worker runs one); the others skip
             # the round, the command waits
-            lock = f"pg_{'try_' if stop is not None else ''}advisory_lock"
-            cur.execute(f"SELECT {lock}(hashtext(%s))", (f"outbox_bridge.prune:{settings.schema}",))
+            lock = "worker.prune_lock" if stop is not None else "worker.prune_lock_wait"
+            cur.execute(render(lock, settings.schema),
+                        {"name": f"outbox_bridge.prune:{settings.schema}"})  # fmt: skip
             if cur.fetchone()[0] is False:
                 return 0
             while stop is None or not stop.is_set():
@@ -83,7 +67,7 @@ def prune(
                 started = time.monotonic()
                 with watchdog.guard(conn, settings.network_timeout, "retention"):
                     cur.execute(
-                        q(_BATCH, settings.schema),
+                        render("worker.prune_batch", settings.schema),
                         {"window": window, "after": after, "limit": settings.prune_batch},
                     )
                 last, gone, all_old = cur.fetchone()
@@ -101,22 +85,14 @@ def prune(
     return total
 
 
-# Bookkeeping that would otherwise grow for ever: receipts of send() (a retry comes
-# within seconds), and the pause rows of topics that no relay has tried for a day (a
-# topic that no longer exists, or has no rows left: its row is made again if needed).
-_FORGET = (
-    "DELETE FROM {send_receipts} WHERE sent_at < now() - interval '1 day'",
-    "DELETE FROM {topic_pauses} WHERE until < now() - interval '1 day'",
-)
-
-
 def forget(settings: Settings) -> None:
-    """Delete what the pipeline no longer needs besides inbox messages (see _FORGET)."""
+    """Delete bookkeeping that would otherwise grow for ever, besides inbox messages:
+    receipts of ``send()`` and pause rows of topics no relay tried for a day."""
     conn = connect(settings, autocommit=True, name="outbox-bridge retention")
     try:
         with watchdog.guard(conn, settings.network_timeout, "retention"), conn.cursor() as cur:
-            for statement in _FORGET:
-                cur.execute(q(statement, settings.schema))
+            for statement in ("worker.forget_receipts", "worker.forget_pauses"):
+                cur.execute(render(statement, settings.schema))
     finally:
         conn.close()
 

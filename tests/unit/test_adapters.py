@@ -5,8 +5,9 @@ import asyncio
 import pytest
 
 from outbox_bridge import publish, publish_async
-from outbox_bridge.db import quote_ident, text
+from outbox_bridge.db import quote_ident
 from outbox_bridge.outbox.adapters import _adapter, numbered
+from outbox_bridge.queries import plain as text
 
 
 def test_an_unknown_transaction_object_is_a_type_error_that_lists_what_works():

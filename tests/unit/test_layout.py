@@ -4,6 +4,7 @@ inside functions), and what a publishing process loads."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,37 @@ def test_the_worker_app_is_still_what_celery_dash_a_finds():
     # task names are strings in messages already queued: they must not move with modules
     assert "outbox_bridge.outbox.publish" in out.stdout
     assert "outbox_bridge.outbox.retry" in out.stdout
+
+
+RUNTIME_SKIP = ("tools", "contrib.django.migrations")
+TABLE_SQL = re.compile(r"\b(INSERT INTO|UPDATE|DELETE FROM|FROM|JOIN)\s+\{\w+\}")
+
+
+def test_every_statement_on_our_tables_is_named_in_the_sql_files():
+    inline = []
+    for name, path in modules().items():
+        if name.startswith(RUNTIME_SKIP):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(text, str) and TABLE_SQL.search(text):
+                inline.append(f"{name}:{node.lineno}")
+    assert not inline, f"SQL on outbox-bridge's tables outside sql/queries: {inline}"
+
+
+def test_every_named_statement_renders_and_is_used():
+    from outbox_bridge import queries
+
+    code = "\n".join(
+        path.read_text() for name, path in modules().items() if not name.startswith("tools")
+    )
+    unused = []
+    for name in queries.statements():
+        area, _, short = name.partition(".")
+        queue_use = area == "queue" and (f'"{short}"' in code or f"queue.{short}" in code)
+        # a name made in an f-string: f"ops.dead_{table}"
+        prefix = name.rsplit("_", 1)[0] + "_"
+        built = "_" in name and (f"{prefix}{{" in code or f'"{prefix}"' in code)
+        if f'"{name}"' not in code and not built and not queue_use:
+            unused.append(name)
+    assert not unused, f"statements no code names: {unused}"

@@ -30,13 +30,14 @@ import psycopg2
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from ...config import Settings
-from ...db import connect, q, recreate_database, transaction
+from ...db import connect, recreate_database, transaction
 from ...inbox.consumer import consume_batch
 from ...message import kafka_headers
 from ...migrate import migrate, notify_trigger
 from ...ops import ensure_topics
 from ...outbox.kafka import producer_config
 from ...outbox.publish import publish
+from ...queries import compose as q
 from ...queue import Queue
 from ...worker.dispatcher import SequenceWatch
 from .drivers import compare as compare_drivers

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ...config import Settings
-from ...db import connect, text
+from ...db import connect
 from ...outbox.publish import publish
+from ...queries import plain as text
 
 _READ = "SELECT id, topic, key, value, headers FROM {outbox} WHERE topic = %s ORDER BY id LIMIT %s"
 _DELETE = "DELETE FROM {outbox} WHERE id = ANY(%s)"

@@ -9,9 +9,10 @@ import click
 from confluent_kafka import Consumer, TopicPartition
 
 from ...config import Settings
-from ...db import connect, q
+from ...db import connect
 from ...ops import ensure_topics
 from ...outbox.publish import publish
+from ...queries import compose as q
 
 
 def _kafka_total(settings: Settings, topic: str) -> int:

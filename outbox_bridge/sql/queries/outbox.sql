@@ -1,0 +1,35 @@
+-- The outbox side (outbox_bridge/outbox/). Statements that every driver runs
+-- (publish, send) use positional %s and CAST, not "::", which SQLAlchemy's
+-- text() would take for a bind name.
+
+-- name: insert
+-- Values go as text, bytes and int, which every driver passes as they are;
+-- headers through text, so a jsonb codec of the caller's does not apply.
+INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)
+VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb), %s)
+
+-- name: insert_receipt
+INSERT INTO {send_receipts} (message_id) VALUES (%s)
+
+-- name: receipt
+SELECT 1 FROM {send_receipts} WHERE message_id = %s
+
+-- name: topic_pauses
+SELECT topic, extract(epoch FROM until - now()) FROM {topic_pauses}
+
+-- name: pause_topics
+-- each topic's pause doubles up to %(max)s, the exponent and the count capped
+INSERT INTO {topic_pauses} AS p (topic, until, pauses, last_error)
+SELECT t, now() + %(base)s * interval '1s', 1, e
+FROM unnest(%(topics)s::text[], %(errors)s::text[]) AS x(t, e)
+ON CONFLICT (topic) DO UPDATE SET pauses = least(p.pauses, %(cap)s) + 1,
+  until = now() + least(%(max)s::float8,
+    %(base)s::float8 * 2 ^ least(p.pauses, %(doublings)s)) * interval '1s',
+  last_error = excluded.last_error
+RETURNING topic, extract(epoch FROM until - now())
+
+-- name: resume_topics
+DELETE FROM {topic_pauses} WHERE topic = ANY(%(topics)s)
+
+-- name: keys_of
+SELECT id, topic, key FROM {outbox} WHERE id = ANY(%(ids)s)

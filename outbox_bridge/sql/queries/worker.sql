@@ -1,0 +1,56 @@
+-- The worker's loops (outbox_bridge/worker/).
+
+-- name: running
+-- transactions that have a transaction id now, other than the dispatcher's (it has none)
+SELECT pid, backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL
+
+-- name: still_running
+SELECT pid, backend_xid::text FROM pg_stat_activity
+WHERE pid = ANY(%(pids)s) AND backend_xid IS NOT NULL
+
+-- name: sequence_of_outbox
+SELECT n.nspname, c.relname FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = pg_get_serial_sequence(%(table)s, 'id')::regclass
+
+-- name: sequence_value
+-- the first id taken leaves last_value as it was and sets is_called
+SELECT last_value + is_called::int FROM {sequence}
+
+-- name: active_tasks
+-- tasks at work per queue: tokens whose claims were renewed lately
+SELECT queue, count(DISTINCT token) FROM {claims} WHERE token IS NOT NULL
+  AND lease_until > now() + %(fresh)s * interval '1s' GROUP BY queue
+
+-- name: prune_lock
+-- one pruner at a time per schema (every worker runs one); the others skip the round
+SELECT pg_try_advisory_lock(hashtext(%(name)s))
+
+-- name: prune_lock_wait
+-- the command waits for the worker's round
+SELECT pg_advisory_lock(hashtext(%(name)s))
+
+-- name: prune_batch
+WITH batch AS (
+    SELECT i.id, i.topic, i.message_id, i.received_at < now() - %(window)s * interval '1s' AS old
+    FROM {inbox} i WHERE i.id > %(after)s ORDER BY i.id LIMIT %(limit)s
+), doomed AS (
+    SELECT n.id, n.topic, n.message_id FROM batch n
+    WHERE n.old AND NOT EXISTS (SELECT 1 FROM {deliveries} d WHERE d.message_id = n.message_id
+                                AND d.topic = n.topic AND d.state <> 'done')
+), deliveries_gone AS (
+    DELETE FROM {deliveries} d USING doomed x
+    WHERE d.message_id = x.message_id AND d.topic = x.topic
+), gone AS (
+    DELETE FROM {inbox} i USING doomed x WHERE i.id = x.id RETURNING i.id
+)
+SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM gone),
+       coalesce((SELECT bool_and(old) FROM batch), false)
+
+-- name: forget_receipts
+-- receipts of send(): a retry comes within seconds
+DELETE FROM {send_receipts} WHERE sent_at < now() - interval '1 day'
+
+-- name: forget_pauses
+-- pause rows of topics that no relay has tried for a day (gone, or no rows left)
+DELETE FROM {topic_pauses} WHERE until < now() - interval '1 day'
