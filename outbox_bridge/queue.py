@@ -410,3 +410,8 @@ class Queue:
         heads."""
         self._run(cur, "blocked_keys")
         return cur.fetchall()
+
+    def keys_of(self, cur, ids: Sequence[int]) -> dict[int, tuple[str, bytes | None]]:
+        """id -> (topic, key) of the rows ``ids`` still there."""
+        self._run(cur, "keys_of", ids=list(ids))
+        return {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}

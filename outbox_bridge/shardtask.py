@@ -15,17 +15,18 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
 from celery.utils.time import get_exponential_backoff_interval
 
 from .config import Settings
-from .db import drop_task_connection, is_transient
+from .db import drop_task_connection, is_transient, task_connection, work
 from .errors import TransientError
-from .queue import Queue
+from .queue import Queue, fire_dead
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +146,144 @@ def again_later(task: Any, countdown: float, why: object) -> None:
 def transient_countdown(pause_seconds: float) -> float:
     """How long to wait after a transient error: about a pause, spread out."""
     return pause_seconds * (1 + random.random())
+
+
+# -- the shard-task loop, shared by the publish task and the handler tasks --------
+@dataclass
+class Round:
+    """What one round of a shard task found (``next_round``): a batch to process, the
+    rows a dead owner may have had in hand (``solo``), or nothing (``idle``: look
+    again after ``Linger.wait``; ``released``: the shards went back as all held;
+    ``stale``: they are no longer ours)."""
+
+    owned: list[int]
+    batch: list[Any] = field(default_factory=list)
+    full: bool = False  # the shards may have more
+    solo: list[int] = field(default_factory=list)
+    recovering: list[int] = field(default_factory=list)
+    idle: bool = False
+    released: bool = False
+    stale: bool = False
+
+
+def next_round(
+    cur: Any,
+    queue: Queue,
+    settings: Settings,
+    token: Any,
+    owned: list[int],
+    clock: Linger,
+    fetch: Callable[[Any, list[int], list[str]], tuple[list[Any], bool]],
+    suspect: bool = False,
+    skip: dict[str, float] | None = None,
+) -> Round:
+    """The first half of every round, in the round's transaction: renew the claim
+    (taking on ready free shards while lingering), find what a dead owner of a
+    recovering shard may have had in hand (``suspect``: treat every shard so, a
+    redelivered task message), else ``fetch(cur, owned, skip_topics)`` the next
+    batch; with none, linger or give the shards back as all held. ``skip``:
+    paused topics and the seconds their pause still runs."""
+    skip = skip or {}
+    owned, recovering = queue.renew_round(cur, owned, token, settings.lease_seconds, clock.adopt)
+    if not owned:
+        return Round(owned, stale=True)
+    if suspect:
+        recovering = owned
+    if recovering:
+        region = queue.suspects(cur, recovering, settings.batch_size, skip_topics=list(skip))
+        if region:
+            return Round(owned, solo=region, recovering=recovering)
+        queue.recovered(cur, recovering, token)
+    batch, full = fetch(cur, owned, list(skip))
+    if batch:
+        clock.busy()
+        return Round(owned, batch, full)
+    if clock.idle():
+        return Round(owned, idle=True)
+    # every pending row is held back by its key, or its topic is paused: look
+    # again when a key is released, a row arrives or a pause ends
+    recheck = min(skip.values()) if skip else None
+    queue.release(cur, owned, token, held=owned, recheck=recheck, skip_topics=list(skip))
+    return Round(owned, released=True)
+
+
+class HeldKeys:
+    """The keys a round holds back behind a head that failed in it (keyless rows
+    never wait)."""
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[str, bytes]] = set()
+
+    def holds(self, topic: str, key: bytes | None) -> bool:
+        return key is not None and (topic, key) in self.keys
+
+    def add(self, topic: str, key: bytes | None) -> None:
+        if key is not None:
+            self.keys.add((topic, key))
+
+
+def one_at_a_time(
+    queue: Queue,
+    settings: Settings,
+    what: str,
+    token: Any,
+    owned: list[int],
+    ids: list[int],
+    lease: float,
+    attempt: Callable[[int, str], float | None],
+    retry: Callable[[int, str, float], None],
+) -> bool:
+    """Run ``ids`` one per transaction: each becomes a retrying head of its own and
+    its attempt is counted (committed) before ``attempt(id, retry_token)`` runs it,
+    so one that kills its process again, hangs or fails at COMMIT is retried on
+    its own schedule and dead after its retries, while the other keys go on.
+    ``attempt`` returns None when it went through, else the countdown of its retry
+    (``retry(id, retry_token, countdown)`` sends it); the later rows of its key
+    wait. False: the shards are no longer ours."""
+    conn = task_connection(settings)
+    with work(conn, settings, what) as cur:
+        keys = queue.keys_of(cur, ids)
+    held = HeldKeys()
+    for row_id in ids:
+        if row_id not in keys or held.holds(*keys[row_id]):
+            continue  # gone, or behind its key's head that failed just now
+        retry_token = str(uuid.uuid4())
+        with work(conn, settings, what) as cur:
+            if not queue.renew(cur, owned, token, settings.lease_seconds):
+                return False
+            queue.hold(cur, {row_id: "runs on its own"}, retry_token, lease, count=False)
+            started = queue.start_held(cur, [row_id], retry_token, lease)
+        if not started:
+            continue
+        countdown = attempt(row_id, retry_token)
+        if countdown is not None:
+            held.add(*keys[row_id])
+            retry(row_id, retry_token, countdown)
+    return True
+
+
+def enqueue_retry(task: Any, ids: list[int], token: Any, *, countdown: float, retries: int) -> None:
+    """Send the retry of held rows ``ids`` of ``token``; if that fails, the dispatcher
+    re-drives them after their lease (PostgreSQL keeps them)."""
+    try:
+        task.apply_async((list(ids), str(token)), countdown=countdown, retries=retries)
+    except Exception:  # noqa: BLE001
+        log.exception("%s: could not enqueue the retry of rows %s", task.name, list(ids)[:10])
+
+
+def bury_spent(
+    queue: Queue, settings: Settings, what: str, ids: list[int], token: Any, error: str,
+    max_retries: int | None,
+) -> int:  # fmt: skip
+    """After a retry task's last attempt failed: its rows that used up their own
+    attempts become dead (idempotent); a row whose task ran out of retries for
+    another reason is re-driven after its lease. Fires ``dead`` after the commit."""
+    conn = task_connection(settings)
+    conn.rollback()
+    with work(conn, settings, what) as cur:
+        dead = queue.bury(cur, ids, token, error, max_retries)
+    if dead:
+        log.error("%d rows of %s are dead after their last retry: %s", len(dead), queue.name,
+                  error)  # fmt: skip
+        fire_dead(dead)
+    return len(dead)

@@ -30,11 +30,16 @@ from ..message import JSONSerializer, Message, Serializer
 from ..queries import render
 from ..queue import fire_dead
 from ..shardtask import (
+    HeldKeys,
     Linger,
     Source,
     again_later,
     backoff,
+    bury_spent,
+    enqueue_retry,
     lease_for,
+    next_round,
+    one_at_a_time,
     provides,
     reraise_database_error,
     transient_countdown,
@@ -126,19 +131,10 @@ def bury_deliveries(
     if not ids or not token or params.get("shards") is not None:
         return 0  # a shard task's failures were already handed to a retry
     if not isinstance(exc, HandlerFailed):
-        return 0  # not a handler error: the lease runs out and the watcher re-drives
+        return 0  # not a handler error: the lease runs out and the dispatcher re-drives
     settings = get_settings()
-    conn = task_connection(settings)
-    conn.rollback()
-    with work(conn, settings, f"handler {handler}") as cur:
-        # only deliveries that used up their own attempts; the others (their task ran
-        # out of retries for another reason) are re-driven after their lease
-        dead = inbox_queue(settings, handler).bury(cur, ids, token, f"{exc}", max_retries)
-    if dead:
-        log.error("%d deliveries to %s are dead after their last retry: %s", len(dead), handler,
-                  exc)  # fmt: skip
-        fire_dead(dead)
-    return len(dead)
+    return bury_spent(inbox_queue(settings, handler), settings, f"handler {handler}", ids,
+                      token, f"{exc}", max_retries)  # fmt: skip
 
 
 def _decode_headers(stored: list) -> list[tuple[str, bytes | None]]:
@@ -270,44 +266,29 @@ def _held_attempt(task: Task, spec: HandlerSpec, ids: list[int], token: str, lea
 
 def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
     """The deliveries that a dead owner of these shards may have had in hand (or a
-    batch whose COMMIT failed), one per transaction: each becomes a retrying head
-    of its own and its attempt is counted (committed) before it runs, so one that
-    kills its process again, hangs or fails at COMMIT is retried on its own
-    schedule and dead after its retries, while the other keys go on."""
+    batch whose COMMIT failed), one per transaction (``shardtask.one_at_a_time``)."""
     settings = get_settings()
     queue = inbox_queue(settings, task.name)
-    conn = task_connection(settings)
     lease = lease_for(task, 0, settings.lease_seconds)
     totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
-    with work(conn, settings, task.name) as cur:
-        cur.execute(render("inbox.keys_of", settings.schema), {"ids": result["solo"]})
-        keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
-    held: set[tuple[str, bytes | None]] = set()
-    for delivery_id in result["solo"]:
-        key = keys.get(delivery_id)
-        if key is None or (key[1] is not None and key in held):
-            continue  # waits behind its key's head, which failed just now
-        retry_token = str(uuid.uuid4())
-        with work(conn, settings, task.name) as cur:
-            if not queue.renew(cur, result["owned"], token, settings.lease_seconds):
-                return {**totals, "stale": True}
-            queue.hold(cur, {delivery_id: "runs on its own"}, retry_token, lease, count=False)
-            started = queue.start_held(cur, [delivery_id], retry_token, lease)
-        if not started:
-            continue
+
+    def attempt(delivery_id: int, retry_token: str) -> float | None:
         try:
             for name, n in _held_attempt(task, spec, [delivery_id], retry_token, lease).items():
                 if name in totals:
                     totals[name] += n
         except HandlerFailed:
             totals["failed"] += 1
-            held.add(key)
-            try:
-                task.apply_async(([delivery_id], retry_token), countdown=backoff(task, 0),
-                                 retries=1)  # fmt: skip
-            except Exception:  # noqa: BLE001 - the lease brings it back
-                log.exception("could not enqueue the retry of delivery %d", delivery_id)
-    with work(conn, settings, task.name) as cur:
+            return backoff(task, 0)
+        return None
+
+    def again(delivery_id: int, retry_token: str, countdown: float) -> None:
+        enqueue_retry(task, [delivery_id], retry_token, countdown=countdown, retries=1)
+
+    if not one_at_a_time(queue, settings, task.name, token, result["owned"], result["solo"],
+                         lease, attempt, again):  # fmt: skip
+        return {**totals, "stale": True}
+    with work(task_connection(settings), settings, task.name) as cur:
         queue.recovered(cur, result["recovering"], token)
     return {**totals, "owned": result["owned"]}
 
@@ -322,6 +303,11 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
     retry_token = uuid.uuid4()
     first_countdown = backoff(task, 0)
     result: dict[str, Any] = {}
+
+    def fetch(cur, owned: list[int], skip: list[str]) -> tuple[list[int], bool]:
+        ids, _with_rows = queue.fetch_ids(cur, owned, settings.batch_size, skip)
+        return ids, len(ids) >= settings.batch_size
+
     if spec.session is not None:
         from ..contrib.sqlalchemy import bind
 
@@ -332,34 +318,24 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
             if shards is not None:
                 # locked until commit: a handler slower than the lease still finishes;
                 # one that hangs is ended by the task's time limit (handler_time_limit)
-                owned, recovering = queue.renew_round(
-                    cur, shards, token, settings.lease_seconds, clock.adopt
-                )
-                if not owned:
+                found = next_round(cur, queue, settings, token, shards, clock, fetch, solo)
+                if found.stale:
                     return {"stale": True}
-                result["owned"] = owned
-                if solo:
-                    recovering = owned
-                if recovering:
-                    region = queue.suspects(cur, recovering, settings.batch_size)
-                    if region:
-                        return {**result, "solo": region, "recovering": recovering}
-                    queue.recovered(cur, recovering, token)
-                ids, _with_rows = queue.fetch_ids(cur, owned, settings.batch_size)
-                if not ids:
-                    if clock.idle():
-                        return {**result, "idle": True}
-                    queue.release(cur, owned, token, held=owned)
+                owned = result["owned"] = found.owned
+                if found.solo:
+                    return {**result, "solo": found.solo, "recovering": found.recovering}
+                if found.idle:
+                    return {**result, "idle": True}
+                if found.released:
                     return {"released": True}
-                clock.busy()
-                mine = ids
+                mine = ids = found.batch
             else:
                 mine = queue.take_held(cur, ids, token)
             # only what is still pending is ours to run (a redelivered task message); the
             # claim row locked above keeps it so until commit
             cur.execute(render("inbox.load", settings.schema),
                         {"ids": list(mine), "fresh": shards is not None})  # fmt: skip
-            held: set[tuple[str, bytes]] = set()
+            held = HeldKeys()
             key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
             for row in cur.fetchall():
                 delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
@@ -367,15 +343,14 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                 if shards is not None and row_shard not in owned:
                     continue  # no longer ours: its new owner runs it
                 key = None if key is None else bytes(key)
-                if key is not None and (topic, key) in held:
+                if held.holds(topic, key):
                     continue  # waits behind its key's failed head
                 try:
                     value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
                 except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
                     reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
                     dead[delivery_id] = f"cannot decode the value: {reason}"
-                    if key is not None:
-                        held.add((topic, key))
+                    held.add(topic, key)
                     continue
                 message = Message(
                     message_id=message_id, topic=topic, key=key, value=value,
@@ -397,8 +372,7 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                 except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
                     cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
                     failed[delivery_id] = f"{type(exc).__name__}: {exc}"
-                    if key is not None:
-                        held.add((topic, key))
+                    held.add(topic, key)
             queue.complete(cur, done)  # in the handlers' transaction: done iff their writes
             if shards is not None:
                 queue.hold(
@@ -431,12 +405,7 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
     result.update({"done": len(done), "failed": len(failed), "dead": len(dead), "batches": 1})
     if shards is not None:
         if failed:
-            try:
-                task.apply_async(
-                    (list(failed), str(retry_token)), countdown=first_countdown, retries=1
-                )
-            except Exception:  # noqa: BLE001 - the lease brings them back
-                log.exception("could not enqueue the retry of deliveries %s", list(failed)[:10])
+            enqueue_retry(task, list(failed), retry_token, countdown=first_countdown, retries=1)
         return result
     if failed:
         raise HandlerFailed(next(iter(failed.values())))

@@ -26,6 +26,7 @@ from kombu.utils.imports import symbol_by_name
 from ..config import Settings, kafka_connection, kafka_network
 from ..message import kafka_headers, record_size
 from ..queue import Row
+from ..shardtask import HeldKeys
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Relay:
         may have a new owner) and waits (``later``).
         """
         outcome = Outcome()
-        held: set[tuple[str, bytes]] = set()
+        held = HeldKeys()
         pending = 0
 
         def report(row: Row, err: KafkaError | None, _msg) -> None:
@@ -208,8 +209,7 @@ class Relay:
 
         hook = self.before_produce
         for row in rows:
-            keyed = row.key is not None
-            if keyed and (row.topic, row.key) in held:
+            if held.holds(row.topic, row.key):
                 outcome.skipped.append(row.id)
                 continue
             if row.topic in outcome.paused_topics or outcome.fatal:
@@ -233,8 +233,8 @@ class Relay:
                     outcome.failed[row.id] = (
                         str(exc) if isinstance(exc, _Refused) else (f"{type(exc).__name__}: {exc}")
                     )
-                if keyed and row.id not in outcome.later:
-                    held.add((row.topic, row.key))
+                if row.id not in outcome.later:
+                    held.add(row.topic, row.key)
         deadline = time.monotonic() + self.timeout
         if until is not None:
             deadline = min(deadline, until)

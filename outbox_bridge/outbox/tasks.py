@@ -23,7 +23,7 @@ from celery import Task, signals
 
 from .. import events, watchdog
 from ..config import Settings, get_settings
-from ..db import drop_task_connection, is_transient, task_connection, transaction, work
+from ..db import drop_task_connection, is_transient, task_connection, work
 from ..errors import DeliveryFailed, TransientError
 from ..queries import render
 from ..queue import Queue, fire_dead
@@ -32,7 +32,11 @@ from ..shardtask import (
     Source,
     again_later,
     backoff,
+    bury_spent,
+    enqueue_retry,
     lease_for,
+    next_round,
+    one_at_a_time,
     provides,
     reraise_database_error,
     transient_countdown,
@@ -127,78 +131,67 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
     owned = list(shards)
     # a task message delivered again: its first run may have died inside a batch
     suspect = bool((self.request.delivery_info or {}).get("redelivered"))
-    solo: tuple[list[int], list[int]] | None = None  # (row ids, recovering shards)
+
+    def fetch(cur, owned: list[int], skip: list[str]) -> tuple[list, bool]:
+        rows, full = queue.fetch(cur, owned, settings.batch_size, settings.batch_bytes, skip)
+        return rows, bool(full)
+
     try:
         conn = task_connection(settings)
         while True:
-            if solo is not None:
-                delivered = _solo(settings, queue, owned, token, *solo)
-                if delivered is None:
-                    stats["stale"] = True
-                    return stats
-                stats["delivered"] += delivered
-                solo = None
             relay = get_relay(settings)  # a new producer after a fatal error
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
             sent: tuple | None = None  # (rows, outcome, acked at), for the metrics
             with work(conn, settings, "outbox task") as cur:
-                owned, recovering = queue.renew_round(
-                    cur, owned, token, settings.lease_seconds, clock.adopt
-                )
-                until = in_lease(settings)
-                if not owned:
-                    stats["stale"] = True
-                    return stats
                 known = paused_topics(cur, settings)
                 skip = {t: left for t, left in known.items() if left > 0}
-                if suspect:
-                    recovering, suspect = owned, False
-                if recovering:
-                    region = queue.suspects(
-                        cur, recovering, settings.batch_size, skip_topics=list(skip)
-                    )
-                    if region:  # what its dead owner may have had in hand: one at a time
-                        solo = (region, recovering)
-                        continue
-                    queue.recovered(cur, recovering, token)
-                rows, full = queue.fetch(
-                    cur, owned, settings.batch_size, settings.batch_bytes, skip_topics=list(skip)
-                )
-                if not rows:
-                    if clock.idle():
-                        clock.wait()
-                        continue
-                    # every pending row is held back by its key, or its topic is paused:
-                    # look again when a key is released, a row arrives or a pause ends
-                    recheck = min(skip.values()) if skip else None
-                    queue.release(
-                        cur, owned, token, held=owned, recheck=recheck, skip_topics=list(skip)
-                    )
+                until = in_lease(settings)  # the lease is renewed just after this
+                found = next_round(cur, queue, settings, token, owned, clock, fetch, suspect, skip)
+                suspect = False
+                owned = found.owned
+                if found.batch:
+                    rows = found.batch
+                    stats["batches"] += 1
+                    # Kafka has its own timeout
+                    with events.around("sending", rows), watchdog.paused():
+                        outcome: Outcome = relay.deliver(rows, until)
+                    sent = (rows, outcome, time.time())
+                    queue.complete(cur, outcome.delivered)
+                    stats["delivered"] += len(outcome.delivered)
+                    heads = _book(cur, settings, queue, owned, rows, outcome, known, retry_token,
+                                  first_lease)  # fmt: skip
+                    retry_ids = list(heads or ())
+                    stats["failed"] += len(retry_ids)
+                    done = True
+                    more = found.full or bool(outcome.paused_topics)  # behind paused topics
+                    if outcome.fatal or heads is None:
+                        queue.release(cur, owned, token, settings.pause_seconds)
+                    elif clock.over(more):
+                        queue.release(cur, owned, token)
+                    else:
+                        done = False  # more rows, or linger for the next ones
+            if found.stale:
+                stats["stale"] = True
+                return stats
+            if found.released:
+                return stats
+            if found.idle:
+                clock.wait()
+                continue
+            if found.solo:
+                # what its dead owner may have had in hand: one at a time
+                delivered = _solo(settings, queue, owned, token, found.solo, found.recovering)
+                if delivered is None:
+                    stats["stale"] = True
                     return stats
-                clock.busy()
-                stats["batches"] += 1
-                with events.around("sending", rows), watchdog.paused():  # Kafka has its own timeout
-                    outcome: Outcome = relay.deliver(rows, until)
-                sent = (rows, outcome, time.time())
-                queue.complete(cur, outcome.delivered)
-                stats["delivered"] += len(outcome.delivered)
-                heads = _book(cur, settings, queue, owned, rows, outcome, known, retry_token,
-                              first_lease)  # fmt: skip
-                retry_ids = list(heads or ())
-                stats["failed"] += len(retry_ids)
-                done = True
-                more = full or bool(outcome.paused_topics)  # other topics behind paused ones
-                if outcome.fatal or heads is None:
-                    queue.release(cur, owned, token, settings.pause_seconds)
-                elif clock.over(more):
-                    queue.release(cur, owned, token)
-                else:
-                    done = False  # more rows, or linger for the next ones
+                stats["delivered"] += delivered
+                continue
             if sent is not None:  # committed
                 _record("outbox", *sent)
             if retry_ids:
-                enqueue_retry(retry_ids, retry_token, retries=1, countdown=backoff(retry, 0))
+                enqueue_retry(retry, retry_ids, retry_token, retries=1,
+                              countdown=backoff(retry, 0))  # fmt: skip
             if done:
                 return stats
     except TransientError:
@@ -260,14 +253,6 @@ def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Sett
         log.exception("could not release shards %s", shards)
 
 
-def enqueue_retry(ids: list[int], token: Any, *, retries: int, countdown: float) -> None:
-    """Send a retry task; if that fails the watcher re-drives the rows after their lease."""
-    try:
-        retry.apply_async((ids, str(token)), countdown=countdown, retries=retries)
-    except Exception:  # noqa: BLE001 - PostgreSQL keeps the rows; the lease recovers them
-        log.exception("could not enqueue the retry of outbox rows %s", ids[:10])
-
-
 class RetryTask(Task):
     """Marks the rows dead when the last retry failed."""
 
@@ -280,18 +265,10 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     params = {**dict(zip(("ids", "token"), args or (), strict=False)), **(kwargs or {})}
     ids, token = params.get("ids"), params.get("token")
     if not ids or not token or not isinstance(exc, DeliveryFailed):
-        return 0  # other errors: the lease runs out and the watcher re-drives the rows
+        return 0  # other errors: the lease runs out and the dispatcher re-drives the rows
     settings = get_settings()
-    with transaction(settings, "outbox-bridge bury", bounded=True) as cur:
-        # only rows that used up their own attempts: a row whose task ran out of
-        # retries for another reason is re-driven by the watcher after its lease
-        dead = outbox_queue(settings).bury(
-            cur, ids, token, f"{type(exc).__name__}: {exc}", max_retries=settings.max_retries
-        )
-    if dead:
-        log.error("%d outbox rows are dead after their last retry: %s", len(dead), exc)
-        fire_dead(dead)
-    return len(dead)
+    return bury_spent(outbox_queue(settings), settings, "outbox-bridge bury", ids, token,
+                      f"{type(exc).__name__}: {exc}", settings.max_retries)  # fmt: skip
 
 
 @app.task(
@@ -391,42 +368,32 @@ def _retry_round(
 
 def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) -> int | None:
     """The rows that a dead owner of these shards may have had in hand, one at a
-    time: each becomes a retrying head of its own, its attempt counted before it
-    is produced, so a row that kills its process again is retried on its own
-    and dead after its retries while the other keys go on. Returns the rows
-    delivered (None: the shards are no longer ours)."""
-    conn = task_connection(settings)
+    time (``shardtask.one_at_a_time``). Returns the rows delivered (None: the
+    shards are no longer ours)."""
     lease = lease_for(retry, 0, settings.lease_seconds)
-    with work(conn, settings, "outbox task") as cur:
-        cur.execute(render("outbox.keys_of", settings.schema), {"ids": region})
-        keys = {i: (t, None if k is None else bytes(k)) for i, t, k in cur.fetchall()}
-    held: set[tuple[str, bytes | None]] = set()
     delivered = 0
-    for row_id in region:
-        key = keys.get(row_id)
-        if key is None or (key[1] is not None and key in held):
-            continue  # gone, or behind its key's head that failed just now
-        retry_token = uuid.uuid4()
-        with work(conn, settings, "outbox task") as cur:
-            if not queue.renew(cur, owned, token, settings.lease_seconds):
-                return None
-            queue.hold(cur, {row_id: "runs on its own"}, retry_token, lease, count=False)
-            started = queue.start_held(cur, [row_id], retry_token, lease)
+
+    def attempt(row_id: int, retry_token: str) -> float | None:
+        nonlocal delivered
         until = in_lease(settings)
-        if not started:
-            continue
-        relay = get_relay(settings)
-        sent = _retry_round(settings, queue, relay, [row_id], retry_token, lease, until)
+        sent = _retry_round(settings, queue, get_relay(settings), [row_id], retry_token, lease,
+                            until)  # fmt: skip
         if sent is None:
-            continue
+            return None
         rows, outcome, acked_at, pause = sent
         _record("outbox", rows, outcome, acked_at)
         delivered += len(outcome.delivered)
-        if outcome.failed or outcome.later:
-            held.add(key)
-            countdown = backoff(retry, 0) if outcome.failed else pause
-            enqueue_retry([row_id], retry_token, retries=1, countdown=countdown)
-    with work(conn, settings, "outbox task") as cur:
+        if outcome.failed:
+            return backoff(retry, 0)
+        return pause if outcome.later else None
+
+    def again(row_id: int, retry_token: str, countdown: float) -> None:
+        enqueue_retry(retry, [row_id], retry_token, retries=1, countdown=countdown)
+
+    if not one_at_a_time(queue, settings, "outbox task", token, owned, region, lease, attempt,
+                         again):  # fmt: skip
+        return None
+    with work(task_connection(settings), settings, "outbox task") as cur:
         queue.recovered(cur, recovering, token)
     return delivered
 

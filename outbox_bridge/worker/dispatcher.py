@@ -45,6 +45,13 @@ IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY ag
 BUSY_POLL = 0.05  # seconds between looks while commits do not NOTIFY
 
 
+def free_tasks(parallel_tasks: int, busy_queues: int, active: int) -> int:
+    """How many new tasks a busy queue may get now: its equal share of
+    ``parallel_tasks`` among the ``busy_queues`` (at least one), less its ``active``
+    tasks (<= 0: none)."""
+    return max(1, parallel_tasks // max(1, busy_queues)) - active
+
+
 def send(app: Celery, source: Source, cur, shards: list[int], token: Any) -> bool:
     """Send the task of claimed ``shards``; False when it had nothing to hand out."""
     task = app.tasks[source.task]
@@ -211,7 +218,7 @@ class Dispatcher:
         for source in self.sources if only is None else only:
             name = source.queue.name
             busy = {n for n, until in self._busy_until.items() if until > now} | {name}
-            free = max(1, self.parallel_tasks // len(busy)) - active.get(name, 0)
+            free = free_tasks(self.parallel_tasks, len(busy), active.get(name, 0))
             if free <= 0:
                 if source.queue is self.outbox:
                     self._outbox_idle(cur, True, now)  # its tasks are at work

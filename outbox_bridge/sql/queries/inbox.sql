@@ -40,8 +40,6 @@ FROM {deliveries} d JOIN {inbox} i ON i.topic = d.topic AND i.message_id = d.mes
 WHERE d.id = ANY(%(ids)s) AND (d.state = 'pending' OR NOT %(fresh)s)
 ORDER BY d.id
 
--- name: keys_of
-SELECT id, topic, key FROM {deliveries} WHERE id = ANY(%(ids)s)
 
 -- name: before_handler
 SAVEPOINT outbox_bridge_delivery; SET CONSTRAINTS ALL DEFERRED

@@ -30,6 +30,3 @@ RETURNING topic, extract(epoch FROM until - now())
 
 -- name: resume_topics
 DELETE FROM {topic_pauses} WHERE topic = ANY(%(topics)s)
-
--- name: keys_of
-SELECT id, topic, key FROM {outbox} WHERE id = ANY(%(ids)s)

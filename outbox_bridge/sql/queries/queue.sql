@@ -314,3 +314,6 @@ ORDER BY o.id LIMIT 100
 
 -- name: scope_w
 AND w.handler = %(scope)s
+
+-- name: keys_of
+SELECT id, topic, key FROM {table} WHERE id = ANY(%(ids)s)
