@@ -180,10 +180,15 @@ def inbox_prune(days: float | None) -> None:
 
 @main.command()
 @click.option("--live", "mode", flag_value="live", help="This worker's loops are alive.")
-@click.option("--ready", "mode", flag_value="ready",
-              help="The database (schema up to date) and Kafka answer.")  # fmt: skip
-@click.option("--max-age", default=60.0, show_default=True,
-              help="--live: seconds since a loop's last beat that count as alive.")  # fmt: skip
+@click.option(
+    "--ready", "mode", flag_value="ready", help="The database (schema up to date) and Kafka answer."
+)
+@click.option(
+    "--max-age",
+    default=60.0,
+    show_default=True,
+    help="--live: seconds since a loop's last beat that count as alive.",
+)
 @click.option("--timeout", default=5.0, show_default=True, help="--ready: seconds per check.")
 def health(mode: str | None, max_age: float, timeout: float) -> None:
     """Probes for orchestrators: exit 0 when healthy, 1 when not (a line per check)."""
@@ -289,19 +294,30 @@ def consume() -> None:
     help="Backlog sizes of the scaling runs, comma-separated.",
 )
 @click.option("--only", help="Comma-separated measurements to run (default: all).")
-@click.option("--repeat", default=3, show_default=True,
-              help="Runs of each figure (median, min and max are reported).")  # fmt: skip
+@click.option(
+    "--repeat",
+    default=3,
+    show_default=True,
+    help="Runs of each figure (median, min and max are reported).",
+)
 @click.option("--concurrency", default=2, show_default=True, help="-c of the bench worker.")
-def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only, repeat,
-          concurrency) -> None:  # fmt: skip
+def bench(
+    json_path, count, size, keys, rate, seconds, e2e_count, scale, only, repeat, concurrency
+) -> None:
     """Measure the relay beside the raw Kafka producer (see docs/benchmarks.md)."""
     from .tools.bench import Bench, Options, table
 
     options = Options(
-        count=count, size=size, keys=keys, rate=rate, seconds=seconds, e2e_count=e2e_count,
-        scale_rows=tuple(int(n) for n in scale.split(",") if n), repeat=repeat,
+        count=count,
+        size=size,
+        keys=keys,
+        rate=rate,
+        seconds=seconds,
+        e2e_count=e2e_count,
+        scale_rows=tuple(int(n) for n in scale.split(",") if n),
+        repeat=repeat,
         concurrency=concurrency,
-    )  # fmt: skip
+    )
     results = Bench(get_settings(), options).run(set(only.split(",")) if only else None)
     click.echo(table(results))
     click.echo(f"machine: {results['machine']}")
@@ -316,17 +332,29 @@ def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only, r
 @click.option("--writers", default=4, show_default=True, help="Writer threads.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes (>= 2).")
 @click.option("--concurrency", default=2, show_default=True, help="-c of each worker.")
-@click.option("--pool", default="prefork", show_default=True,
-              help="Celery pool: prefork, threads, gevent.")  # fmt: skip
-@click.option("--adapter", default="psycopg2", show_default=True,
-              help="How writers publish: psycopg2, psycopg, sqlalchemy, django, asyncpg,"
-              " psycopg-async.")  # fmt: skip
+@click.option(
+    "--pool", default="prefork", show_default=True, help="Celery pool: prefork, threads, gevent."
+)
+@click.option(
+    "--adapter",
+    default="psycopg2",
+    show_default=True,
+    help="How writers publish: psycopg2, psycopg, sqlalchemy, django, asyncpg, psycopg-async.",
+)
 @click.option("--faults", default=6, show_default=True, help="Faults to inject.")
-@click.option("--kinds", default="kill_child,kill_worker,kafka,postgres,rabbitmq,rebalance,"
-              "blackhole_postgres,blackhole_kafka", show_default=True,
-              help="Fault kinds, taken in turn.")  # fmt: skip
-@click.option("--silence", default=60.0, show_default=True,
-              help="Seconds a blackhole fault keeps PostgreSQL or Kafka silent.")  # fmt: skip
+@click.option(
+    "--kinds",
+    default="kill_child,kill_worker,kafka,postgres,rabbitmq,rebalance,"
+    "blackhole_postgres,blackhole_kafka",
+    show_default=True,
+    help="Fault kinds, taken in turn.",
+)
+@click.option(
+    "--silence",
+    default=60.0,
+    show_default=True,
+    help="Seconds a blackhole fault keeps PostgreSQL or Kafka silent.",
+)
 @click.option(
     "--sample-every",
     default=60.0,
@@ -341,15 +369,31 @@ def bench(json_path, count, size, keys, rate, seconds, e2e_count, scale, only, r
 )
 @click.option("--seed", default=1, show_default=True, help="Same seed, same schedule.")
 @click.option("--poison", default=2, show_default=True, help="Messages a handler always fails.")
-@click.option("--fail-rate", default=0.2, show_default=True,
-              help="Share of soak.flaky's attempts that fail (then retried).")  # fmt: skip
-@click.option("--rollback-rate", default=0.1, show_default=True,
-              help="Share of writers' transactions rolled back on purpose.")  # fmt: skip
+@click.option(
+    "--fail-rate",
+    default=0.2,
+    show_default=True,
+    help="Share of soak.flaky's attempts that fail (then retried).",
+)
+@click.option(
+    "--rollback-rate",
+    default=0.1,
+    show_default=True,
+    help="Share of writers' transactions rolled back on purpose.",
+)
 @click.option("--keyless-rate", default=0.1, show_default=True, help="Share without a key.")
-@click.option("--max-tail", default=120.0, show_default=True,
-              help="Seconds from the last write or fault to drained, at most.")  # fmt: skip
-@click.option("--services", default="scripts/services", show_default=True,
-              help="The script that kills and restarts the services.")  # fmt: skip
+@click.option(
+    "--max-tail",
+    default=120.0,
+    show_default=True,
+    help="Seconds from the last write or fault to drained, at most.",
+)
+@click.option(
+    "--services",
+    default="scripts/services",
+    show_default=True,
+    help="The script that kills and restarts the services.",
+)
 @click.option("--logdir", default="soak-logs", show_default=True, help="Ledger and logs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
 def soak(json_path, kinds, logdir, plot_path, **options) -> None:
@@ -358,8 +402,12 @@ def soak(json_path, kinds, logdir, plot_path, **options) -> None:
 
     from .tools.soak import Options, Soak, summary
 
-    opts = Options(kinds=tuple(k for k in kinds.split(",") if k), logdir=Path(logdir),
-                   plot=Path(plot_path) if plot_path else None, **options)  # fmt: skip
+    opts = Options(
+        kinds=tuple(k for k in kinds.split(",") if k),
+        logdir=Path(logdir),
+        plot=Path(plot_path) if plot_path else None,
+        **options,
+    )
     try:
         result = Soak(get_settings(), opts).run()
     except ValueError as exc:

@@ -142,8 +142,11 @@ def kafka_network(settings: Settings) -> dict[str, Any]:
 def kafka_connection(conf: dict[str, Any]) -> dict[str, Any]:
     """The settings of a librdkafka config that say how to reach the cluster (servers,
     client id, security, SASL, TLS): what an admin client beside it needs too."""
-    return {k: v for k, v in conf.items()
-            if k.split(".")[0] in ("bootstrap", "client", "security", "sasl", "ssl")}  # fmt: skip
+    return {
+        k: v
+        for k, v in conf.items()
+        if k.split(".")[0] in ("bootstrap", "client", "security", "sasl", "ssl")
+    }
 
 
 def _parse(name: str, kind: str, raw: str) -> Any:

@@ -58,8 +58,12 @@ def connect(
             ),
         )
     )
-    params = {**network_params(settings.network_timeout), **dsn, "application_name": name,
-              "options": options.strip()}  # fmt: skip
+    params = {
+        **network_params(settings.network_timeout),
+        **dsn,
+        "application_name": name,
+        "options": options.strip(),
+    }
     conn = psycopg2.connect(**params)
     conn.autocommit = autocommit
     return conn
@@ -86,11 +90,15 @@ def network_options(timeout: float) -> tuple[str, ...]:
     if timeout <= 0:
         return ()
     p = network_params(timeout)
-    return tuple(f"-c {name}={p[key]}" for name, key in (
-        ("tcp_keepalives_idle", "keepalives_idle"),
-        ("tcp_keepalives_interval", "keepalives_interval"),
-        ("tcp_keepalives_count", "keepalives_count"),
-        ("tcp_user_timeout", "tcp_user_timeout")))  # fmt: skip
+    return tuple(
+        f"-c {name}={p[key]}"
+        for name, key in (
+            ("tcp_keepalives_idle", "keepalives_idle"),
+            ("tcp_keepalives_interval", "keepalives_interval"),
+            ("tcp_keepalives_count", "keepalives_count"),
+            ("tcp_user_timeout", "tcp_user_timeout"),
+        )
+    )
 
 
 @contextmanager
@@ -137,8 +145,9 @@ def recreate_database(admin_url: str, name: str) -> None:
     admin.autocommit = True
     try:
         with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))  # fmt: skip
+            cur.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
             cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     finally:
         admin.close()
@@ -165,8 +174,18 @@ def transaction(
 
 
 # the tables that SQL templates name as {outbox}, {claims}, ...
-TABLES = ("outbox", "claims", "wakeup", "migrations", "inbox", "deliveries", "wakes",
-           "handlers", "topic_pauses", "send_receipts")  # fmt: skip
+TABLES = (
+    "outbox",
+    "claims",
+    "wakeup",
+    "migrations",
+    "inbox",
+    "deliveries",
+    "wakes",
+    "handlers",
+    "topic_pauses",
+    "send_receipts",
+)
 
 
 def quote_ident(name: str) -> str:

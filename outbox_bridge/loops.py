@@ -79,8 +79,9 @@ def _run(body, stop: threading.Event, what: str, beat: Callable[[], None] | None
             if time.monotonic() - started >= HEALTHY_AFTER:
                 delay = FIRST_DELAY
             if is_transient(exc):
-                log.warning("%s lost PostgreSQL (%s); reconnecting in %.1fs", what,
-                            str(exc).strip(), delay)  # fmt: skip
+                log.warning(
+                    "%s lost PostgreSQL (%s); reconnecting in %.1fs", what, str(exc).strip(), delay
+                )
             else:
                 log.exception("%s failed; restarting in %.1fs", what, delay)
         wait(stop, delay, beat)

@@ -57,9 +57,13 @@ def migrate(settings: Settings | None = None) -> list[str]:
     conn = connect(settings, autocommit=True, name="outbox-bridge migrate")
     try:
         with conn.cursor() as cur:
-            return apply(cur, settings.schema, autocommit=True,
-                         lock_timeout=settings.migrate_lock_timeout,
-                         retries=settings.migrate_lock_retries)  # fmt: skip
+            return apply(
+                cur,
+                settings.schema,
+                autocommit=True,
+                lock_timeout=settings.migrate_lock_timeout,
+                retries=settings.migrate_lock_retries,
+            )
     finally:
         conn.close()
 
@@ -177,8 +181,12 @@ def _with_retries(label: str, retries: int, run) -> None:
             if attempt == retries:
                 raise
             pause = min(5.0, 0.5 * 2**attempt)
-            log.warning("migration %s: a lock was not granted in time (a long transaction"
-                        " holds the table); again in %.1fs", label, pause)  # fmt: skip
+            log.warning(
+                "migration %s: a lock was not granted in time (a long transaction"
+                " holds the table); again in %.1fs",
+                label,
+                pause,
+            )
             time.sleep(pause)
 
 
@@ -209,8 +217,10 @@ def script(schema: str) -> str:
         # a script for another tool: the values (ours, from the file name) as literals
         record = render_text("migrate.record", schema) % (version, f"'{name}'") + ";"
         if sql_text.startswith(NO_TRANSACTION):  # outside a transaction, one by one
-            parts += [f"\n-- {version:04d}_{name} (outside a transaction)",
-                      f"SET search_path TO {quote_ident(schema)};"]  # fmt: skip
+            parts += [
+                f"\n-- {version:04d}_{name} (outside a transaction)",
+                f"SET search_path TO {quote_ident(schema)};",
+            ]
             for statement in statements(sql_text):
                 timeout = "0" if _CONCURRENTLY.match(statement) else "'2s'"
                 parts += [f"SET lock_timeout = {timeout};", statement + ";"]

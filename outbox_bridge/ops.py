@@ -87,9 +87,12 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
     if not topics:
         return []
     consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap_servers,
-         "group.id": group, "enable.auto.commit": False}
-    )  # fmt: skip
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": group,
+            "enable.auto.commit": False,
+        }
+    )
     try:
         meta = consumer.list_topics(timeout=10).topics
         partitions = [
@@ -107,9 +110,14 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
             # gone (expired or deleted), and a group without a commit starts there
             start = low if committed is None else max(committed, low)
             lag.append(
-                {"topic": tp.topic, "partition": tp.partition, "committed": committed,
-                 "end": high, "lag": max(0, high - start)}
-            )  # fmt: skip
+                {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "committed": committed,
+                    "end": high,
+                    "lag": max(0, high - start),
+                }
+            )
         return lag
     finally:
         consumer.close()
@@ -218,8 +226,7 @@ def ensure_topics(
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    futures = admin.create_topics([NewTopic(t, partitions, 1, config=config or {})
-                                   for t in topics])  # fmt: skip
+    futures = admin.create_topics([NewTopic(t, partitions, 1, config=config or {}) for t in topics])
     for future in futures.values():
         try:
             future.result(30)

@@ -123,8 +123,10 @@ class Queue:
             **{f"scope_{a}": f"queue.scope_{a}" if self.scope else "queue.nothing" for a in "ohtw"},
             **(pieces or {}),
         }
-        cur.execute(render(f"queue.{name}", self.schema, given),
-                    {"queue": self.name, "scope": self.scope, **params})  # fmt: skip
+        cur.execute(
+            render(f"queue.{name}", self.schema, given),
+            {"queue": self.name, "scope": self.scope, **params},
+        )
 
     def _notify(self, cur, why: str) -> None:
         self._run(cur, "notify", channel=self.channel, why=why)
@@ -207,14 +209,27 @@ class Queue:
         self._run(cur, "recovered", shards=list(shards), token=token)
 
     def _fetch(
-        self, cur, columns: str, shards: Sequence[int], limit: int, max_bytes: int, skip_topics=(),
+        self,
+        cur,
+        columns: str,
+        shards: Sequence[int],
+        limit: int,
+        max_bytes: int,
+        skip_topics=(),
         region: bool = False,
-    ):  # fmt: skip
+    ):
         per_shard = max(1, -(-limit // max(1, len(shards))))
         bytes_per_shard = max(1, max_bytes // max(1, len(shards)))
         pieces = {"columns": columns, "region": "queue.region" if region else "queue.nothing"}
-        self._run(cur, "fetch", pieces, shards=list(shards), limit=per_shard,
-                  bytes=bytes_per_shard, skip=list(skip_topics))  # fmt: skip
+        self._run(
+            cur,
+            "fetch",
+            pieces,
+            shards=list(shards),
+            limit=per_shard,
+            bytes=bytes_per_shard,
+            skip=list(skip_topics),
+        )
         rows = cur.fetchall()
         counts: dict[int, int] = {}
         sizes: dict[int, int] = {}
@@ -222,9 +237,10 @@ class Queue:
             counts[r[-2]] = counts.get(r[-2], 0) + 1
             sizes[r[-2]] = max(sizes.get(r[-2], 0), r[-1] or 0)
         full = {
-            shard for shard, n in counts.items()
+            shard
+            for shard, n in counts.items()
             if n >= per_shard or sizes[shard] >= bytes_per_shard
-        }  # fmt: skip
+        }
         return rows, full
 
     def fetch(
@@ -275,8 +291,16 @@ class Queue:
         arrives, a held key is released (``wake_shards``), or ``recheck`` seconds
         have passed.
         """
-        self._run(cur, "release", pause=pause, held=list(held), recheck=recheck,
-                  shards=list(shards), token=token, skip=list(skip_topics))  # fmt: skip
+        self._run(
+            cur,
+            "release",
+            pause=pause,
+            held=list(held),
+            recheck=recheck,
+            shards=list(shards),
+            token=token,
+            skip=list(skip_topics),
+        )
         self._notify(cur, "released")
 
     def wake_shards(self, cur, shards: Iterable[int]) -> None:
@@ -307,8 +331,15 @@ class Queue:
         (a retry's attempt is counted when it starts, by ``start_held``)."""
         if not failures:
             return
-        self._run(cur, "hold", token=token, lease=lease, ids=list(failures),
-                  errors=list(failures.values()), count=int(count))  # fmt: skip
+        self._run(
+            cur,
+            "hold",
+            token=token,
+            lease=lease,
+            ids=list(failures),
+            errors=list(failures.values()),
+            count=int(count),
+        )
 
     def start_held(
         self, cur, ids: Sequence[int], token: Any, lease: float
@@ -351,9 +382,14 @@ class Queue:
         return [r[0] for r in cur.fetchall()]
 
     def extend_held(
-        self, cur, ids: Sequence[int], token: uuid.UUID, lease: float, uncount: bool = False,
+        self,
+        cur,
+        ids: Sequence[int],
+        token: uuid.UUID,
+        lease: float,
+        uncount: bool = False,
         why: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Keep these held rows of ``token`` longer; ``uncount``: their attempt (counted
         when it started) did not happen after all, the topic or producer was away."""
         self._run(
@@ -367,9 +403,13 @@ class Queue:
         )
 
     def bury(
-        self, cur, ids: Sequence[int], token: Any, error: str | None,
+        self,
+        cur,
+        ids: Sequence[int],
+        token: Any,
+        error: str | None,
         max_retries: int | None = None,
-    ) -> list[DeadMessage]:  # fmt: skip
+    ) -> list[DeadMessage]:
         """Retrying rows of ``token`` become dead (idempotent); returns those that did,
         for ``fire_dead`` after the commit. With ``max_retries``, only rows
         that failed more often than that."""

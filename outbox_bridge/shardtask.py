@@ -136,8 +136,12 @@ def again_later(task: Any, countdown: float, why: object) -> None:
     its own retry budget (``max_retries``) is not spent. If even that send fails,
     the lease brings the work back to the watcher."""
     try:
-        task.apply_async(task.request.args, task.request.kwargs, countdown=countdown,
-                         retries=task.request.retries)  # fmt: skip
+        task.apply_async(
+            task.request.args,
+            task.request.kwargs,
+            countdown=countdown,
+            retries=task.request.retries,
+        )
         log.warning("%s: %s; again in %.1fs (not counted as a retry)", task.name, why, countdown)
     except Exception:  # noqa: BLE001
         log.exception("%s: could not send it again; the lease brings its work back", task.name)
@@ -272,9 +276,14 @@ def enqueue_retry(task: Any, ids: list[int], token: Any, *, countdown: float, re
 
 
 def bury_spent(
-    queue: Queue, settings: Settings, what: str, ids: list[int], token: Any, error: str,
+    queue: Queue,
+    settings: Settings,
+    what: str,
+    ids: list[int],
+    token: Any,
+    error: str,
     max_retries: int | None,
-) -> int:  # fmt: skip
+) -> int:
     """After a retry task's last attempt failed: its rows that used up their own
     attempts become dead (idempotent); a row whose task ran out of retries for
     another reason is re-driven after its lease. Fires ``dead`` after the commit."""
@@ -283,7 +292,6 @@ def bury_spent(
     with work(conn, settings, what) as cur:
         dead = queue.bury(cur, ids, token, error, max_retries)
     if dead:
-        log.error("%d rows of %s are dead after their last retry: %s", len(dead), queue.name,
-                  error)  # fmt: skip
+        log.error("%d rows of %s are dead after their last retry: %s", len(dead), queue.name, error)
         fire_dead(dead)
     return len(dead)

@@ -48,9 +48,11 @@ def _originals():
         from gevent import monkey
 
         if monkey.is_module_patched("threading"):
-            return (monkey.get_original("_thread", "start_new_thread"),
-                    monkey.get_original("_thread", "allocate_lock"),
-                    monkey.get_original("time", "sleep"))  # fmt: skip
+            return (
+                monkey.get_original("_thread", "start_new_thread"),
+                monkey.get_original("_thread", "allocate_lock"),
+                monkey.get_original("time", "sleep"),
+            )
     except ImportError:
         pass
     try:
@@ -143,8 +145,12 @@ def _watch() -> None:
                 del _watched[key]
                 _shut(entry.fd)
                 fired += 1
-                log.warning("%s: no answer from PostgreSQL in %.0fs; its connection is closed"
-                            " and made again", entry.what, entry.seconds)  # fmt: skip
+                log.warning(
+                    "%s: no answer from PostgreSQL in %.0fs; its connection is closed"
+                    " and made again",
+                    entry.what,
+                    entry.seconds,
+                )
 
 
 def _shut(fd: int) -> None:

@@ -100,8 +100,10 @@ def native_services(services) -> NativeServices:
     ``scripts/services``, which these tests stop and start (skip otherwise; fail on CI)."""
     status = subprocess.run([NativeServices.script, "status"], capture_output=True, text=True)
     if status.returncode != 0 or "pid -" in status.stdout:
-        reason = ("this test stops and starts the native services; scripts/services does not"
-                  f" run them here:\n{status.stdout}")  # fmt: skip
+        reason = (
+            "this test stops and starts the native services; scripts/services does not"
+            f" run them here:\n{status.stdout}"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -226,10 +228,17 @@ def sqlalchemy_url(url: str, driver: str) -> str:
     from sqlalchemy.engine import make_url
 
     dsn = psycopg2.extensions.parse_dsn(url)
-    return make_url(f"postgresql+{driver}://").set(
-        username=dsn.get("user"), password=dsn.get("password"), host=dsn.get("host"),
-        port=int(dsn["port"]) if dsn.get("port") else None, database=dsn.get("dbname"),
-    ).render_as_string(hide_password=False)  # fmt: skip
+    return (
+        make_url(f"postgresql+{driver}://")
+        .set(
+            username=dsn.get("user"),
+            password=dsn.get("password"),
+            host=dsn.get("host"),
+            port=int(dsn["port"]) if dsn.get("port") else None,
+            database=dsn.get("dbname"),
+        )
+        .render_as_string(hide_password=False)
+    )
 
 
 def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
@@ -247,8 +256,11 @@ def watcher_idle_since(url: str, since) -> bool:
     """The watcher set the outbox idle after ``since``: it has looked (the flag goes
     off at its first look), found nothing for a second, and waits for NOTIFY or its
     timer. (The flag is true by default, hence ``since``.)"""
-    found = query(url, "SELECT idle AND seen_at > %s FROM outbox_bridge.wakeup"
-                       " WHERE queue = 'outbox'", (since,))  # fmt: skip
+    found = query(
+        url,
+        "SELECT idle AND seen_at > %s FROM outbox_bridge.wakeup WHERE queue = 'outbox'",
+        (since,),
+    )
     return bool(found and found[0][0])
 
 
@@ -292,9 +304,14 @@ def create_topic(admin: AdminClient, name: str, partitions: int = 4, **config: s
     futures = admin.create_topics([NewTopic(name, partitions, 1, config=config)])
     futures[name].result(30)
     # metadata reaches every client a moment later
-    wait_for(lambda: name in admin.list_topics(name, timeout=10).topics
-             and admin.list_topics(name, timeout=10).topics[name].error is None,
-             30, f"topic {name} to be known")  # fmt: skip
+    wait_for(
+        lambda: (
+            name in admin.list_topics(name, timeout=10).topics
+            and admin.list_topics(name, timeout=10).topics[name].error is None
+        ),
+        30,
+        f"topic {name} to be known",
+    )
 
 
 class KafkaReader:
@@ -377,10 +394,22 @@ class WorkerProcess:
         self.log_path = log_path
         self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
         self.cmd = [
-            sys.executable, "-m", "celery", "-A", "outbox_bridge", "worker",
-            "-c", str(concurrency), "-l", "info", "-n", self.name,
-            "--without-mingle", "--without-gossip", *args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "outbox_bridge",
+            "worker",
+            "-c",
+            str(concurrency),
+            "-l",
+            "info",
+            "-n",
+            self.name,
+            "--without-mingle",
+            "--without-gossip",
+            *args,
+        ]
         self.env = env
         self.proc: subprocess.Popen | None = None
 

@@ -97,8 +97,10 @@ def record(message, tx):
     if value.get("chain_then_fail"):  # publishes, and raises on its first attempt
         publish(tx, CHAINED, {"from": str(message.message_id)}, key=message.key)
         if _attempts(tx, record.name, message) == 0:
-            _side("INSERT INTO failures (message_id) VALUES (%s) ON CONFLICT DO NOTHING",
-                  (message.message_id,))  # fmt: skip
+            _side(
+                "INSERT INTO failures (message_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                (message.message_id,),
+            )
             raise RuntimeError("fails after its publish(): that message must go too")
 
 
@@ -113,9 +115,13 @@ def switchable(message, tx):
 
 
 @outbox_handler(
-    SLOW, name="outbox.tests.slow", retry_backoff=3, retry_jitter=False, max_retries=3,
+    SLOW,
+    name="outbox.tests.slow",
+    retry_backoff=3,
+    retry_jitter=False,
+    max_retries=3,
     retry_backoff_max=600,
-)  # fmt: skip
+)
 def slow(message, tx):
     """Always fails; notes the attempt and the time of each call."""
     _side("INSERT INTO calls (attempt) VALUES (%s)", (_attempts(tx, slow.name, message),))
@@ -158,9 +164,12 @@ if os.environ.get("TEST_ORM_TOPIC"):
         seq: Mapped[int] = mapped_column(Integer)
 
     @outbox_handler(
-        os.environ["TEST_ORM_TOPIC"], name="outbox.tests.orm", session=sessionmaker(),
-        max_retries=3, retry_backoff_max=1,
-    )  # fmt: skip
+        os.environ["TEST_ORM_TOPIC"],
+        name="outbox.tests.orm",
+        session=sessionmaker(),
+        max_retries=3,
+        retry_backoff_max=1,
+    )
     def orm(message, session):
         """Adds an OrmEffect; ``fail_first`` fails the first attempt after its write;
         ``chain`` publishes through the session."""
@@ -168,13 +177,17 @@ if os.environ.get("TEST_ORM_TOPIC"):
         session.add(OrmEffect(message_id=message.message_id, k=value["k"], seq=value["seq"]))
         session.flush()
         attempts = session.execute(
-            text("SELECT attempts FROM outbox_bridge.deliveries"
-                 " WHERE message_id = :m AND handler = 'outbox.tests.orm'"),
+            text(
+                "SELECT attempts FROM outbox_bridge.deliveries"
+                " WHERE message_id = :m AND handler = 'outbox.tests.orm'"
+            ),
             {"m": message.message_id},
-        ).scalar_one()  # fmt: skip
+        ).scalar_one()
         if value.get("fail_first") and attempts == 0:
-            _side("INSERT INTO failures (message_id) VALUES (%s) ON CONFLICT DO NOTHING",
-                  (message.message_id,))  # fmt: skip
+            _side(
+                "INSERT INTO failures (message_id) VALUES (%s) ON CONFLICT DO NOTHING",
+                (message.message_id,),
+            )
             raise RuntimeError(f"injected first-attempt failure of {value}")
         if value.get("chain"):
             publish(session, CHAINED, {"from": str(message.message_id)}, key=message.key)
@@ -185,14 +198,21 @@ if os.environ.get("TEST_POISON_TOPIC"):
     # past the time limit, or their writes break a deferred foreign key at COMMIT
 
     @outbox_handler(
-        os.environ["TEST_POISON_TOPIC"], name="outbox.tests.poison", max_retries=2,
-        retry_backoff=1, retry_backoff_max=1, retry_jitter=False, time_limit=3,
-    )  # fmt: skip
+        os.environ["TEST_POISON_TOPIC"],
+        name="outbox.tests.poison",
+        max_retries=2,
+        retry_backoff=1,
+        retry_backoff_max=1,
+        retry_jitter=False,
+        time_limit=3,
+    )
     def poison(message, tx):
         value = message.value
         if value.get("exit") or value.get("hang") or value.get("orphan"):
-            _side("INSERT INTO poison_calls VALUES (%s, %s)",
-                  (message.message_id, _attempts(tx, poison.name, message)))  # fmt: skip
+            _side(
+                "INSERT INTO poison_calls VALUES (%s, %s)",
+                (message.message_id, _attempts(tx, poison.name, message)),
+            )
         if value.get("exit"):
             os._exit(1)
         if value.get("hang"):

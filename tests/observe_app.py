@@ -26,10 +26,18 @@ def _record(message, via: str) -> None:
         with conn, conn.cursor() as cur:
             cur.execute(
                 "INSERT INTO dead_seen VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (message.queue, message.id, message.message_id, message.topic,
-                 message.key.decode() if message.key else None, message.attempts,
-                 message.last_error, via, os.getpid()),
-            )  # fmt: skip
+                (
+                    message.queue,
+                    message.id,
+                    message.message_id,
+                    message.topic,
+                    message.key.decode() if message.key else None,
+                    message.attempts,
+                    message.last_error,
+                    via,
+                    os.getpid(),
+                ),
+            )
     finally:
         conn.close()
 

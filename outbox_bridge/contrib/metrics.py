@@ -55,22 +55,25 @@ def _make() -> Any:
         return False
 
     class M:
-        published = Counter("outbox_bridge_published", "Outbox messages Kafka acknowledged",
-                            ["topic"])  # fmt: skip
+        published = Counter(
+            "outbox_bridge_published", "Outbox messages Kafka acknowledged", ["topic"]
+        )
         failed = Counter(
             "outbox_bridge_failed_attempts",
             "Failed attempts: outbox rows Kafka refused, deliveries whose handler raised",
             ["queue"],
         )
         retried = Counter(
-            "outbox_bridge_retried", "Rows and deliveries attempted again by a retry task",
+            "outbox_bridge_retried",
+            "Rows and deliveries attempted again by a retry task",
             ["queue"],
-        )  # fmt: skip
+        )
         dead = Counter("outbox_bridge_dead", "Messages that became dead", ["queue"])
         handled = Counter(
-            "outbox_bridge_handled", "Deliveries handled (the handler's writes committed)",
+            "outbox_bridge_handled",
+            "Deliveries handled (the handler's writes committed)",
             ["queue"],
-        )  # fmt: skip
+        )
         consumed = Counter(
             "outbox_bridge_consumed",
             "Kafka messages the inbox consumer committed to the inbox",
@@ -83,9 +86,11 @@ def _make() -> Any:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
         batch = Histogram(
-            "outbox_bridge_batch_size", "Rows per batch of a publish or handler task", ["queue"],
+            "outbox_bridge_batch_size",
+            "Rows per batch of a publish or handler task",
+            ["queue"],
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000),
-        )  # fmt: skip
+        )
         handler_seconds = Histogram(
             "outbox_bridge_handler_seconds", "Time a handler took for one message", ["queue"]
         )
@@ -310,8 +315,7 @@ class Metrics:
         if not settings.metrics_port:
             return
         self.server = serve(settings, settings.metrics_port, settings.metrics_address)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_address,
-                 settings.metrics_port)  # fmt: skip
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
         # exited pool processes' files folded into one: the directory stays small
         self.compaction = LoopThread(compact_forever, "outbox-bridge-metrics")
         self.compaction.start()
@@ -352,8 +356,9 @@ class DatabaseCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         started = time.monotonic()
-        up = GaugeMetricFamily("outbox_bridge_database_up",
-                               "Whether the scrape could read the database")  # fmt: skip
+        up = GaugeMetricFamily(
+            "outbox_bridge_database_up", "Whether the scrape could read the database"
+        )
         with self.lock:
             try:
                 families = self._read()
@@ -366,8 +371,9 @@ class DatabaseCollector:
         yield up
         yield from families
         yield from self._lag_families()
-        took = GaugeMetricFamily("outbox_bridge_scrape_seconds",
-                                 "Time the last scrape took to read the database")  # fmt: skip
+        took = GaugeMetricFamily(
+            "outbox_bridge_scrape_seconds", "Time the last scrape took to read the database"
+        )
         took.add_metric([], time.monotonic() - started)
         yield took
 
@@ -400,15 +406,21 @@ class DatabaseCollector:
             "Age of the oldest pending row per queue",
             labels=["queue"],
         )
-        blocked = GaugeMetricFamily("outbox_bridge_blocked_keys",
-                                    "Keys held back by a retrying or dead head, per queue",
-                                    labels=["queue"])  # fmt: skip
-        paused = GaugeMetricFamily("outbox_bridge_topic_paused",
-                                   "1 while the circuit breaker pauses the topic",
-                                   labels=["topic"])  # fmt: skip
-        pauses = GaugeMetricFamily("outbox_bridge_topic_pauses",
-                                   "Consecutive pauses of the topic (breaker state)",
-                                   labels=["topic"])  # fmt: skip
+        blocked = GaugeMetricFamily(
+            "outbox_bridge_blocked_keys",
+            "Keys held back by a retrying or dead head, per queue",
+            labels=["queue"],
+        )
+        paused = GaugeMetricFamily(
+            "outbox_bridge_topic_paused",
+            "1 while the circuit breaker pauses the topic",
+            labels=["topic"],
+        )
+        pauses = GaugeMetricFamily(
+            "outbox_bridge_topic_pauses",
+            "Consecutive pauses of the topic (breaker state)",
+            labels=["topic"],
+        )
         cap, shards = self.settings.metrics_count_limit, self.settings.shards
         with self._cursor() as cur:
             cur.execute(render("ops.handler_names", schema))
@@ -432,8 +444,9 @@ class DatabaseCollector:
     # consumer lag: sampled in a thread, so a scrape never waits for Kafka
     def _start_lag(self) -> None:
         if self.lag_thread is None and self.sample_lag:
-            self.lag_thread = threading.Thread(target=self._sample_lag, daemon=True,
-                                               name="outbox-bridge metrics lag")  # fmt: skip
+            self.lag_thread = threading.Thread(
+                target=self._sample_lag, daemon=True, name="outbox-bridge metrics lag"
+            )
             self.lag_thread.start()
 
     def _sample_lag(self) -> None:
@@ -455,9 +468,11 @@ class DatabaseCollector:
     def _lag_families(self) -> list:
         from prometheus_client.core import GaugeMetricFamily
 
-        lag = GaugeMetricFamily("outbox_bridge_consumer_lag",
-                                "Messages the inbox consumer group has not committed yet",
-                                labels=["topic", "partition"])  # fmt: skip
+        lag = GaugeMetricFamily(
+            "outbox_bridge_consumer_lag",
+            "Messages the inbox consumer group has not committed yet",
+            labels=["topic", "partition"],
+        )
         for p in self.lag:
             lag.add_metric([p["topic"], str(p["partition"])], p["lag"])
         return [lag]

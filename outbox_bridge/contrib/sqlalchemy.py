@@ -89,9 +89,11 @@ def bind(conn: Any) -> Connection:
         sa_conn = cached[1]
     else:
         engine = create_engine(
-            "postgresql+psycopg2://", creator=lambda: conn, poolclass=StaticPool,
+            "postgresql+psycopg2://",
+            creator=lambda: conn,
+            poolclass=StaticPool,
             pool_reset_on_return=None,
-        )  # fmt: skip
+        )
         sa_conn = engine.connect()
         # from now on SQLAlchemy neither commits nor rolls back this connection
         engine.dialect.do_commit = _refuse_end

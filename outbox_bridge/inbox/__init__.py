@@ -9,6 +9,10 @@ from ..queue import Queue
 
 def inbox_queue(settings: Settings, handler: str) -> Queue:
     return Queue(
-        name=f"inbox:{handler}", table="deliveries", schema=settings.schema, scope=handler,
-        done="done", size_column=None,
-    )  # fmt: skip
+        name=f"inbox:{handler}",
+        table="deliveries",
+        schema=settings.schema,
+        scope=handler,
+        done="done",
+        size_column=None,
+    )

@@ -48,8 +48,10 @@ def register_handlers(cur, settings: Settings, specs: Iterable[HandlerRow]) -> N
     A handler receives the messages stored after its first registration."""
     specs = sorted(specs)
     if specs:
-        cur.execute(render("inbox.register_handlers", settings.schema),
-                    [list(c) for c in zip(*specs, strict=True)])  # fmt: skip
+        cur.execute(
+            render("inbox.register_handlers", settings.schema),
+            [list(c) for c in zip(*specs, strict=True)],
+        )
 
 
 def consumer_group(cur, settings: Settings) -> str:
@@ -116,9 +118,12 @@ def _timestamp(msg: Any) -> datetime | None:
 
 
 def store(
-    cur, settings: Settings, messages: list, broken: str | None = None,
+    cur,
+    settings: Settings,
+    messages: list,
+    broken: str | None = None,
     dead: list[DeadMessage] | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """Write a batch to the inbox, with one delivery per registered handler of each
     message's topic; returns how many messages were new.
 
@@ -143,10 +148,20 @@ def store(
         if problem or broken:
             problems[msg.topic(), message_id] = broken or problem
         headers = [] if broken else stored_headers(msg.headers())
-        for col, value in zip(cols, (
-            message_id, msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-            Json(headers), _timestamp(msg),
-        ), strict=True):  # fmt: skip
+        for col, value in zip(
+            cols,
+            (
+                message_id,
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                msg.key(),
+                msg.value(),
+                Json(headers),
+                _timestamp(msg),
+            ),
+            strict=True,
+        ):
             col.append(value)
     cur.execute(render("inbox.insert_messages", settings.schema), cols)
     new = [(r[0], r[1]) for r in cur.fetchall()]
@@ -157,19 +172,29 @@ def store(
         key = msg.key()
         if key is not None and len(key) > MAX_KEY_BYTES:
             key = None  # dead, and too long for the held-keys index: it holds nothing
-        for col, value in zip(rows, (
-            message_id, msg.topic(), key, shard_of(msg.topic(), key, settings.shards),
-            "dead" if problem else "pending", problem,
-        ), strict=True):  # fmt: skip
+        for col, value in zip(
+            rows,
+            (
+                message_id,
+                msg.topic(),
+                key,
+                shard_of(msg.topic(), key, settings.shards),
+                "dead" if problem else "pending",
+                problem,
+            ),
+            strict=True,
+        ):
             col.append(value)
     if rows[0]:
         if problems and dead is not None:  # rare: the deliveries that are dead from the start
             cur.execute(
-                render("inbox.insert_deliveries_returning_dead", settings.schema,
-                       {"insert_deliveries": "inbox.insert_deliveries",
-                        "dead_columns": DEAD_COLUMNS}),
+                render(
+                    "inbox.insert_deliveries_returning_dead",
+                    settings.schema,
+                    {"insert_deliveries": "inbox.insert_deliveries", "dead_columns": DEAD_COLUMNS},
+                ),
                 rows,
-            )  # fmt: skip
+            )
             for handler, state, *found in cur.fetchall():
                 if state == "dead":
                     dead += dead_messages(handler, [found])
@@ -232,8 +257,9 @@ class InboxConsumer:
         from confluent_kafka.admin import AdminClient
 
         try:
-            for line in replay_warnings(self.settings, AdminClient(kafka_connection(conf)),
-                                        self.topics):  # fmt: skip
+            for line in replay_warnings(
+                self.settings, AdminClient(kafka_connection(conf)), self.topics
+            ):
                 log.warning("inbox: %s", line)
         except Exception:  # noqa: BLE001 - a check, never a reason to stop
             log.exception("inbox: could not compare the topics' retention with the window")
@@ -256,8 +282,12 @@ class InboxConsumer:
             log.info("inbox consumer (group %s) subscribed to %s", group, ", ".join(self.topics))
             if not self.checked_replay:  # once, beside the loop: it asks Kafka
                 self.checked_replay = True
-                threading.Thread(target=self._warn_replay, args=(conf,), daemon=True,
-                                 name="outbox-bridge replay check").start()  # fmt: skip
+                threading.Thread(
+                    target=self._warn_replay,
+                    args=(conf,),
+                    daemon=True,
+                    name="outbox-bridge replay check",
+                ).start()
             while not stop.is_set():
                 self.heartbeat.beat()
                 batch = consume_batch(consumer, self.settings.batch_size, 0.5)
@@ -332,8 +362,10 @@ def commit_offsets(consumer: Consumer, messages: list) -> bool:
         err = exc.args[0] if exc.args else None
         if not isinstance(err, KafkaError) or err.code() not in REBALANCE_ERRORS:
             raise
-        log.info("inbox consumer: offsets not committed now (%s); the next commit covers them",
-                 err.name())  # fmt: skip
+        log.info(
+            "inbox consumer: offsets not committed now (%s); the next commit covers them",
+            err.name(),
+        )
         return False
 
 

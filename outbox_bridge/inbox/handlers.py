@@ -103,11 +103,15 @@ def handlers() -> list[HandlerSpec]:
 def handler_sources(settings: Settings) -> list[Source]:
     """A queue per registered handler, served by its task (which retries itself too)."""
     return [
-        Source(inbox_queue(settings, spec.task.name), spec.task.name, spec.task.name,
-               spec.task.max_retries if spec.task.max_retries is not None else 10**9,
-               batch_size=settings.batch_size)
+        Source(
+            inbox_queue(settings, spec.task.name),
+            spec.task.name,
+            spec.task.name,
+            spec.task.max_retries if spec.task.max_retries is not None else 10**9,
+            batch_size=settings.batch_size,
+        )
         for spec in handlers()
-    ]  # fmt: skip
+    ]
 
 
 def handler_rows() -> list[tuple[str, str, int | None]]:
@@ -133,8 +137,15 @@ def bury_deliveries(
     if not isinstance(exc, HandlerFailed):
         return 0  # not a handler error: the lease runs out and the dispatcher re-drives
     settings = get_settings()
-    return bury_spent(inbox_queue(settings, handler), settings, f"handler {handler}", ids,
-                      token, f"{exc}", max_retries)  # fmt: skip
+    return bury_spent(
+        inbox_queue(settings, handler),
+        settings,
+        f"handler {handler}",
+        ids,
+        token,
+        f"{exc}",
+        max_retries,
+    )
 
 
 def _decode_headers(stored: list) -> list[tuple[str, bytes | None]]:
@@ -227,8 +238,9 @@ def _retry(task: Task, spec: HandlerSpec, ids: list[int], token: str) -> dict:
     lease = lease_for(task, task.request.retries, settings.lease_seconds)
     with work(conn, settings, task.name) as cur:
         # every attempt has started already: the last one died with its process
-        buried = [] if task.max_retries is None else queue.bury(cur, ids, token, None,
-                                                                 task.max_retries)  # fmt: skip
+        buried = (
+            [] if task.max_retries is None else queue.bury(cur, ids, token, None, task.max_retries)
+        )
         started = [i for i, _n in queue.start_held(cur, ids, token, lease)]
     fire_dead(buried)
     if not started:
@@ -285,8 +297,9 @@ def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
     def again(delivery_id: int, retry_token: str, countdown: float) -> None:
         enqueue_retry(task, [delivery_id], retry_token, countdown=countdown, retries=1)
 
-    if not one_at_a_time(queue, settings, task.name, token, result["owned"], result["solo"],
-                         lease, attempt, again):  # fmt: skip
+    if not one_at_a_time(
+        queue, settings, task.name, token, result["owned"], result["solo"], lease, attempt, again
+    ):
         return {**totals, "stale": True}
     with work(task_connection(settings), settings, task.name) as cur:
         queue.recovered(cur, result["recovering"], token)
@@ -333,8 +346,10 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                 mine = queue.take_held(cur, ids, token)
             # only what is still pending is ours to run (a redelivered task message); the
             # claim row locked above keeps it so until commit
-            cur.execute(render("inbox.load", settings.schema),
-                        {"ids": list(mine), "fresh": shards is not None})  # fmt: skip
+            cur.execute(
+                render("inbox.load", settings.schema),
+                {"ids": list(mine), "fresh": shards is not None},
+            )
             held = HeldKeys()
             key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
             for row in cur.fetchall():
@@ -353,10 +368,15 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                     held.add(topic, key)
                     continue
                 message = Message(
-                    message_id=message_id, topic=topic, key=key, value=value,
-                    headers=_decode_headers(row[7]), partition=row[8], offset=row[9],
+                    message_id=message_id,
+                    topic=topic,
+                    key=key,
+                    value=value,
+                    headers=_decode_headers(row[7]),
+                    partition=row[8],
+                    offset=row[9],
                     timestamp=row[10],
-                )  # fmt: skip
+                )
                 if not careful:
                     try:
                         _handle(spec, message, cur, task.name)
@@ -461,10 +481,12 @@ def outbox_handler(
         run.__name__ = func.__name__
         run.__doc__ = func.__doc__
         task = app.task(
-            bind=True, name=task_name, base=HandlerTask,
+            bind=True,
+            name=task_name,
+            base=HandlerTask,
             autoretry_for=(HandlerFailed,),
             **options,
-        )(run)  # fmt: skip
+        )(run)
         spec = HandlerSpec(topic, task, func, serializer or JSONSerializer(), session)
         spec_box.append(spec)
         REGISTRY.setdefault(topic, [])

@@ -42,10 +42,13 @@ def _adapter(tx: Any) -> Any:
     kind = type(tx)
     if kind not in _by_type:
         module = next(
-            (_ADAPTERS[top] for cls in kind.__mro__
-             if (top := cls.__module__.partition(".")[0]) in _ADAPTERS),
+            (
+                _ADAPTERS[top]
+                for cls in kind.__mro__
+                if (top := cls.__module__.partition(".")[0]) in _ADAPTERS
+            ),
             None,
-        )  # fmt: skip
+        )
         _by_type[kind] = module and importlib.import_module(module)
     return _by_type[kind]
 

@@ -242,8 +242,12 @@ class Relay:
             # flush, not poll: it sends what linger.ms would still hold back
             self.producer.flush(min(0.05, max(0.0, deadline - time.monotonic())))
         if pending > 0:
-            log.warning("%d of %d rows not delivered in time: purged together, they wait;"
-                        " the producer is made again", pending, len(rows))  # fmt: skip
+            log.warning(
+                "%d of %d rows not delivered in time: purged together, they wait;"
+                " the producer is made again",
+                pending,
+                len(rows),
+            )
             self.producer.purge(in_queue=True, in_flight=True, blocking=True)
             reports_by = time.monotonic() + PURGE_REPORT_SECONDS
             while pending > 0 and time.monotonic() < reports_by:

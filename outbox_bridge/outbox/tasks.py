@@ -159,8 +159,9 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     sent = (rows, outcome, time.time())
                     queue.complete(cur, outcome.delivered)
                     stats["delivered"] += len(outcome.delivered)
-                    heads = _book(cur, settings, queue, owned, rows, outcome, known, retry_token,
-                                  first_lease)  # fmt: skip
+                    heads = _book(
+                        cur, settings, queue, owned, rows, outcome, known, retry_token, first_lease
+                    )
                     retry_ids = list(heads or ())
                     stats["failed"] += len(retry_ids)
                     done = True
@@ -190,8 +191,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
             if sent is not None:  # committed
                 _record("outbox", *sent)
             if retry_ids:
-                enqueue_retry(retry, retry_ids, retry_token, retries=1,
-                              countdown=backoff(retry, 0))  # fmt: skip
+                enqueue_retry(retry, retry_ids, retry_token, retries=1, countdown=backoff(retry, 0))
             if done:
                 return stats
     except TransientError:
@@ -220,8 +220,13 @@ def _book(cur, settings, queue, owned, rows, outcome, known, retry_token, lease)
             queue.park(cur, owned)
         if outcome.paused_topics:
             for topic, seconds in pause_topics(cur, settings, outcome.paused_topics):
-                log.warning("topic %s paused for %.1fs (%d rows wait): %s", topic, seconds,
-                            len(outcome.later), outcome.paused_topics[topic])  # fmt: skip
+                log.warning(
+                    "topic %s paused for %.1fs (%d rows wait): %s",
+                    topic,
+                    seconds,
+                    len(outcome.later),
+                    outcome.paused_topics[topic],
+                )
         cur.execute("RELEASE SAVEPOINT outbox_bridge_book")
         return heads
     except psycopg2.Error as exc:
@@ -267,8 +272,15 @@ def bury_rows(args: Any, kwargs: Any, exc: BaseException) -> int:
     if not ids or not token or not isinstance(exc, DeliveryFailed):
         return 0  # other errors: the lease runs out and the dispatcher re-drives the rows
     settings = get_settings()
-    return bury_spent(outbox_queue(settings), settings, "outbox-bridge bury", ids, token,
-                      f"{type(exc).__name__}: {exc}", settings.max_retries)  # fmt: skip
+    return bury_spent(
+        outbox_queue(settings),
+        settings,
+        "outbox-bridge bury",
+        ids,
+        token,
+        f"{type(exc).__name__}: {exc}",
+        settings.max_retries,
+    )
 
 
 @app.task(
@@ -352,8 +364,14 @@ def _retry_round(
                     pause = max(s for _t, s in pause_topics(cur, settings, outcome.paused_topics))
                 # not an attempt: the topic or the producer was away
                 why = next(iter(outcome.paused_topics.values()), None) or outcome.fatal
-                queue.extend_held(cur, outcome.later, token, pause + settings.lease_seconds,
-                                  uncount=True, why=f"waits, not counted: {why}")  # fmt: skip
+                queue.extend_held(
+                    cur,
+                    outcome.later,
+                    token,
+                    pause + settings.lease_seconds,
+                    uncount=True,
+                    why=f"waits, not counted: {why}",
+                )
             queue.hold(cur, outcome.failed, token, lease, count=False)
             cur.execute("RELEASE SAVEPOINT outbox_bridge_book")
         except psycopg2.Error as exc:
@@ -376,8 +394,9 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
     def attempt(row_id: int, retry_token: str) -> float | None:
         nonlocal delivered
         until = in_lease(settings)
-        sent = _retry_round(settings, queue, get_relay(settings), [row_id], retry_token, lease,
-                            until)  # fmt: skip
+        sent = _retry_round(
+            settings, queue, get_relay(settings), [row_id], retry_token, lease, until
+        )
         if sent is None:
             return None
         rows, outcome, acked_at, pause = sent
@@ -390,8 +409,9 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
     def again(row_id: int, retry_token: str, countdown: float) -> None:
         enqueue_retry(retry, [row_id], retry_token, retries=1, countdown=countdown)
 
-    if not one_at_a_time(queue, settings, "outbox task", token, owned, region, lease, attempt,
-                         again):  # fmt: skip
+    if not one_at_a_time(
+        queue, settings, "outbox task", token, owned, region, lease, attempt, again
+    ):
         return None
     with work(task_connection(settings), settings, "outbox task") as cur:
         queue.recovered(cur, recovering, token)

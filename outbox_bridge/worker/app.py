@@ -45,8 +45,7 @@ use_conf(app.conf)
 
 # The worker's steps are named, not imported (Celery loads them when a worker starts):
 # the tasks that use this app stay free of the loops that send them work.
-STEPS = ("SchemaCheckStep", "OutboxWatcherStep", "InboxConsumerStep", "RetentionStep",
-         "EventsStep")  # fmt: skip
+STEPS = ("SchemaCheckStep", "OutboxWatcherStep", "InboxConsumerStep", "RetentionStep", "EventsStep")
 for step in STEPS:
     app.steps["worker"].add(f"outbox_bridge.worker.bootsteps:{step}")
 for flag, what in (

@@ -112,8 +112,10 @@ class SequenceWatch:
             return True
         if not self.running:
             return False
-        cur.execute(render("worker.still_running", self.schema),
-                    {"pids": [pid for pid, _xid in self.running]})  # fmt: skip
+        cur.execute(
+            render("worker.still_running", self.schema),
+            {"pids": [pid for pid, _xid in self.running]},
+        )
         self.running &= set(cur.fetchall())
         if time.monotonic() > self.until:
             self.running = set()
@@ -263,9 +265,7 @@ class Dispatcher:
         renews at least every batch; one that has not for a while (crashed, or in a
         long batch) does not count, so it cannot hold its queue back for a lease."""
         fresh = self.settings.lease_seconds - max(2.0, 2 * self.settings.linger_max_seconds)
-        cur.execute(
-            render("worker.active_tasks", self.settings.schema), {"fresh": fresh}
-        )  # fmt: skip
+        cur.execute(render("worker.active_tasks", self.settings.schema), {"fresh": fresh})
         return dict(cur.fetchall())
 
     def _send(self, cur, source: Source, shards: list[int], groups: int) -> int:

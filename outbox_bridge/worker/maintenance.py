@@ -57,8 +57,9 @@ def prune(
             # one pruner at a time per schema (every worker runs one); the others skip
             # the round, the command waits
             lock = "worker.prune_lock" if stop is not None else "worker.prune_lock_wait"
-            cur.execute(render(lock, settings.schema),
-                        {"name": f"outbox_bridge.prune:{settings.schema}"})  # fmt: skip
+            cur.execute(
+                render(lock, settings.schema), {"name": f"outbox_bridge.prune:{settings.schema}"}
+            )
             if cur.fetchone()[0] is False:
                 return 0
             while stop is None or not stop.is_set():
@@ -115,10 +116,17 @@ class Retention:
             forget(self.settings)
             count = 0
             if self.settings.dedupe_window > 0:
-                count = prune(self.settings, stop=stop, beat=self.heartbeat.beat,
-                              share=self.settings.prune_share)  # fmt: skip
+                count = prune(
+                    self.settings,
+                    stop=stop,
+                    beat=self.heartbeat.beat,
+                    share=self.settings.prune_share,
+                )
             self.pruned += count
             if count:
-                log.info("retention: forgot %d handled inbox messages in %.1fs", count,
-                         time.monotonic() - started)  # fmt: skip
+                log.info(
+                    "retention: forgot %d handled inbox messages in %.1fs",
+                    count,
+                    time.monotonic() - started,
+                )
             wait(stop, self.settings.prune_interval, self.heartbeat.beat)

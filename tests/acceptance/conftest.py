@@ -64,8 +64,12 @@ def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
 
         def cli(self, *args):
             return subprocess.run(
-                ["outbox-bridge", *args], env=worker_env, cwd=ROOT, capture_output=True,
-                text=True, timeout=60,
-            )  # fmt: skip
+                ["outbox-bridge", *args],
+                env=worker_env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
 
     return Inbox()

@@ -32,17 +32,20 @@ def proxies(services, db_url):
     """(PostgreSQL proxy, Kafka proxy) and the worker's URLs through them."""
     kafka = os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED")
     if not kafka:
-        pytest.fail("OUTBOX_BRIDGE_KAFKA_PROXIED is not set: run scripts/test (scripts/services"
-                    " env gives it)")  # fmt: skip
+        pytest.fail(
+            "OUTBOX_BRIDGE_KAFKA_PROXIED is not set: run scripts/test (scripts/services"
+            " env gives it)"
+        )
     host, port = kafka.rsplit(":", 1)
     dsn = psycopg2.extensions.parse_dsn(db_url)
     pg = Proxy((dsn.get("host", "127.0.0.1"), int(dsn.get("port", 5432))))
     kf = Proxy((host, int(port)), int(os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXY_PORT", "9095")))
     urls = {
         "OUTBOX_BRIDGE_DATABASE_URL": psycopg2.extensions.make_dsn(
-            **{**dsn, "host": "127.0.0.1", "port": str(pg.port)}),
+            **{**dsn, "host": "127.0.0.1", "port": str(pg.port)}
+        ),
         "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": kf.address,
-    }  # fmt: skip
+    }
     yield pg, kf, urls
     pg.close()
     kf.close()
@@ -53,8 +56,10 @@ def _commit(db_url: str, topic: str, first: int, count: int) -> list[str]:
     c = psycopg2.connect(db_url)
     try:
         with c, c.cursor() as cur:
-            return [str(publish(cur, topic, {"k": f"k{n % 8}", "seq": n}, key=f"k{n % 8}"))
-                    for n in range(first, first + count)]  # fmt: skip
+            return [
+                str(publish(cur, topic, {"k": f"k{n % 8}", "seq": n}, key=f"k{n % 8}"))
+                for n in range(first, first + count)
+            ]
     finally:
         c.close()
 
@@ -63,9 +68,10 @@ def _start(inbox, worker_env, tmp_path, urls):
     worker_env["OUTBOX_BRIDGE_HEALTH_DIR"] = str(tmp_path / "health")
     worker_env.update(urls)  # the worker and the probes come through the proxies
     return inbox.start(
-        concurrency=2, OUTBOX_BRIDGE_NETWORK_TIMEOUT=str(DEADLINE),
+        concurrency=2,
+        OUTBOX_BRIDGE_NETWORK_TIMEOUT=str(DEADLINE),
         OUTBOX_BRIDGE_LEASE_SECONDS=str(LEASE),
-    )  # fmt: skip
+    )
 
 
 def _handled(inbox) -> Counter:
@@ -112,15 +118,24 @@ def test_postgres_gone_silent_is_noticed_by_the_deadline_and_nothing_is_lost_or_
     during = _commit(db_url, topic, 40, 40)  # writers are not behind the proxy: they go on
     # the watcher waits on PostgreSQL for ever without a deadline: live says so, then
     # the deadline ends the wait
-    stale = wait_for(lambda: (r := inbox.cli("health", "--live", "--max-age", "2")).returncode
-                     and "watcher: STALE" in r.stdout and r.stdout, DEADLINE + 5,
-                     "health --live to report the stuck watcher")  # fmt: skip
+    stale = wait_for(
+        lambda: (
+            (r := inbox.cli("health", "--live", "--max-age", "2")).returncode
+            and "watcher: STALE" in r.stdout
+            and r.stdout
+        ),
+        DEADLINE + 5,
+        "health --live to report the stuck watcher",
+    )
     assert "watcher: STALE" in stale
     # the rest of the silence: the watcher, out by its deadline, tries again and again
     # through the proxy and its new connections are silent too
     tried = pg.accepted
-    wait_for(lambda: pg.accepted >= tried + 2 and time.monotonic() - silent_at >= SILENCE,
-             SILENCE + 30, "the worker to reconnect into the silence")  # fmt: skip
+    wait_for(
+        lambda: pg.accepted >= tried + 2 and time.monotonic() - silent_at >= SILENCE,
+        SILENCE + 30,
+        "the worker to reconnect into the silence",
+    )
     assert _handled(inbox).keys().isdisjoint(during), "handled while PostgreSQL was silent"
     assert pg.open_flows()[1] >= 1  # the silent flows are still open
     pg.speak()
@@ -140,14 +155,20 @@ def test_kafka_gone_silent_delays_and_nothing_is_lost_or_doubled(
     silenced, silent_at = kf.silence(), time.monotonic()
     assert silenced >= 2, "the worker's Kafka clients do not come through the proxy"
     during = _commit(db_url, topic, 40, 40)
-    ready = wait_for(lambda: (r := inbox.cli("health", "--ready", "--timeout", "3")).returncode
-                     and r.stdout, 30, "health --ready to say Kafka does not answer")  # fmt: skip
+    ready = wait_for(
+        lambda: (r := inbox.cli("health", "--ready", "--timeout", "3")).returncode and r.stdout,
+        30,
+        "health --ready to say Kafka does not answer",
+    )
     assert "kafka: no answer" in ready
     # librdkafka gives up its silent connections (socket.timeout.ms) and makes new ones,
     # silent too, for the whole silence
     tried = kf.accepted
-    wait_for(lambda: kf.accepted >= tried + 2 and time.monotonic() - silent_at >= SILENCE,
-             SILENCE + 30, "the Kafka clients to reconnect into the silence")  # fmt: skip
+    wait_for(
+        lambda: kf.accepted >= tried + 2 and time.monotonic() - silent_at >= SILENCE,
+        SILENCE + 30,
+        "the Kafka clients to reconnect into the silence",
+    )
     assert _handled(inbox).keys().isdisjoint(during), "handled while Kafka was silent"
     # the loops wait on Kafka with deadlines of their own: none is stuck
     live = inbox.cli("health", "--live", "--max-age", "10")

@@ -31,9 +31,13 @@ def test_the_django_example_passes_djangos_test_runner(services, driver):
         "PYTHONPATH": str(ROOT),
     }
     done = subprocess.run(
-        [sys.executable, "-c", run], cwd=SHOP, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", run],
+        cwd=SHOP,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Ran 6 tests" in output and "\nOK" in output, output
@@ -98,9 +102,13 @@ def test_the_worker_connects_with_the_django_databases_options(db_url):
     def probe(options: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_BRIDGE_")}
         done = subprocess.run(
-            [sys.executable, "-c", _OPTIONS_PROBE, db_url, json.dumps(options)], cwd=ROOT,
-            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [sys.executable, "-c", _OPTIONS_PROBE, db_url, json.dumps(options)],
+            cwd=ROOT,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 

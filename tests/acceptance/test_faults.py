@@ -74,8 +74,10 @@ def test_deliveries_parked_behind_a_handlers_failed_head_go_on_when_it_succeeds(
     inbox.query("INSERT INTO switches VALUES ('broken', true) RETURNING name")
     inbox.start(OUTBOX_BRIDGE_LEASE_SECONDS="120")  # the repair would come after 2 minutes
     inbox.produce([(b"a", json.dumps({"k": "a", "seq": s}).encode(), None) for s in range(5)])
-    held = "SELECT state, count(*) FROM outbox_bridge.deliveries" \
-           " WHERE handler = 'outbox.tests.switchable' GROUP BY 1 ORDER BY 1"  # fmt: skip
+    held = (
+        "SELECT state, count(*) FROM outbox_bridge.deliveries"
+        " WHERE handler = 'outbox.tests.switchable' GROUP BY 1 ORDER BY 1"
+    )
     wait_for(lambda: ("retrying", 1) in inbox.query(held), 60, "the head to fail")
     # the watcher's periodic repair parks the rows behind a held key; do it now
     settings = Settings(database_url=inbox.db_url)
@@ -96,9 +98,11 @@ def test_a_key_released_while_its_shard_is_claimed_goes_on_within_a_round(
     # task that finds only held rows) most of the time, also when the head's retry
     # delivers it and wakes the shard; a 30 s lease keeps the safety net out of it
     start_worker(
-        concurrency=1, OUTBOX_BRIDGE_SHARDS="1", OUTBOX_BRIDGE_LEASE_SECONDS="30",
+        concurrency=1,
+        OUTBOX_BRIDGE_SHARDS="1",
+        OUTBOX_BRIDGE_LEASE_SECONDS="30",
         OUTBOX_BRIDGE_BEFORE_PRODUCE="tests.faults.fail_once_per_process",
-    )  # fmt: skip
+    )
     ids = commit(db_url, topic, [{"k": "k", "seq": 0, "fail": True}], key="k")
     wait_for(lambda: rows(db_url, "state = 'retrying'"), 30, "the head to fail once")
     deadline = time.monotonic() + 4  # past the head's retry (1 s)
@@ -189,18 +193,27 @@ def test_a_foreign_message_with_a_huge_key_and_a_broken_id_is_dead_and_the_loop_
     inbox,
 ):
     inbox.start()
-    inbox.produce([
-        (b"x" * 3000, json.dumps({"k": "x", "seq": 0}).encode(), [("message_id", b"broken")]),
-        (b"x" * 3000, json.dumps({"k": "y", "seq": 0}).encode(), None),
-        (b"ok", json.dumps({"k": "ok", "seq": 1}).encode(), None),
-    ])  # fmt: skip
+    inbox.produce(
+        [
+            (b"x" * 3000, json.dumps({"k": "x", "seq": 0}).encode(), [("message_id", b"broken")]),
+            (b"x" * 3000, json.dumps({"k": "y", "seq": 0}).encode(), None),
+            (b"ok", json.dumps({"k": "ok", "seq": 1}).encode(), None),
+        ]
+    )
     wait_for(lambda: len(inbox.effects()) == 1, 60, "the good message after the bad ones")
     dead = wait_for(
-        lambda: (r := inbox.query(
-            "SELECT DISTINCT last_error FROM outbox_bridge.deliveries WHERE state = 'dead'"
-        )) and len(r) == 2 and r,
-        60, "both huge-key messages to be dead",
-    )  # fmt: skip
+        lambda: (
+            (
+                r := inbox.query(
+                    "SELECT DISTINCT last_error FROM outbox_bridge.deliveries WHERE state = 'dead'"
+                )
+            )
+            and len(r) == 2
+            and r
+        ),
+        60,
+        "both huge-key messages to be dead",
+    )
     assert all("key of 3000 bytes" in e for (e,) in dead), dead
     assert inbox.query("SELECT count(*) FROM outbox_bridge.inbox") == [(3,)]
 
@@ -214,18 +227,24 @@ def test_threads_pool_effects_match_done_deliveries_exactly(inbox, topic):
     messages = []
     for seq in range(per_key):
         for k in range(keys):
-            value = {"k": str(k), "seq": seq, "sleep_after": 0.05,
-                     "fail_first": (seq * keys + k) % 5 == 3}  # fmt: skip
+            value = {
+                "k": str(k),
+                "seq": seq,
+                "sleep_after": 0.05,
+                "fail_first": (seq * keys + k) % 5 == 3,
+            }
             messages.append((str(k).encode(), json.dumps(value).encode(), None))
     inbox.produce(messages)
     total = keys * per_key
     wait_for(
-        lambda: inbox.query(
-            "SELECT count(*) FROM outbox_bridge.deliveries WHERE state <> 'done'"
-        ) == [(0,)] and inbox.query("SELECT count(*) FROM outbox_bridge.deliveries")
-        == [(2 * total,)],
-        300, "every delivery done",
-    )  # fmt: skip
+        lambda: (
+            inbox.query("SELECT count(*) FROM outbox_bridge.deliveries WHERE state <> 'done'")
+            == [(0,)]
+            and inbox.query("SELECT count(*) FROM outbox_bridge.deliveries") == [(2 * total,)]
+        ),
+        300,
+        "every delivery done",
+    )
     assert inbox.query("SELECT count(*) FROM failures")[0][0] == total // 5
     for handler in ("record", "switchable"):
         effects = inbox.query(
@@ -247,12 +266,16 @@ def test_a_handlers_own_backoff_is_the_schedule_that_runs(inbox, topic):
             "SELECT attempts FROM outbox_bridge.deliveries WHERE state = 'dead'"
             " AND handler = 'outbox.tests.slow'"
         ),
-        90, "the always-failing delivery to be dead",
-    )  # fmt: skip
+        90,
+        "the always-failing delivery to be dead",
+    )
     assert dead == [(4,)]  # the first call and exactly max_retries=3 retries
-    calls = [t for (t,) in inbox.query(
-        "SELECT extract(epoch FROM min(at)) FROM calls GROUP BY attempt ORDER BY attempt"
-    )]  # fmt: skip
+    calls = [
+        t
+        for (t,) in inbox.query(
+            "SELECT extract(epoch FROM min(at)) FROM calls GROUP BY attempt ORDER BY attempt"
+        )
+    ]
     gaps = [round(b - a, 1) for a, b in zip(calls, calls[1:], strict=False)]
     # Celery's formula for retry_backoff=3, no jitter: 3 * 2**n -> 3, 6, 12 s
     assert len(gaps) == 3 and all(
@@ -286,10 +309,12 @@ class CommitBreaker:
                 return
             server = socket.create_connection(("127.0.0.1", self.port))
             state = {"cut": False}
-            threading.Thread(target=self._pipe, args=(client, server, state, True),
-                             daemon=True).start()  # fmt: skip
-            threading.Thread(target=self._pipe, args=(server, client, state, False),
-                             daemon=True).start()  # fmt: skip
+            threading.Thread(
+                target=self._pipe, args=(client, server, state, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pipe, args=(server, client, state, False), daemon=True
+            ).start()
 
     def _pipe(self, src, dst, state: dict, from_client: bool) -> None:
         try:
@@ -469,8 +494,9 @@ def test_worker_memory_stays_bounded_with_large_messages(start_worker, db_url, t
 
     def rss_mb() -> int:
         pids = [worker.proc.pid, *worker.children()]
-        out = subprocess.run(["ps", "-o", "rss=", "-p", ",".join(map(str, pids))],
-                             capture_output=True, text=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["ps", "-o", "rss=", "-p", ",".join(map(str, pids))], capture_output=True, text=True
+        ).stdout
         return max(int(x) for x in out.split()) // 1024
 
     def drained() -> bool:
@@ -495,20 +521,27 @@ def test_two_workers_with_different_handlers_in_one_group_every_handler_gets_eve
     queues = f"{worker_env['OUTBOX_BRIDGE_CELERY_QUEUE']},{extra_queue}"
     old = inbox.start(concurrency=1)
     new = inbox.start(
-        concurrency=1, args_extra=("-Q", queues), TEST_EXTRA_HANDLER="1",
+        concurrency=1,
+        args_extra=("-Q", queues),
+        TEST_EXTRA_HANDLER="1",
         TEST_EXTRA_QUEUE=extra_queue,
-    )  # fmt: skip
+    )
     # both consumers hold partitions of the topic before anything is produced
     for w in (old, new):
-        wait_for(lambda w=w: f"assigned [('{topic}'" in w.log_tail(400), 60,
-                 "both consumers to be assigned partitions")  # fmt: skip
+        wait_for(
+            lambda w=w: f"assigned [('{topic}'" in w.log_tail(400),
+            60,
+            "both consumers to be assigned partitions",
+        )
     registered = inbox.query("SELECT name FROM outbox_bridge.handlers ORDER BY name")
     assert ("outbox.tests.extra",) in registered
     total = 200
-    inbox.produce([
-        (str(i % 10).encode(), json.dumps({"k": str(i % 10), "seq": i // 10}).encode(), None)
-        for i in range(total)
-    ])  # fmt: skip
+    inbox.produce(
+        [
+            (str(i % 10).encode(), json.dumps({"k": str(i % 10), "seq": i // 10}).encode(), None)
+            for i in range(total)
+        ]
+    )
     for handler in ("record", "switchable", "extra"):
         wait_for(lambda h=handler: len(inbox.effects(h)) == total, 120, f"{handler}'s effects")
     assert {
@@ -522,10 +555,12 @@ def test_two_workers_with_different_handlers_in_one_group_every_handler_gets_eve
 # -- 13. a hung handler ------------------------------------------------------------
 def test_a_hung_handler_is_ended_by_its_time_limit_and_its_delivery_runs_again_once(inbox):
     worker = inbox.start(concurrency=1, OUTBOX_BRIDGE_HANDLER_TIME_LIMIT="3")
-    inbox.produce([
-        (b"h", json.dumps({"k": "h", "seq": 0, "hang_once": 120}).encode(), None),
-        (b"h", json.dumps({"k": "h", "seq": 1}).encode(), None),
-    ])  # fmt: skip
+    inbox.produce(
+        [
+            (b"h", json.dumps({"k": "h", "seq": 0, "hang_once": 120}).encode(), None),
+            (b"h", json.dumps({"k": "h", "seq": 1}).encode(), None),
+        ]
+    )
     wait_for(lambda: inbox.query("SELECT 1 FROM started"), 60, "the handler to hang")
     wait_for(lambda: len(inbox.effects()) == 2, 60, "both messages handled after the hang")
     assert "Hard time limit (3" in worker.log_tail(400)  # the hang was ended, not waited out

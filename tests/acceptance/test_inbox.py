@@ -39,10 +39,14 @@ def test_publish_to_handler_end_to_end_exactly_once(inbox, db_url, topic):
     status = json.loads(inbox.cli("status", "--json").stdout)["inbox"]
     assert status["handlers"][f"outbox.{topic}.record"]["counts"]["done"] == 5
     lag = wait_for(
-        lambda: (s := json.loads(inbox.cli("status", "--json").stdout)["inbox"]["consumer_lag"])
-        and sum(p["end"] for p in s) == 5 and s,
-        30, "the consumer lag report",
-    )  # fmt: skip
+        lambda: (
+            (s := json.loads(inbox.cli("status", "--json").stdout)["inbox"]["consumer_lag"])
+            and sum(p["end"] for p in s) == 5
+            and s
+        ),
+        30,
+        "the consumer lag report",
+    )
     # every topic a registered handler consumes: this test's and the slow handler's
     assert {p["topic"] for p in lag} == {topic, topic + "-slow"}
     assert sum(p["lag"] for p in lag) == 0
@@ -80,10 +84,13 @@ def test_one_handler_dead_the_other_done_and_dead_retry_reruns_only_the_failed(i
     inbox.produce([(b"a", json.dumps({"k": "a", "seq": 1}).encode(), None)])
     wait_for(lambda: len(inbox.effects()) == 1, 60, "the healthy handler")
     dead = wait_for(
-        lambda: inbox.query("SELECT handler, attempts, last_error FROM outbox_bridge.deliveries"
-                            " WHERE state = 'dead'"),
-        60, "the failing handler's delivery to be dead",
-    )  # fmt: skip
+        lambda: inbox.query(
+            "SELECT handler, attempts, last_error FROM outbox_bridge.deliveries"
+            " WHERE state = 'dead'"
+        ),
+        60,
+        "the failing handler's delivery to be dead",
+    )
     assert dead == [("outbox.tests.switchable", 3, "RuntimeError: the switch 'broken' is on")]
     listed = json.loads(inbox.cli("dead", "list", "--json").stdout)
     assert [(d["queue"], d["key"]) for d in listed] == [("outbox.tests.switchable", "a")]
@@ -105,8 +112,11 @@ def test_per_key_order_per_handler_with_four_processes_and_failures(inbox, topic
             messages.append((str(k).encode(), json.dumps(value).encode(), None))
     inbox.produce(messages)
     for handler in ("record", "switchable"):
-        wait_for(lambda h=handler: len(inbox.effects(h)) >= keys * per_key, 180,
-                 f"every message handled by {handler}")  # fmt: skip
+        wait_for(
+            lambda h=handler: len(inbox.effects(h)) >= keys * per_key,
+            180,
+            f"every message handled by {handler}",
+        )
     # the faults did happen: deliveries of "record" failed and were retried
     assert inbox.query("SELECT count(*) FROM outbox_bridge.deliveries WHERE attempts > 0")[0][0]
     for handler in ("record", "switchable"):
@@ -135,18 +145,28 @@ def test_a_worker_killed_inside_a_handler_reruns_it_after_the_lease_once(inbox, 
 
 def test_undecodable_messages_become_dead_deliveries_and_the_consumer_goes_on(inbox, topic):
     inbox.start()
-    inbox.produce([
-        (None, b"\xff not json", None),
-        (None, json.dumps({"k": "x", "seq": 0}).encode(), [("message_id", b"\x00broken")]),
-        (b"ok", json.dumps({"k": "ok", "seq": 1}).encode(), None),
-    ])  # fmt: skip
+    inbox.produce(
+        [
+            (None, b"\xff not json", None),
+            (None, json.dumps({"k": "x", "seq": 0}).encode(), [("message_id", b"\x00broken")]),
+            (b"ok", json.dumps({"k": "ok", "seq": 1}).encode(), None),
+        ]
+    )
     wait_for(lambda: len(inbox.effects()) == 1, 60, "the good message after the bad ones")
     dead = wait_for(
-        lambda: (r := inbox.query(
-            "SELECT d.handler, d.last_error FROM outbox_bridge.deliveries d"
-            " WHERE d.state = 'dead' ORDER BY d.id")) and len(r) == 4 and r,
-        60, "four dead deliveries (two messages, two handlers)",
-    )  # fmt: skip
+        lambda: (
+            (
+                r := inbox.query(
+                    "SELECT d.handler, d.last_error FROM outbox_bridge.deliveries d"
+                    " WHERE d.state = 'dead' ORDER BY d.id"
+                )
+            )
+            and len(r) == 4
+            and r
+        ),
+        60,
+        "four dead deliveries (two messages, two handlers)",
+    )
     errors = sorted({e.split(":")[0] + ":" + e.split(":")[1] for _h, e in dead})
     assert errors == [
         "broken headers: message_id is not a UUID",
@@ -181,12 +201,16 @@ def test_a_handler_with_a_sqlalchemy_session_writes_once_and_chains(
         [(v["k"].encode(), json.dumps(v).encode(), None) for v in values], topic=orm_topic
     )
     wait_for(
-        lambda: inbox.query(
-            "SELECT count(*) FROM outbox_bridge.deliveries"
-            " WHERE handler = 'outbox.tests.orm' AND state = 'done'"
-        )[0][0] == 6,
-        60, "six deliveries done",
-    )  # fmt: skip
+        lambda: (
+            inbox.query(
+                "SELECT count(*) FROM outbox_bridge.deliveries"
+                " WHERE handler = 'outbox.tests.orm' AND state = 'done'"
+            )[0][0]
+            == 6
+        ),
+        60,
+        "six deliveries done",
+    )
     assert len(inbox.query("SELECT * FROM failures")) == 1  # the first attempt did fail
     assert sorted(inbox.query("SELECT k, seq FROM orm_effects")) == sorted(
         (v["k"], v["seq"]) for v in values

@@ -35,8 +35,12 @@ def test_a_topic_paused_a_thousand_times_pauses_again_and_the_others_go_once(
 ):
     missing = topic + "-gone"
     # as after hours of a topic that does not exist: 2 ^ 1024 is out of range
-    query(db_url, "INSERT INTO outbox_bridge.topic_pauses (topic, until, pauses)"
-                  " VALUES (%s, now() - interval '1s', 1024)", (missing,))  # fmt: skip
+    query(
+        db_url,
+        "INSERT INTO outbox_bridge.topic_pauses (topic, until, pauses)"
+        " VALUES (%s, now() - interval '1s', 1024)",
+        (missing,),
+    )
     messages = []
     for i in range(40):  # keyless: both topics in every shard's batches
         messages += [(missing, {"n": i}, None), (topic, {"n": i}, None)]
@@ -47,11 +51,16 @@ def test_a_topic_paused_a_thousand_times_pauses_again_and_the_others_go_once(
     reader.read_message_ids(healthy, timeout=60)
     # the missing topic was tried and paused again, with the pause at its maximum
     paused = wait_for(
-        lambda: query(db_url, "SELECT pauses, extract(epoch FROM until - now())"
-                              " FROM outbox_bridge.topic_pauses WHERE topic = %s"
-                              " AND pauses > 1024", (missing,)),  # fmt: skip
-        30, "the missing topic to pause again",
-    )  # fmt: skip
+        lambda: query(
+            db_url,
+            "SELECT pauses, extract(epoch FROM until - now())"
+            " FROM outbox_bridge.topic_pauses WHERE topic = %s"
+            " AND pauses > 1024",
+            (missing,),
+        ),
+        30,
+        "the missing topic to pause again",
+    )
     assert paused[0][0] >= 1025 and paused[0][1] <= 5.5
     # the healthy rows' acknowledgements were kept: deleted, and never produced again
     wait_for(lambda: rows(db_url, f"topic = '{topic}'") == [], 30, "the healthy rows to go")
@@ -66,9 +75,11 @@ def _poison_inbox(inbox, kafka_admin, topic):
     poison_topic = topic + "-poison"
     create_topic(kafka_admin, poison_topic)
     worker = inbox.start(
-        concurrency=2, TEST_POISON_TOPIC=poison_topic, OUTBOX_BRIDGE_LEASE_SECONDS="5",
+        concurrency=2,
+        TEST_POISON_TOPIC=poison_topic,
+        OUTBOX_BRIDGE_LEASE_SECONDS="5",
         OUTBOX_BRIDGE_BATCH_SIZE="50",
-    )  # fmt: skip
+    )
     return poison_topic, worker
 
 
@@ -113,10 +124,15 @@ def test_handlers_that_exit_or_hang_their_process_become_dead_and_the_rest_goes_
     messages, healthy = _healthy_and_poison({"exits": {"exit": True}, "hangs": {"hang": 60}})
     inbox.produce(messages, topic=poison_topic)
     states = wait_for(
-        lambda: (s := _delivery_states(inbox)) and s.get("exits", ("",))[0] == "dead"
-        and s.get("hangs", ("",))[0] == "dead" and s,
-        180, "both poison messages to be dead",
-    )  # fmt: skip
+        lambda: (
+            (s := _delivery_states(inbox))
+            and s.get("exits", ("",))[0] == "dead"
+            and s.get("hangs", ("",))[0] == "dead"
+            and s
+        ),
+        180,
+        "both poison messages to be dead",
+    )
     # the faults happened: each poison ran more than once and ended its process each time
     runs = inbox.query(
         "SELECT convert_from(d.key, 'UTF8'), p.attempts FROM poison_calls p"
@@ -138,10 +154,15 @@ def test_handlers_that_exit_or_hang_their_process_become_dead_and_the_rest_goes_
     _assert_once_in_order(inbox, healthy)
     # the worker still serves: one more message is handled
     extra = str(uuid.uuid4())
-    inbox.produce([(b"k0", json.dumps({"k": "k0", "seq": 10}).encode(),
-                    [("message_id", extra.encode())])], topic=poison_topic)  # fmt: skip
-    wait_for(lambda: any(str(m) == extra for m, _k, _s in inbox.effects("poison")), 60,
-             "a message after the poison")  # fmt: skip
+    inbox.produce(
+        [(b"k0", json.dumps({"k": "k0", "seq": 10}).encode(), [("message_id", extra.encode())])],
+        topic=poison_topic,
+    )
+    wait_for(
+        lambda: any(str(m) == extra for m, _k, _s in inbox.effects("poison")),
+        60,
+        "a message after the poison",
+    )
 
 
 # -- 4. a failure at COMMIT -------------------------------------------------------
@@ -153,8 +174,9 @@ def test_a_deferred_foreign_key_broken_by_a_handler_fails_that_delivery_alone(
     inbox.produce(messages, topic=poison_topic)
     states = wait_for(
         lambda: (s := _delivery_states(inbox)) and s.get("orphans", ("",))[0] == "dead" and s,
-        120, "the delivery that breaks the foreign key to be dead",
-    )  # fmt: skip
+        120,
+        "the delivery that breaks the foreign key to be dead",
+    )
     _state, attempts, error = states["orphans"]
     assert attempts == 3 and "ForeignKeyViolation" in error, states["orphans"]
     wait_for(lambda: len(inbox.effects("poison")) >= len(healthy), 60, "the healthy messages")
@@ -166,9 +188,11 @@ def test_an_outbox_row_whose_produce_kills_its_process_becomes_dead(
     start_worker, db_url, topic, kafka_reader
 ):
     worker = start_worker(
-        concurrency=2, OUTBOX_BRIDGE_BEFORE_PRODUCE="tests.faults.exit_marked",
-        OUTBOX_BRIDGE_MAX_RETRIES="2", OUTBOX_BRIDGE_LEASE_SECONDS="5",
-    )  # fmt: skip
+        concurrency=2,
+        OUTBOX_BRIDGE_BEFORE_PRODUCE="tests.faults.exit_marked",
+        OUTBOX_BRIDGE_MAX_RETRIES="2",
+        OUTBOX_BRIDGE_LEASE_SECONDS="5",
+    )
     messages = [(topic, {"k": k, "seq": s}, f"k{k}") for s in range(10) for k in range(5)]
     messages.append((topic, {"k": "p", "exit_always": True}, "p"))
     ids = commit(db_url, messages)
@@ -192,22 +216,29 @@ def test_retention_beats_while_it_paces_itself_after_a_slow_batch(
 ):
     # a loaded database: each pruned inbox row costs a second, so the batch takes 3 s and
     # retention then waits 49 times as long (prune_share 0.02) before its next batch
-    query(db_url, """
+    query(
+        db_url,
+        """
         CREATE TABLE slow_prunes (id bigint, at timestamptz DEFAULT clock_timestamp());
         CREATE FUNCTION slow_prune() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN PERFORM pg_sleep(1); INSERT INTO slow_prunes (id) VALUES (OLD.id); RETURN NULL;
         END $$;
         CREATE TRIGGER slow_prune AFTER DELETE ON outbox_bridge.inbox
             FOR EACH ROW EXECUTE FUNCTION slow_prune();
-    """)  # fmt: skip
+    """,
+    )
     worker_env["OUTBOX_BRIDGE_HEALTH_DIR"] = str(tmp_path / "health")
     worker = inbox.start(
-        OUTBOX_BRIDGE_DEDUPE_WINDOW="1", OUTBOX_BRIDGE_PRUNE_INTERVAL="0.5",
+        OUTBOX_BRIDGE_DEDUPE_WINDOW="1",
+        OUTBOX_BRIDGE_PRUNE_INTERVAL="0.5",
         OUTBOX_BRIDGE_PRUNE_SHARE="0.02",
-    )  # fmt: skip
+    )
     inbox.produce([(b"a", json.dumps({"k": "a", "seq": i}).encode(), None) for i in range(3)])
-    wait_for(lambda: query(db_url, "SELECT count(*) FROM slow_prunes") == [(3,)], 60,
-             "the slow batch to prune the three handled messages")  # fmt: skip
+    wait_for(
+        lambda: query(db_url, "SELECT count(*) FROM slow_prunes") == [(3,)],
+        60,
+        "the slow batch to prune the three handled messages",
+    )
     probes, until = 0, time.monotonic() + 10
     while time.monotonic() < until:  # 10 s of the pause, probed all along: alive
         live = inbox.cli("health", "--live", "--max-age", "4")
@@ -241,9 +272,19 @@ def test_a_slow_writers_row_on_a_shard_held_by_a_dead_key_goes_within_seconds(
         taken = time.monotonic()
         commit(db_url, [(topic, {"n": "held"}, "dead")])  # a newer id, held by the dead head
         # the shard was looked at and given back as "all held" while the slow row is open
-        wait_for(lambda: query(db_url, "SELECT idle_above FROM outbox_bridge.claims"
-                                       " WHERE queue = 'outbox' AND shard = %s", (shard,))
-                 [0][0] is not None, 10, "the shard to be released as all held")  # fmt: skip
+        wait_for(
+            lambda: (
+                query(
+                    db_url,
+                    "SELECT idle_above FROM outbox_bridge.claims"
+                    " WHERE queue = 'outbox' AND shard = %s",
+                    (shard,),
+                )[0][0]
+                is not None
+            ),
+            10,
+            "the shard to be released as all held",
+        )
         wait_for(lambda: time.monotonic() - taken >= 0.3, 5, "300 ms since the id was taken")
         slow.commit()
         committed = time.monotonic()
@@ -263,9 +304,15 @@ def test_the_worker_and_ready_say_when_a_topic_can_replay_records_older_than_the
     worker_env["OUTBOX_BRIDGE_DEDUPE_WINDOW"] = "60"  # the worker's and the probe's
     worker = inbox.start(TEST_POISON_TOPIC=short)
     # Kafka's defaults (7 + 7 days) on this test's other topics; the short one fits
-    said = wait_for(lambda: [line for line in worker.log_tail(400).splitlines()
-                             if "longer than outbox_bridge_dedupe_window (60s)" in line],
-                    60, "the worker's warning")  # fmt: skip
+    said = wait_for(
+        lambda: [
+            line
+            for line in worker.log_tail(400).splitlines()
+            if "longer than outbox_bridge_dedupe_window (60s)" in line
+        ],
+        60,
+        "the worker's warning",
+    )
     assert any(f"topic {topic} can hand out records up to 1209600s old" in s for s in said), said
     assert not any(f"topic {short} " in s for s in said), said
     ready = inbox.cli("health", "--ready")
@@ -284,16 +331,27 @@ def test_one_message_id_on_two_topics_runs_the_handlers_of_each_once(inbox, kafk
     def handled(handler: str, message: str) -> int:
         return sum(1 for m, _k, _s in inbox.effects(handler) if str(m) == message)
 
-    wait_for(lambda: handled("record", message_id) and handled("switchable", message_id)
-             and handled("poison", message_id), 60, "the handlers of both topics")  # fmt: skip
+    wait_for(
+        lambda: (
+            handled("record", message_id)
+            and handled("switchable", message_id)
+            and handled("poison", message_id)
+        ),
+        60,
+        "the handlers of both topics",
+    )
     # the same message again on each topic, then one after it: dropped as duplicates
     marker = str(uuid.uuid4())
     after = (b"m", json.dumps({"k": "m", "seq": 2}).encode(), [("message_id", marker.encode())])
     for name in (topic, poison_topic):
         inbox.produce([copy, after], topic=name)
-    wait_for(lambda: all(handled(h, marker) for h in ("record", "switchable", "poison")), 60,
-             "the messages after the duplicates")  # fmt: skip
+    wait_for(
+        lambda: all(handled(h, marker) for h in ("record", "switchable", "poison")),
+        60,
+        "the messages after the duplicates",
+    )
     assert [handled(h, message_id) for h in ("record", "switchable", "poison")] == [1, 1, 1]
-    stored = inbox.query("SELECT topic FROM outbox_bridge.inbox WHERE message_id = %s"
-                         " ORDER BY topic", (message_id,))  # fmt: skip
+    stored = inbox.query(
+        "SELECT topic FROM outbox_bridge.inbox WHERE message_id = %s ORDER BY topic", (message_id,)
+    )
     assert stored == sorted([(topic,), (poison_topic,)])

@@ -34,8 +34,11 @@ def refused(port: int) -> bool:
 
 
 def dead_seen(db_url: str) -> list[tuple]:
-    return query(db_url, "SELECT queue, message_id::text, topic, key, attempts, last_error, via"
-                          " FROM dead_seen ORDER BY queue, id")  # fmt: skip
+    return query(
+        db_url,
+        "SELECT queue, message_id::text, topic, key, attempts, last_error, via"
+        " FROM dead_seen ORDER BY queue, id",
+    )
 
 
 @pytest.mark.kafka_topic(config={"max.message.bytes": "2000"})
@@ -43,8 +46,9 @@ def test_the_dead_hook_fires_once_per_death_also_after_dead_retry(
     start_worker, worker_env, db_url, topic
 ):
     query(db_url, DEAD_TABLE)
-    worker = start_worker(OUTBOX_BRIDGE_MAX_RETRIES="1",
-                          OUTBOX_BRIDGE_DEAD_HOOK="tests.observe_app.record_dead")  # fmt: skip
+    worker = start_worker(
+        OUTBOX_BRIDGE_MAX_RETRIES="1", OUTBOX_BRIDGE_DEAD_HOOK="tests.observe_app.record_dead"
+    )
     (big,) = commit(db_url, topic, [{"pad": "x" * 5000}], key="k")
     commit(db_url, topic, [{"n": 1}], key="k")  # waits behind it
 
@@ -55,8 +59,11 @@ def test_the_dead_hook_fires_once_per_death_also_after_dead_retry(
 
     out = cli(worker_env, "dead", "retry", "--id", str(big))
     assert out.returncode == 0 and "retried 1" in out.stdout, out.stderr
-    both = wait_for(lambda: len(dead_seen(db_url)) >= 2 and dead_seen(db_url), 60,
-                    "the hook to see the second death")  # fmt: skip
+    both = wait_for(
+        lambda: len(dead_seen(db_url)) >= 2 and dead_seen(db_url),
+        60,
+        "the hook to see the second death",
+    )
     # once per death: the first did not fire twice, the second fired once
     assert [(r[1], r[4]) for r in both] == [(str(big), 2), (str(big), 2)]
     assert worker.proc.poll() is None
@@ -67,9 +74,12 @@ def test_the_dead_signal_fires_for_a_handler_and_for_a_message_dead_on_arrival(i
     query(inbox.db_url, "INSERT INTO switches VALUES ('broken', true)")
     inbox.start(include=("tests.observe_app",), TEST_DEAD_SIGNAL="1")
     good = str(uuid.uuid4())
-    inbox.produce([(b"a", json.dumps({"k": "a", "seq": 1}).encode(),
-                    [("message_id", good.encode())]),
-                   (b"b", b'{"k": "b"}', [("message_id", b"not-a-uuid")])])  # fmt: skip
+    inbox.produce(
+        [
+            (b"a", json.dumps({"k": "a", "seq": 1}).encode(), [("message_id", good.encode())]),
+            (b"b", b'{"k": "b"}', [("message_id", b"not-a-uuid")]),
+        ]
+    )
 
     def seen():
         found = dead_seen(inbox.db_url)
@@ -78,11 +88,13 @@ def test_the_dead_signal_fires_for_a_handler_and_for_a_message_dead_on_arrival(i
     found = wait_for(seen, 60, "the switchable handler's delivery and the broken message to die")
     by_queue = sorted((r[0], r[3], r[4], r[6]) for r in found)
     # the broken message is dead for both handlers at once; the good one after its retries
-    assert by_queue == sorted([
-        ("outbox.tests.switchable", "a", 3, "signal"),
-        ("outbox.tests.switchable", "b", 0, "signal"),
-        (f"outbox.{inbox_topic(inbox)}.record", "b", 0, "signal"),
-    ])  # fmt: skip
+    assert by_queue == sorted(
+        [
+            ("outbox.tests.switchable", "a", 3, "signal"),
+            ("outbox.tests.switchable", "b", 0, "signal"),
+            (f"outbox.{inbox_topic(inbox)}.record", "b", 0, "signal"),
+        ]
+    )
 
     query(inbox.db_url, "UPDATE switches SET on_ = true")
     out = inbox.cli("dead", "retry", "--handler", "outbox.tests.switchable", "--key", "a")
@@ -126,28 +138,39 @@ def test_metrics_move_as_messages_flow_fail_and_die_and_add_up_over_pool_process
     metrics_dir.mkdir()
     # a former run's counts in the directory: the worker must start from zero
     stale = subprocess.run(
-        [sys.executable, "-c", "from outbox_bridge.contrib import metrics;"
-         " metrics.count('handled', 'stale', 1000)"],
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from outbox_bridge.contrib import metrics; metrics.count('handled', 'stale', 1000)",
+        ],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        capture_output=True,
+    )
     assert stale.returncode == 0 and list(metrics_dir.glob("*.db")), stale.stderr
     query(db_url, "INSERT INTO switches VALUES ('broken', true)")
-    worker = inbox.start(concurrency=2, OUTBOX_BRIDGE_METRICS_PORT=str(port),
-                         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))  # fmt: skip
+    worker = inbox.start(
+        concurrency=2,
+        OUTBOX_BRIDGE_METRICS_PORT=str(port),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    )
     topic = inbox_topic(inbox)
     record, switchable = f"outbox.{topic}.record", "outbox.tests.switchable"
     assert sample(scrape(port), "outbox_bridge_handled_total", queue="stale") == 0
 
     count = 200
     for n in range(0, count, 20):  # in several transactions: tasks in both pool processes
-        commit(db_url, topic, [{"k": f"k{i % 7}", "seq": i} for i in range(n, n + 20)],
-               key=f"k{n % 7}")  # fmt: skip
+        commit(
+            db_url, topic, [{"k": f"k{i % 7}", "seq": i} for i in range(n, n + 20)], key=f"k{n % 7}"
+        )
 
     def flowed():
         s = scrape(port)
-        return (sample(s, "outbox_bridge_published_total", topic=topic) >= count
-                and sample(s, "outbox_bridge_handled_total", queue=record) >= count
-                and sample(s, "outbox_bridge_dead_total", queue=switchable) >= 7 and s)  # fmt: skip
+        return (
+            sample(s, "outbox_bridge_published_total", topic=topic) >= count
+            and sample(s, "outbox_bridge_handled_total", queue=record) >= count
+            and sample(s, "outbox_bridge_dead_total", queue=switchable) >= 7
+            and s
+        )
 
     s = wait_for(flowed, 90, "every message published and handled, switchable's keys dead")
     assert sample(s, "outbox_bridge_published_total", topic=topic) == count
@@ -162,8 +185,11 @@ def test_metrics_move_as_messages_flow_fail_and_die_and_add_up_over_pool_process
     assert sample(s, "outbox_bridge_retried_total", queue=switchable) >= 7 * 2
     # gauges read from the database at scrape time
     assert sample(s, "outbox_bridge_rows", queue=switchable, state="dead") == 7
-    assert sample(s, "outbox_bridge_rows", queue=switchable, state="pending") + sample(
-        s, "outbox_bridge_rows", queue=switchable, state="waiting") == count - 7  # fmt: skip
+    assert (
+        sample(s, "outbox_bridge_rows", queue=switchable, state="pending")
+        + sample(s, "outbox_bridge_rows", queue=switchable, state="waiting")
+        == count - 7
+    )
     assert sample(s, "outbox_bridge_blocked_keys", queue=switchable) == 7
     assert sample(s, "outbox_bridge_oldest_pending_seconds", queue=switchable) > 0
     assert sample(s, "outbox_bridge_rows", queue="outbox", state="pending") == 0
@@ -173,9 +199,14 @@ def test_metrics_move_as_messages_flow_fail_and_die_and_add_up_over_pool_process
     assert len(pids) >= 2, pids
     assert worker.children() and worker.proc.poll() is None
 
-    lag = wait_for(lambda: sample(scrape(port), "outbox_bridge_consumer_lag", topic=topic)
-                   == 0 and "outbox_bridge_consumer_lag{" in "".join(scrape(port)), 60,
-                   "the sampled consumer lag")  # fmt: skip
+    lag = wait_for(
+        lambda: (
+            sample(scrape(port), "outbox_bridge_consumer_lag", topic=topic) == 0
+            and "outbox_bridge_consumer_lag{" in "".join(scrape(port))
+        ),
+        60,
+        "the sampled consumer lag",
+    )
     assert lag
     # the same gauges on their own, as `outbox-bridge metrics` serves them
     out = inbox.cli("metrics", "--once")
@@ -206,8 +237,10 @@ def test_a_trace_runs_from_the_publishing_span_to_the_handler(
     assert request_span.get_span_context().trace_id == publisher.context.trace_id
 
     # the context travels in the Kafka message's headers
-    read = {dict(m.headers())["message_id"].decode(): dict(m.headers())
-            for m in kafka_reader(topic).read(2, timeout=60)}  # fmt: skip
+    read = {
+        dict(m.headers())["message_id"].decode(): dict(m.headers())
+        for m in kafka_reader(topic).read(2, timeout=60)
+    }
     assert read[str(message_id)]["traceparent"].decode().split("-")[1] == trace_id
     assert "traceparent" not in read[[k for k in read if k != str(message_id)][0]]
 
@@ -215,15 +248,23 @@ def test_a_trace_runs_from_the_publishing_span_to_the_handler(
         if not trace_file.exists():
             return None
         found = [json.loads(line) for line in trace_file.read_text().splitlines()]
-        done = [s for s in found if s["name"] == f"process {topic}"
-                and s["attributes"].get("messaging.message.id") == str(message_id)]  # fmt: skip
+        done = [
+            s
+            for s in found
+            if s["name"] == f"process {topic}"
+            and s["attributes"].get("messaging.message.id") == str(message_id)
+        ]
         return done and found
 
     found = wait_for(spans, 60, "the handler's span")
     record = f"outbox.{topic}.record"
-    (process,) = [s for s in found if s["name"] == f"process {topic}"
-                  and s["attributes"]["messaging.message.id"] == str(message_id)
-                  and s["attributes"]["outbox_bridge.handler"] == record]  # fmt: skip
+    (process,) = [
+        s
+        for s in found
+        if s["name"] == f"process {topic}"
+        and s["attributes"]["messaging.message.id"] == str(message_id)
+        and s["attributes"]["outbox_bridge.handler"] == record
+    ]
     assert process["context"]["trace_id"] == "0x" + trace_id
     assert process["parent_id"] == "0x" + span_id
     assert process["kind"] == "SpanKind.CONSUMER"
@@ -236,10 +277,15 @@ def test_a_trace_runs_from_the_publishing_span_to_the_handler(
     linked = {(link["context"]["trace_id"], link["context"]["span_id"]) for link in links}
     assert ("0x" + trace_id, "0x" + span_id) in linked, sends
     # the untraced message's handler span starts a trace of its own
-    other = [s for s in found if s["name"] == f"process {topic}"
-             and s["attributes"]["messaging.message.id"] != str(message_id)]  # fmt: skip
-    assert all(s["context"]["trace_id"] != "0x" + trace_id and s["parent_id"] is None
-               for s in other)  # fmt: skip
+    other = [
+        s
+        for s in found
+        if s["name"] == f"process {topic}"
+        and s["attributes"]["messaging.message.id"] != str(message_id)
+    ]
+    assert all(
+        s["context"]["trace_id"] != "0x" + trace_id and s["parent_id"] is None for s in other
+    )
 
 
 def test_health_live_follows_the_loops_and_ready_names_the_service_that_is_down(
@@ -251,22 +297,34 @@ def test_health_live_follows_the_loops_and_ready_names_the_service_that_is_down(
     assert no_loop.returncode == 1 and "no outbox-bridge loop" in no_loop.stdout
 
     worker = inbox.start(OUTBOX_BRIDGE_HEALTH_DIR=str(health_dir))
-    beats = wait_for(lambda: len(list(health_dir.glob("*"))) == 3 and cli(env, "health", "--live"),
-                     60, "the three loops' heartbeats")  # fmt: skip
+    beats = wait_for(
+        lambda: len(list(health_dir.glob("*"))) == 3 and cli(env, "health", "--live"),
+        60,
+        "the three loops' heartbeats",
+    )
     assert beats.returncode == 0, beats.stdout
     assert sorted(line.split(":")[0] for line in beats.stdout.splitlines()) == [
-        "consumer", "retention", "watcher"]  # fmt: skip
+        "consumer",
+        "retention",
+        "watcher",
+    ]
 
     # a hung worker: its loops stop beating
     os.kill(worker.proc.pid, signal.SIGSTOP)
     try:
-        stale = wait_for(lambda: (r := cli(env, "health", "--live", "--max-age", "2")).returncode
-                         == 1 and r, 30, "--live to fail while the worker is stopped")  # fmt: skip
+        stale = wait_for(
+            lambda: (r := cli(env, "health", "--live", "--max-age", "2")).returncode == 1 and r,
+            30,
+            "--live to fail while the worker is stopped",
+        )
         assert "STALE" in stale.stdout
     finally:
         os.kill(worker.proc.pid, signal.SIGCONT)
-    wait_for(lambda: cli(env, "health", "--live", "--max-age", "2").returncode == 0, 30,
-             "--live to pass again")  # fmt: skip
+    wait_for(
+        lambda: cli(env, "health", "--live", "--max-age", "2").returncode == 0,
+        30,
+        "--live to pass again",
+    )
     worker.stop()
     gone = cli(env, "health", "--live")
     assert gone.returncode == 1 and "no outbox-bridge loop" in gone.stdout
@@ -275,13 +333,26 @@ def test_health_live_follows_the_loops_and_ready_names_the_service_that_is_down(
     assert ready.returncode == 0, ready.stdout
     down = free_port()
     assert refused(down)  # nothing answers there: the service is down
-    no_kafka = cli({**env, "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{down}"},
-                   "health", "--ready", "--timeout", "3")  # fmt: skip
+    no_kafka = cli(
+        {**env, "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{down}"},
+        "health",
+        "--ready",
+        "--timeout",
+        "3",
+    )
     assert no_kafka.returncode == 1 and "kafka: no answer" in no_kafka.stdout, no_kafka.stdout
     assert "database: answers" in no_kafka.stdout
     dsn = psycopg2.extensions.parse_dsn(db_url)
-    no_db = cli({**env, "OUTBOX_BRIDGE_DATABASE_URL": psycopg2.extensions.make_dsn(
-        **{**dsn, "port": str(down)})}, "health", "--ready")  # fmt: skip
+    no_db = cli(
+        {
+            **env,
+            "OUTBOX_BRIDGE_DATABASE_URL": psycopg2.extensions.make_dsn(
+                **{**dsn, "port": str(down)}
+            ),
+        },
+        "health",
+        "--ready",
+    )
     assert no_db.returncode == 1 and "database: OperationalError" in no_db.stdout, no_db.stdout
     assert "kafka: answers" in no_db.stdout
     query(db_url, "DELETE FROM outbox_bridge.migrations WHERE version = 6")
@@ -294,30 +365,50 @@ def test_the_worker_forgets_handled_messages_after_the_dedupe_window(inbox, db_u
     query(db_url, "INSERT INTO switches VALUES ('broken', true)")
     topic = inbox_topic(inbox)
     first = str(uuid.uuid4())
-    inbox.produce([(b"a", json.dumps({"k": "a", "seq": 1}).encode(),
-                    [("message_id", first.encode())])])  # fmt: skip
-    wait_for(lambda: query(db_url, "SELECT count(*) FROM outbox_bridge.deliveries"
-                                   " WHERE state = 'dead'")[0][0] == 1, 60,
-             "switchable's delivery to die")  # fmt: skip
+    inbox.produce(
+        [(b"a", json.dumps({"k": "a", "seq": 1}).encode(), [("message_id", first.encode())])]
+    )
+    wait_for(
+        lambda: (
+            query(db_url, "SELECT count(*) FROM outbox_bridge.deliveries WHERE state = 'dead'")[0][
+                0
+            ]
+            == 1
+        ),
+        60,
+        "switchable's delivery to die",
+    )
     query(db_url, "UPDATE switches SET on_ = false")
     second = str(uuid.uuid4())
-    inbox.produce([(b"b", json.dumps({"k": "b", "seq": 2}).encode(),
-                    [("message_id", second.encode())])])  # fmt: skip
+    inbox.produce(
+        [(b"b", json.dumps({"k": "b", "seq": 2}).encode(), [("message_id", second.encode())])]
+    )
 
     # handled first (else "pruned" below could hold before it was even consumed)
-    wait_for(lambda: uuid.UUID(second) in [r[0] for r in inbox.effects()], 60,
-             "the second message to be handled")  # fmt: skip
+    wait_for(
+        lambda: uuid.UUID(second) in [r[0] for r in inbox.effects()],
+        60,
+        "the second message to be handled",
+    )
 
     def pruned():
         return query(db_url, "SELECT message_id::text FROM outbox_bridge.inbox") == [(first,)]
 
     wait_for(pruned, 60, "the handled message to be pruned, the one with a dead delivery kept")
-    kept = query(db_url, "SELECT message_id::text, handler, state FROM outbox_bridge.deliveries"
-                         " ORDER BY handler")  # fmt: skip
-    assert kept == [(first, f"outbox.{topic}.record", "done"),
-                    (first, "outbox.tests.switchable", "dead")]  # fmt: skip
+    kept = query(
+        db_url,
+        "SELECT message_id::text, handler, state FROM outbox_bridge.deliveries ORDER BY handler",
+    )
+    assert kept == [
+        (first, f"outbox.{topic}.record", "done"),
+        (first, "outbox.tests.switchable", "dead"),
+    ]
     # read again after its window, a message is handled again (documented)
-    inbox.produce([(b"b", json.dumps({"k": "b", "seq": 2}).encode(),
-                    [("message_id", second.encode())])])  # fmt: skip
-    wait_for(lambda: [r[0] for r in inbox.effects()].count(uuid.UUID(second)) == 2, 60,
-             "the message read again after its window to be handled again")  # fmt: skip
+    inbox.produce(
+        [(b"b", json.dumps({"k": "b", "seq": 2}).encode(), [("message_id", second.encode())])]
+    )
+    wait_for(
+        lambda: [r[0] for r in inbox.effects()].count(uuid.UUID(second)) == 2,
+        60,
+        "the message read again after its window to be handled again",
+    )

@@ -18,8 +18,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
 
 def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["outbox-bridge", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["outbox-bridge", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def _dead(env: dict) -> list[tuple]:
@@ -41,9 +42,11 @@ def test_dead_purge_with_every_filter(worker_env, db_url):
                 " \"offset\", key) VALUES (%s, 't3', 0, 0, 'a')",
                 (message_id,),
             )
-            cur.execute("INSERT INTO outbox_bridge.deliveries (message_id, handler, topic, key,"
-                        " shard, state, dead_at) VALUES (%s, %s, 't3', 'a', 0, 'dead', now())",
-                        (message_id, handler))  # fmt: skip
+            cur.execute(
+                "INSERT INTO outbox_bridge.deliveries (message_id, handler, topic, key,"
+                " shard, state, dead_at) VALUES (%s, %s, 't3', 'a', 0, 'dead', now())",
+                (message_id, handler),
+            )
     c.close()
     outbox = [("outbox", t, k) for t in ("t1", "t2") for k in "ab"]
     assert _dead(worker_env) == sorted(outbox + [("h1", "t3", "a"), ("h2", "t3", "a")])
@@ -80,8 +83,11 @@ def test_status_reports_the_consumer_lag_and_the_oldest_pending_age(
     outbox = status["outbox"]
     assert outbox["counts"]["pending"] == 1
     assert 90 <= outbox["oldest_pending_seconds"] < 150
-    lag = wait_for(lambda: json.loads(cli(worker_env, "status", "--json").stdout)["inbox"]
-                   ["consumer_lag"], 30, "the lag report")  # fmt: skip
+    lag = wait_for(
+        lambda: json.loads(cli(worker_env, "status", "--json").stdout)["inbox"]["consumer_lag"],
+        30,
+        "the lag report",
+    )
     assert {(p["topic"], p["partition"]): p["lag"] for p in lag}[(topic, 0)] == 5
     assert sum(p["lag"] for p in lag) == 5
     text = cli(worker_env, "status").stdout

@@ -258,8 +258,11 @@ def test_a_rabbitmq_restart_loses_nothing(
         # committed while the Celery broker is away: PostgreSQL keeps them
         ids = commit(db_url, topic, [{"n": i} for i in range(1, 21)], key="k")
         # and the worker noticed that its broker was gone
-        wait_for(lambda: "Connection to broker lost" in worker.log_path.read_text(), 30,
-                 "the worker to lose RabbitMQ")  # fmt: skip
+        wait_for(
+            lambda: "Connection to broker lost" in worker.log_path.read_text(),
+            30,
+            "the worker to lose RabbitMQ",
+        )
     finally:
         native_services.up("rabbitmq")
     reader.read_message_ids({str(i) for i in ids}, timeout=120)
@@ -274,15 +277,19 @@ def test_two_watchers_at_once_deliver_each_row_once(
     watchers = []
     for log in logs:
         with open(log, "wb") as out:
-            watchers.append(subprocess.Popen(["outbox-bridge", "watch"], env=worker_env,
-                                             cwd=ROOT, stdout=out, stderr=out))  # fmt: skip
+            watchers.append(
+                subprocess.Popen(
+                    ["outbox-bridge", "watch"], env=worker_env, cwd=ROOT, stdout=out, stderr=out
+                )
+            )
     try:
         for log in logs:  # both watch before the first commit
             wait_for(lambda log=log: b"watcher listening" in log.read_bytes(), 30, "a watcher")
         ids = []
         for start in range(0, 2000, 100):
-            ids += commit(db_url, topic, [{"n": i} for i in range(start, start + 100)],
-                          key=f"k{start % 7}")  # fmt: skip
+            ids += commit(
+                db_url, topic, [{"n": i} for i in range(start, start + 100)], key=f"k{start % 7}"
+            )
         reader = kafka_reader(topic)
         reader.read_message_ids({str(i) for i in ids}, timeout=120)
         reader.drain(quiet=2)

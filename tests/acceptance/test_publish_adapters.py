@@ -157,10 +157,14 @@ class PublishContract:
         with self.transaction(env.url) as tx:
             tx.write(note)
             ids = [
-                tx.publish(env.topic, {"adapter": self.name, "n": n}, key=note,
-                           headers={"type": "T", "raw": b"\x00\xff"})
+                tx.publish(
+                    env.topic,
+                    {"adapter": self.name, "n": n},
+                    key=note,
+                    headers={"type": "T", "raw": b"\x00\xff"},
+                )
                 for n in range(3)
-            ]  # fmt: skip
+            ]
         assert env.app_rows(note) == 1
         env.reader.read_message_ids({str(i) for i in ids}, 60)
         mine = [m for m in env.reader.messages if m.key() == note.encode()]
@@ -383,12 +387,17 @@ def django_setup(env):
         dsn = psycopg2.extensions.parse_dsn(env.url)
         settings.configure(
             INSTALLED_APPS=["outbox_bridge.contrib.django"],
-            DATABASES={"default": {
-                "ENGINE": "django.db.backends.postgresql", "NAME": dsn["dbname"],
-                "USER": dsn.get("user", ""), "PASSWORD": dsn.get("password", ""),
-                "HOST": dsn.get("host", ""), "PORT": dsn.get("port", ""),
-            }},
-        )  # fmt: skip
+            DATABASES={
+                "default": {
+                    "ENGINE": "django.db.backends.postgresql",
+                    "NAME": dsn["dbname"],
+                    "USER": dsn.get("user", ""),
+                    "PASSWORD": dsn.get("password", ""),
+                    "HOST": dsn.get("host", ""),
+                    "PORT": dsn.get("port", ""),
+                }
+            },
+        )
         django.setup()
     yield
     from django.db import connection
@@ -461,9 +470,12 @@ class AsyncContract(PublishContract):
 def _asyncpg_params(url: str) -> dict:
     dsn = psycopg2.extensions.parse_dsn(url)
     return {
-        "host": dsn.get("host"), "port": dsn.get("port"), "user": dsn.get("user"),
-        "password": dsn.get("password"), "database": dsn.get("dbname"),
-    }  # fmt: skip
+        "host": dsn.get("host"),
+        "port": dsn.get("port"),
+        "user": dsn.get("user"),
+        "password": dsn.get("password"),
+        "database": dsn.get("dbname"),
+    }
 
 
 class TestAsyncpg(AsyncContract):
@@ -558,8 +570,9 @@ class AsyncSQLAlchemyContract(AsyncContract):
     def engine(self, run, **options):
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        engine = create_async_engine(sqlalchemy_url(os.environ["OUTBOX_BRIDGE_DATABASE_URL"],
-                                                 self.driver), **options)  # fmt: skip
+        engine = create_async_engine(
+            sqlalchemy_url(os.environ["OUTBOX_BRIDGE_DATABASE_URL"], self.driver), **options
+        )
         try:
             yield engine
         finally:

@@ -41,8 +41,9 @@ def expected_record(key, value, hdrs):
     return as_bytes, data, pairs
 
 
-def test_what_publish_accepts_reaches_kafka_byte_for_byte(db_url, topic, start_worker,
-                                                          kafka_reader):  # fmt: skip
+def test_what_publish_accepts_reaches_kafka_byte_for_byte(
+    db_url, topic, start_worker, kafka_reader
+):
     accepted: dict[str, tuple] = {}
     refused: list[str] = []
     conn = psycopg2.connect(db_url)

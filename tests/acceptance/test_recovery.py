@@ -84,8 +84,11 @@ def test_a_rebalance_mid_stream_keeps_effects_once_and_in_order(inbox, topic):
     producer.start()
     wait_for(lambda: inbox.effects(), 30, "the first effects")
     second = inbox.start()  # joins the group mid-stream
-    wait_for(lambda: "inbox consumer assigned [('" in second.log_path.read_text(), 30,
-             "the second worker to get partitions")  # fmt: skip
+    wait_for(
+        lambda: "inbox consumer assigned [('" in second.log_path.read_text(),
+        30,
+        "the second worker to get partitions",
+    )
     first.stop()  # and the first leaves it, mid-stream
     producer.join()
     assert second.proc.poll() is None
@@ -112,10 +115,15 @@ def test_a_handler_that_publishes_then_raises_leaves_only_its_retrys_message(
 def test_a_keyed_poison_message_holds_its_key_for_that_handler_only(inbox, topic):
     record = f"outbox.{topic}.record"
     inbox.start()
-    inbox.produce([_msg("p", 0), _msg("p", 1, poison=True), _msg("p", 2), _msg("p", 3)]
-                  + [_msg("q", s) for s in range(4)])  # fmt: skip
-    wait_for(lambda: inbox.query("SELECT 1 FROM outbox_bridge.deliveries WHERE state = 'dead'"),
-             90, "the poison message's delivery to die")  # fmt: skip
+    inbox.produce(
+        [_msg("p", 0), _msg("p", 1, poison=True), _msg("p", 2), _msg("p", 3)]
+        + [_msg("q", s) for s in range(4)]
+    )
+    wait_for(
+        lambda: inbox.query("SELECT 1 FROM outbox_bridge.deliveries WHERE state = 'dead'"),
+        90,
+        "the poison message's delivery to die",
+    )
     wait_for(lambda: len(inbox.effects("switchable")) == 8, 30, "the other handler")
     wait_for(lambda: _by_key(inbox.effects())["q"] == [0, 1, 2, 3], 30, "key q")
     assert _by_key(inbox.effects())["p"] == [0]  # held behind its dead head
@@ -132,9 +140,13 @@ def test_a_keyed_poison_message_holds_its_key_for_that_handler_only(inbox, topic
 def test_a_lost_retry_task_is_redriven_after_its_lease_and_buried_at_max_retries(
     start_worker, worker_env, db_url, topic
 ):
-    env = {"OUTBOX_BRIDGE_BEFORE_PRODUCE": "tests.faults.fail_marked",
-           "OUTBOX_BRIDGE_MAX_RETRIES": "1", "OUTBOX_BRIDGE_RETRY_BACKOFF": "8",
-           "OUTBOX_BRIDGE_RETRY_JITTER": "false", "OUTBOX_BRIDGE_LEASE_SECONDS": "3"}  # fmt: skip
+    env = {
+        "OUTBOX_BRIDGE_BEFORE_PRODUCE": "tests.faults.fail_marked",
+        "OUTBOX_BRIDGE_MAX_RETRIES": "1",
+        "OUTBOX_BRIDGE_RETRY_BACKOFF": "8",
+        "OUTBOX_BRIDGE_RETRY_JITTER": "false",
+        "OUTBOX_BRIDGE_LEASE_SECONDS": "3",
+    }
     worker = start_worker(**env)
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
@@ -142,8 +154,17 @@ def test_a_lost_retry_task_is_redriven_after_its_lease_and_buried_at_max_retries
     c.close()
     wait_for(lambda: rows(db_url, "state = 'retrying'"), 60, "the first failure")
     _kill(worker)  # its retry task (8 s countdown) goes back to RabbitMQ...
-    purge = [sys.executable, "-m", "celery", "-A", "outbox_bridge", "purge", "-f",
-             "-Q", worker_env["OUTBOX_BRIDGE_CELERY_QUEUE"]]  # fmt: skip
+    purge = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "outbox_bridge",
+        "purge",
+        "-f",
+        "-Q",
+        worker_env["OUTBOX_BRIDGE_CELERY_QUEUE"],
+    ]
 
     def purged() -> bool:  # ...and is lost there for good
         out = subprocess.run(purge, env=worker_env, cwd=ROOT, capture_output=True, text=True)
@@ -190,12 +211,16 @@ def test_a_row_whose_transaction_commits_a_second_after_its_insert_is_found_at_o
         # the transaction stays open until the watcher has read the moved sequence
         # (and looked, finding nothing yet) a few times since the INSERT
         wait_for(
-            lambda: query(db_url, "SELECT count(*) FROM pg_stat_activity"
-                                  " WHERE application_name = 'outbox-bridge watcher'"
-                                  " AND query_start > %s + interval '100 milliseconds'",
-                          (inserted,))[0][0],
-            10, "the watcher to look while the writer's transaction is open",
-        )  # fmt: skip
+            lambda: query(
+                db_url,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'outbox-bridge watcher'"
+                " AND query_start > %s + interval '100 milliseconds'",
+                (inserted,),
+            )[0][0],
+            10,
+            "the watcher to look while the writer's transaction is open",
+        )
         assert query(db_url, "SELECT count(*) FROM outbox_bridge.outbox")[0][0] == 0  # unseen
     c.close()
     kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer
@@ -239,9 +264,15 @@ def test_commits_skip_notify_once_the_watchers_heartbeat_expired(
     reader = kafka_reader(topic)
     reader.read(1, timeout=30)
     _kill(worker)  # no goodbye: its heartbeat stays until it expires (10 s)
-    wait_for(lambda: query(db_url, "SELECT seen_at < now() - interval '10 seconds'"
-                                   " FROM outbox_bridge.wakeup WHERE queue = 'outbox'")[0][0],
-             30, "the heartbeat to expire")  # fmt: skip
+    wait_for(
+        lambda: query(
+            db_url,
+            "SELECT seen_at < now() - interval '10 seconds'"
+            " FROM outbox_bridge.wakeup WHERE queue = 'outbox'",
+        )[0][0],
+        30,
+        "the heartbeat to expire",
+    )
     notified()
     commit(2)
     listener.cursor().execute(f"NOTIFY \"{channel}\", 'marker'")  # sent after the commit

@@ -13,11 +13,24 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq,
-              pytest.mark.slow, pytest.mark.services]  # fmt: skip
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.kafka,
+    pytest.mark.rabbitmq,
+    pytest.mark.slow,
+    pytest.mark.services,
+]
 
-KINDS = ["kill_child", "kill_worker", "kafka", "postgres", "rabbitmq", "rebalance",
-         "blackhole_postgres", "blackhole_kafka"]  # fmt: skip
+KINDS = [
+    "kill_child",
+    "kill_worker",
+    "kafka",
+    "postgres",
+    "rabbitmq",
+    "rebalance",
+    "blackhole_postgres",
+    "blackhole_kafka",
+]
 
 
 @pytest.mark.parametrize("pool, adapter", [("prefork", "psycopg2"), ("threads", "sqlalchemy")])
@@ -26,14 +39,43 @@ def test_a_short_soak_loses_nothing_doubles_nothing_and_keeps_order(
 ):
     report = tmp_path / "soak.json"
     done = subprocess.run(
-        ["outbox-bridge", "soak", "--seconds", "30", "--rate", "60", "--faults", "8",
-         "--silence", "10", "--sample-every", "10", "--plot", str(tmp_path / "soak.png"),
-         "--pool", pool, "--adapter", adapter, "--seed", "7", "--max-tail", "180",
-         "--services", native_services.script, "--logdir", str(tmp_path), "--json", str(report)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        [
+            "outbox-bridge",
+            "soak",
+            "--seconds",
+            "30",
+            "--rate",
+            "60",
+            "--faults",
+            "8",
+            "--silence",
+            "10",
+            "--sample-every",
+            "10",
+            "--plot",
+            str(tmp_path / "soak.png"),
+            "--pool",
+            pool,
+            "--adapter",
+            adapter,
+            "--seed",
+            "7",
+            "--max-tail",
+            "180",
+            "--services",
+            native_services.script,
+            "--logdir",
+            str(tmp_path),
+            "--json",
+            str(report),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
         # a 10 s deadline: each blackhole costs its workers 10 s, not 30 s, after it
         env={**os.environ, "OUTBOX_BRIDGE_NETWORK_TIMEOUT": "10"},
-    )  # fmt: skip
+    )
     print(done.stdout[-6000:], done.stderr[-3000:])
     assert report.exists(), done.stderr[-3000:]
     result = json.loads(report.read_text())
@@ -51,5 +93,4 @@ def test_a_short_soak_loses_nothing_doubles_nothing_and_keeps_order(
     assert samples["count"] >= 5 and (tmp_path / "soak.png").stat().st_size > 10_000
     sampled = [json.loads(line) for line in Path(samples["path"]).read_text().splitlines()]
     assert all(s["rss_mb"] and s["fds"] for s in sampled)
-    assert any("outbox" in s.get("relations_kb", {}) and s.get("lag") is not None
-               for s in sampled)  # fmt: skip
+    assert any("outbox" in s.get("relations_kb", {}) and s.get("lag") is not None for s in sampled)

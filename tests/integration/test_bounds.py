@@ -49,8 +49,12 @@ def test_consumer_lag_counts_from_the_low_watermark_when_older_records_are_gone(
         return next(p for p in consumer_lag(settings, group, [topic]) if p["partition"] == 0)
 
     assert lag_of_partition_0() == {
-        "topic": topic, "partition": 0, "committed": None, "end": 10, "lag": 0
-    }  # fmt: skip
+        "topic": topic,
+        "partition": 0,
+        "committed": None,
+        "end": 10,
+        "lag": 0,
+    }
     for i in range(3):
         producer.produce(topic, value=b"%d" % i, partition=0)
     assert producer.flush(30) == 0
@@ -101,17 +105,23 @@ def test_metric_files_of_exited_processes_fold_into_one_and_keep_their_totals(tm
 
         found = CollectorRegistry()
         MultiProcessCollector(found, path=str(tmp_path))
-        return {s.name: s.value for m in found.collect() for s in m.samples
-                if s.name in ("outbox_bridge_handled_total",
-                              "outbox_bridge_handler_seconds_count")}  # fmt: skip
+        return {
+            s.name: s.value
+            for m in found.collect()
+            for s in m.samples
+            if s.name in ("outbox_bridge_handled_total", "outbox_bridge_handler_seconds_count")
+        }
 
     before = totals()
-    assert before == {"outbox_bridge_handled_total": 18.0,
-                      "outbox_bridge_handler_seconds_count": 6.0}  # fmt: skip
+    assert before == {
+        "outbox_bridge_handled_total": 18.0,
+        "outbox_bridge_handler_seconds_count": 6.0,
+    }
     assert metrics.compact(str(tmp_path)) == 12  # six counter and six histogram files
     assert sorted(p.name for p in tmp_path.glob("*.db")) == [
-        "counter_archive.db", "histogram_archive.db"
-    ]  # fmt: skip
+        "counter_archive.db",
+        "histogram_archive.db",
+    ]
     assert totals() == before
     subprocess.run([sys.executable, "-c", count], env=env, check=True)  # one more, then fold
     assert metrics.compact(str(tmp_path)) == 2

@@ -145,8 +145,10 @@ def test_retention_prunes_in_batches_past_kept_rows_and_stops_at_the_window(conn
         store(cur, settings, [FakeMessage(i) for i in range(15)])
         cur.execute("UPDATE outbox_bridge.deliveries SET state = 'done'")
         # 0-11 are older than the window; 4 and 9 have a dead delivery, 7 a retrying one
-        cur.execute("UPDATE outbox_bridge.inbox SET received_at = now() - interval '2 days'"
-                    ' WHERE "offset" < 12')  # fmt: skip
+        cur.execute(
+            "UPDATE outbox_bridge.inbox SET received_at = now() - interval '2 days'"
+            ' WHERE "offset" < 12'
+        )
         cur.execute(
             'UPDATE outbox_bridge.deliveries d SET state = CASE i."offset" WHEN 7'
             " THEN 'retrying' ELSE 'dead' END FROM outbox_bridge.inbox i"

@@ -32,8 +32,14 @@ def empty_db(services):
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUTBOX_BRIDGE_DATABASE_URL": url}
-    return subprocess.run(["outbox-bridge", "migrate", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["outbox-bridge", "migrate", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_check_exits_1_with_what_is_pending_then_0_once_migrated(empty_db):
@@ -50,14 +56,21 @@ def test_the_sql_script_builds_the_same_schema_that_migrate_records_as_applied(e
     # as a team would run it: psql sends one statement at a time (the script holds its own
     # BEGIN/COMMIT per version, and CREATE INDEX CONCURRENTLY outside any)
     psql = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
-    run = subprocess.run([psql, "-v", "ON_ERROR_STOP=1", "-q", empty_db], input=script,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [psql, "-v", "ON_ERROR_STOP=1", "-q", empty_db],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     settings = Settings(database_url=empty_db)
     assert pending(settings) == []
     assert migrate(settings) == []  # nothing left: the script recorded every version
-    tables = ("SELECT table_name, column_name, data_type FROM information_schema.columns"
-              " WHERE table_schema = 'outbox_bridge' ORDER BY 1, 2")  # fmt: skip
+    tables = (
+        "SELECT table_name, column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = 'outbox_bridge' ORDER BY 1, 2"
+    )
     assert query(empty_db, tables) == query(db_url, tables)  # db_url: by `migrate`
     indexes = "SELECT indexdef FROM pg_indexes WHERE schemaname = 'outbox_bridge' ORDER BY 1"
     assert query(empty_db, indexes) == query(db_url, indexes)
@@ -73,10 +86,13 @@ def test_migrate_under_a_long_transaction_never_blocks_the_writers_for_longer_th
     import time
 
     # the database as it was before 0008
-    query(db_url, "DROP INDEX outbox_bridge.inbox_topic_message_id;"
-                  " ALTER TABLE outbox_bridge.inbox ADD CONSTRAINT inbox_message_id_key"
-                  " UNIQUE (message_id);"
-                  " DELETE FROM outbox_bridge.migrations WHERE version = 8")  # fmt: skip
+    query(
+        db_url,
+        "DROP INDEX outbox_bridge.inbox_topic_message_id;"
+        " ALTER TABLE outbox_bridge.inbox ADD CONSTRAINT inbox_message_id_key"
+        " UNIQUE (message_id);"
+        " DELETE FROM outbox_bridge.migrations WHERE version = 8",
+    )
     handler = psycopg2.connect(db_url)  # a handler transaction that reads the inbox
     handler.cursor().execute("SELECT count(*) FROM outbox_bridge.inbox")
     waits, stop = [], threading.Event()
@@ -89,17 +105,28 @@ def test_migrate_under_a_long_transaction_never_blocks_the_writers_for_longer_th
             started = time.monotonic()
             c.cursor().execute(
                 'INSERT INTO outbox_bridge.inbox (message_id, topic, "partition", "offset")'
-                " VALUES (gen_random_uuid(), 't', 0, %s)", (n,))  # fmt: skip
+                " VALUES (gen_random_uuid(), 't', 0, %s)",
+                (n,),
+            )
             waits.append(time.monotonic() - started)
             n += 1
         c.close()
 
     writer = threading.Thread(target=consumer)
     writer.start()
-    env = {**os.environ, "OUTBOX_BRIDGE_DATABASE_URL": db_url,
-           "OUTBOX_BRIDGE_MIGRATE_LOCK_TIMEOUT": "1"}  # fmt: skip
-    migrator = subprocess.Popen(["outbox-bridge", "migrate"], env=env, cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    env = {
+        **os.environ,
+        "OUTBOX_BRIDGE_DATABASE_URL": db_url,
+        "OUTBOX_BRIDGE_MIGRATE_LOCK_TIMEOUT": "1",
+    }
+    migrator = subprocess.Popen(
+        ["outbox-bridge", "migrate"],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         # the migration waited for its lock at least twice while the handler held the table
         deadline = time.monotonic() + 60

@@ -115,7 +115,13 @@ def test_burying_needs_the_current_retry_token_and_is_idempotent(db_url, conn):
     assert [(r[3], r[4], r[5]) for r in rows(db_url)] == [("dead", 1, "E: first")]
     # what the message_dead signal gets
     assert (dead.queue, dead.id, dead.topic, dead.key, dead.attempts, dead.last_error) == (
-        "outbox", row_id, "t", b"a", 1, "E: first")  # fmt: skip
+        "outbox",
+        row_id,
+        "t",
+        b"a",
+        1,
+        "E: first",
+    )
 
 
 def test_a_task_out_of_retries_buries_only_rows_that_used_up_their_own_attempts(db_url, conn):
@@ -279,8 +285,10 @@ def test_a_lingering_task_leaves_shards_whose_rows_are_all_held(db_url, conn):
     with conn, conn.cursor() as cur:
         # every pending row of the shard is held back by its key's dead head: released
         # as "all held"
-        cur.execute("UPDATE outbox_bridge.outbox SET state = 'dead' WHERE id = (SELECT"
-                    " min(id) FROM outbox_bridge.outbox)")  # fmt: skip
+        cur.execute(
+            "UPDATE outbox_bridge.outbox SET state = 'dead' WHERE id = (SELECT"
+            " min(id) FROM outbox_bridge.outbox)"
+        )
         publish(cur, "t", 2, key="held")
         queue.release(cur, [held], token, held=[held])
         publish(cur, "t", 0, key=free_key)
@@ -306,13 +314,16 @@ def test_after_a_takeover_only_the_rows_the_dead_owner_may_have_had_are_suspects
         ((_shards, dead_owner),) = queue.claim(cur, [shard], 30)
         # it renewed 40 s ago (lease 30 s) and was never heard of again; the rows it had
         # are 41 s old; 50 more came after its death
-        cur.execute("UPDATE outbox_bridge.claims SET lease_until = now() - interval '10s'"
-                    " WHERE shard = %s", (shard,))  # fmt: skip
+        cur.execute(
+            "UPDATE outbox_bridge.claims SET lease_until = now() - interval '10s' WHERE shard = %s",
+            (shard,),
+        )
         cur.execute("UPDATE outbox_bridge.outbox SET created_at = now() - interval '41s'")
         # the first of them from a transaction that began later than the others' (ids and
         # start times disagree): still in hand, since a later row of its key is
-        cur.execute("UPDATE outbox_bridge.outbox SET created_at = now() WHERE id = %s",
-                    (min(_ids(cur)),))  # fmt: skip
+        cur.execute(
+            "UPDATE outbox_bridge.outbox SET created_at = now() WHERE id = %s", (min(_ids(cur)),)
+        )
         for n in range(50):
             publish(cur, "t", 100 + n, key="a")
     with conn, conn.cursor() as cur:
@@ -338,5 +349,6 @@ def _ids(cur) -> list[int]:
 def _row_message(db_url: str, row_id: int) -> str:
     from tests.conftest import query
 
-    return str(query(db_url, "SELECT message_id FROM outbox_bridge.outbox WHERE id = %s",
-                     (row_id,))[0][0])  # fmt: skip
+    return str(
+        query(db_url, "SELECT message_id FROM outbox_bridge.outbox WHERE id = %s", (row_id,))[0][0]
+    )

@@ -26,8 +26,10 @@ LEASE = 8.0  # the round's deadline: three quarters of it
 
 
 def _rows(topic: str, first: int, count: int) -> list[Row]:
-    return [Row(i, str(uuid.uuid4()), topic, b"k", json.dumps({"n": i}).encode(), None)
-            for i in range(first, first + count)]  # fmt: skip
+    return [
+        Row(i, str(uuid.uuid4()), topic, b"k", json.dumps({"n": i}).encode(), None)
+        for i in range(first, first + count)
+    ]
 
 
 def test_a_silent_kafka_ends_the_round_within_its_lease_and_nothing_of_it_goes_out_later(
@@ -35,8 +37,10 @@ def test_a_silent_kafka_ends_the_round_within_its_lease_and_nothing_of_it_goes_o
 ):
     proxied = os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED")
     if not proxied:
-        pytest.fail("OUTBOX_BRIDGE_KAFKA_PROXIED is not set: run scripts/test (scripts/services"
-                    " env gives it)")  # fmt: skip
+        pytest.fail(
+            "OUTBOX_BRIDGE_KAFKA_PROXIED is not set: run scripts/test (scripts/services"
+            " env gives it)"
+        )
     host, port = proxied.rsplit(":", 1)
     proxy = Proxy((host, int(port)), int(os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXY_PORT", "9095")))
     # message.timeout.ms stays at its 30 s: only the lease can end this round in time
@@ -61,8 +65,11 @@ def test_a_silent_kafka_ends_the_round_within_its_lease_and_nothing_of_it_goes_o
         proxy.speak()
         relay = get_relay(settings)
         after = _rows(topic, 100, 1)
-        wait_for(lambda: relay.deliver(after).delivered == [100], 60,
-                 "a new producer to deliver after the silence")  # fmt: skip
+        wait_for(
+            lambda: relay.deliver(after).delivered == [100],
+            60,
+            "a new producer to deliver after the silence",
+        )
         # only what was delivered is in Kafka: the purged batch never went out
         bootstrap = services["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"]
         sent = {r[4] for r in read_topic(bootstrap, topic)}

@@ -43,23 +43,27 @@ def test_a_taken_port_is_reported_in_one_line(tmp_path):
 
 def test_missing_java_is_reported(tmp_path):
     out = run(
-        tmp_path, "up", "kafka",
+        tmp_path,
+        "up",
+        "kafka",
         OUTBOX_BRIDGE_JAVA="/nonexistent/java",
         OUTBOX_BRIDGE_KAFKA_PORT=str(free_port()),
         OUTBOX_BRIDGE_KAFKA_CONTROLLER_PORT=str(free_port()),
-    )  # fmt: skip
+    )
     assert out.returncode == 1
     assert "kafka did not start: Java not found: '/nonexistent/java'" in out.stderr
 
 
 def test_a_service_that_dies_while_starting_shows_its_log_tail(tmp_path):
     out = run(
-        tmp_path, "up", "kafka",
+        tmp_path,
+        "up",
+        "kafka",
         OUTBOX_BRIDGE_KAFKA_HEAP="1k",  # the JVM refuses such a heap and exits
         OUTBOX_BRIDGE_KAFKA_PORT=str(free_port()),
         OUTBOX_BRIDGE_KAFKA_CONTROLLER_PORT=str(free_port()),
         OUTBOX_BRIDGE_KAFKA_PROXIED_PORT=str(free_port()),
-    )  # fmt: skip
+    )
     assert out.returncode == 1
     assert "services: kafka did not start:" in out.stderr
     assert "--- last lines of" in out.stderr and "heap" in out.stderr.lower()

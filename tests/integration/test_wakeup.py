@@ -46,8 +46,13 @@ def test_a_consumer_batch_comes_as_soon_as_there_is_a_message(services, topic):
     """``consume(n, timeout)`` waits for n messages or the timeout; the inbox's batch
     must not: one message is there, and it comes well before a 60 s timeout."""
     servers = services["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"]
-    consumer = Consumer({"bootstrap.servers": servers, "group.id": uuid.uuid4().hex,
-                         "auto.offset.reset": "earliest"})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": servers,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+        }
+    )
     consumer.subscribe([topic])
     producer = Producer({"bootstrap.servers": servers})
     producer.produce(topic, b"one")

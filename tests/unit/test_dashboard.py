@@ -17,8 +17,11 @@ def defined_metrics() -> set[str]:
 def test_every_metric_the_dashboard_queries_exists():
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    used = {re.sub(r"_(total|bucket|count|sum)$", "", name)
-            for e in exprs for name in re.findall(r"outbox_bridge_[a-z_]+", e)}  # fmt: skip
+    used = {
+        re.sub(r"_(total|bucket|count|sum)$", "", name)
+        for e in exprs
+        for name in re.findall(r"outbox_bridge_[a-z_]+", e)
+    }
     assert used and used <= defined_metrics(), used - defined_metrics()
     # every metric has a panel: what is measured is shown
     assert defined_metrics() <= used, defined_metrics() - used

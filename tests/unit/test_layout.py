@@ -10,8 +10,18 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "outbox_bridge"
-CORE = {"config", "errors", "message", "db", "migrate", "events", "queue", "shardtask",
-        "watchdog", "queries"}  # fmt: skip
+CORE = {
+    "config",
+    "errors",
+    "message",
+    "db",
+    "migrate",
+    "events",
+    "queue",
+    "shardtask",
+    "watchdog",
+    "queries",
+}
 SIDES = ("outbox", "inbox")
 
 
@@ -42,8 +52,11 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
                 continue
             targets = [f"{base}.{a.name}".strip(".") for a in node.names] + [base]
         elif isinstance(node, ast.Import):
-            targets = [a.name.removeprefix("outbox_bridge").lstrip(".")
-                       for a in node.names if a.name.startswith("outbox_bridge")]  # fmt: skip
+            targets = [
+                a.name.removeprefix("outbox_bridge").lstrip(".")
+                for a in node.names
+                if a.name.startswith("outbox_bridge")
+            ]
         for target in targets:
             # the deepest known module named: "x.y import z" is x.y.z when that is a module
             while target and target not in known:
@@ -105,8 +118,14 @@ def test_publishing_builds_no_celery_app_and_reads_no_celeryconfig(tmp_path):
         "print(loaded)\n"
     )
     env = {"PYTHONPATH": f"{tmp_path}:{PACKAGE.parent}", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 

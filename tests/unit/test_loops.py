@@ -50,10 +50,16 @@ class _Msg:
 
 
 @pytest.mark.parametrize(
-    "code", [KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
-             KafkaError.UNKNOWN_MEMBER_ID, KafkaError.NOT_COORDINATOR,
-             KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError._TRANSPORT],
-)  # fmt: skip
+    "code",
+    [
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError._TRANSPORT,
+    ],
+)
 def test_a_commit_refused_by_a_rebalance_or_a_moving_coordinator_is_skipped(code):
     # the soak found NOT_COORDINATOR after a Kafka restart stopping the consumer loop
     assert commit_offsets(_Consumer(code), [_Msg()]) is False
@@ -71,8 +77,9 @@ def test_again_later_sends_the_same_work_without_spending_a_retry():
 
     sent = []
     task = SimpleNamespace(
-        name="t", request=SimpleNamespace(args=([1, 2], "tok"), kwargs={}, retries=3),
+        name="t",
+        request=SimpleNamespace(args=([1, 2], "tok"), kwargs={}, retries=3),
         apply_async=lambda args, kwargs, **options: sent.append((args, kwargs, options)),
-    )  # fmt: skip
+    )
     again_later(task, 1.5, "database away")
     assert sent == [(([1, 2], "tok"), {}, {"countdown": 1.5, "retries": 3})]

@@ -132,8 +132,9 @@ def fetcher(batch):
 
 def round_of(queue, batch=(), suspect=False, skip=None, linger=0.0):
     clock = shardtask.Linger(Settings(linger_seconds=linger))
-    return shardtask.next_round(None, queue, Settings(), "tok", [1, 2], clock,
-                                fetcher(list(batch)), suspect, skip)  # fmt: skip
+    return shardtask.next_round(
+        None, queue, Settings(), "tok", [1, 2], clock, fetcher(list(batch)), suspect, skip
+    )
 
 
 def test_a_round_whose_shards_are_gone_is_stale():
@@ -210,12 +211,15 @@ def row(n, topic="t", key=b"k"):
 
 
 def test_kafkas_reports_are_delivered_failed_or_wait():
-    relay = relay_with({
-        b"2": KafkaError(KafkaError.INVALID_RECORD),  # this record: charged, retried
-        b"3": KafkaError(KafkaError.LEADER_NOT_AVAILABLE),  # the topic: waits, uncharged
-    })  # fmt: skip
-    out = relay.deliver([row(1, key=b"a"), row(2, key=b"b"), row(3, "gone", b"c"),
-                         row(4, "gone", b"d")])  # fmt: skip
+    relay = relay_with(
+        {
+            b"2": KafkaError(KafkaError.INVALID_RECORD),  # this record: charged, retried
+            b"3": KafkaError(KafkaError.LEADER_NOT_AVAILABLE),  # the topic: waits, uncharged
+        }
+    )
+    out = relay.deliver(
+        [row(1, key=b"a"), row(2, key=b"b"), row(3, "gone", b"c"), row(4, "gone", b"d")]
+    )
     assert out.delivered == [1]
     assert list(out.failed) == [2]
     assert out.paused_topics.keys() == {"gone"}

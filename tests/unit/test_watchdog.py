@@ -84,9 +84,14 @@ def test_a_block_that_ends_in_time_leaves_the_socket_alone():
 
 def test_network_timeout_sets_libpq_and_server_deadlines():
     p = network_params(30)
-    assert p == {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
-                 "keepalives_interval": 3, "keepalives_count": 3,
-                 "tcp_user_timeout": 30000}  # fmt: skip
+    assert p == {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30000,
+    }
     assert "-c tcp_user_timeout=30000" in network_options(30)
     assert network_options(0) == () and network_params(0) == {"connect_timeout": 10}
 

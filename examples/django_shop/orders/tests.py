@@ -27,11 +27,15 @@ class CreateOrder(TestCase):
         order = Order.objects.get()
         self.assertEqual(
             outbox(),
-            [(
-                "orders", f"order-{order.id}", f'{{"id":{order.id},"total":"9.90"}}',
-                '[["type", "OrderCreated"]]',
-            )],
-        )  # fmt: skip
+            [
+                (
+                    "orders",
+                    f"order-{order.id}",
+                    f'{{"id":{order.id},"total":"9.90"}}',
+                    '[["type", "OrderCreated"]]',
+                )
+            ],
+        )
 
     def test_a_rolled_back_order_sends_nothing(self):
         with self.assertRaises(RuntimeError), transaction.atomic():

@@ -39,9 +39,12 @@ def database_url(alias: str) -> str | None:
     if "postgresql" not in db.get("ENGINE", ""):
         return None
     parts = {
-        "dbname": db.get("NAME"), "user": db.get("USER"), "password": db.get("PASSWORD"),
-        "host": db.get("HOST"), "port": db.get("PORT"),
-    }  # fmt: skip
+        "dbname": db.get("NAME"),
+        "user": db.get("USER"),
+        "password": db.get("PASSWORD"),
+        "host": db.get("HOST"),
+        "port": db.get("PORT"),
+    }
     # OPTIONS holds libpq's own settings too (sslmode, sslrootcert, sslcert, sslkey,
     # options, target_session_attrs, ...): the worker connects as the web app does
     for name, value in (db.get("OPTIONS") or {}).items():

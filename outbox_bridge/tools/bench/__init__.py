@@ -177,8 +177,10 @@ class Bench:
     def fresh_database(self) -> None:
         recreate_database(self.admin_dsn, BENCH_DB)
         migrate(self.settings)
-        self.sql("CREATE TABLE bench_done (message_id uuid, t double precision,"
-                 " at timestamptz NOT NULL DEFAULT clock_timestamp())")  # fmt: skip
+        self.sql(
+            "CREATE TABLE bench_done (message_id uuid, t double precision,"
+            " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
 
     def sql(self, statement: str, params: Any = None) -> list:
         with transaction(self.settings, "outbox-bridge bench") as cur:
@@ -211,11 +213,27 @@ class Bench:
             env["OUTBOX_BRIDGE_POLL_INTERVAL"] = poll_interval
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "outbox_bridge", "worker", "-l", "info",
-                 "-c", str(self.opts.concurrency), "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
-                 "--without-mingle", "--without-gossip", *args],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "outbox_bridge",
+                    "worker",
+                    "-l",
+                    "info",
+                    "-c",
+                    str(self.opts.concurrency),
+                    "-n",
+                    f"bench-{uuid.uuid4().hex[:6]}@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                    *args,
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
             deadline = time.monotonic() + 60
             while b" ready." not in log.read_bytes():
@@ -239,9 +257,8 @@ class Bench:
                 " SELECT gen_random_uuid(), %s, convert_to('key-' || (g %% %s), 'UTF8'),"
                 " convert_to(repeat('x', %s), 'UTF8'), '[]',"
                 " abs(hashtext('key-' || (g %% %s))) %% %s FROM generate_series(1, %s) g",
-                (topic, self.opts.keys, self.opts.size, self.opts.keys, self.settings.shards,
-                 rows),
-            )  # fmt: skip
+                (topic, self.opts.keys, self.opts.size, self.opts.keys, self.settings.shards, rows),
+            )
             self.sql("ANALYZE {outbox}")
             return
         value = _value(self.opts.size, n=0)
@@ -288,10 +305,12 @@ class Bench:
             while True:
                 try:
                     producer.produce(
-                        topic, value=value, key=f"key-{i % self.opts.keys}".encode(),
+                        topic,
+                        value=value,
+                        key=f"key-{i % self.opts.keys}".encode(),
                         headers=kafka_headers([], uuid.uuid4()),
                         on_delivery=lambda err, _m: err and errors.append(err),
-                    )  # fmt: skip
+                    )
                     break
                 except BufferError:
                     producer.poll(0.05)
@@ -299,8 +318,11 @@ class Bench:
         elapsed = time.monotonic() - t0
         if errors:
             raise click.ClickException(f"limit: {len(errors)} delivery errors, e.g. {errors[0]}")
-        return {"messages": self.opts.count, "seconds": round(elapsed, 2),
-                "rate": round(self.opts.count / elapsed)}  # fmt: skip
+        return {
+            "messages": self.opts.count,
+            "seconds": round(elapsed, 2),
+            "rate": round(self.opts.count / elapsed),
+        }
 
     def naive(self) -> dict[str, Any]:
         say("naive: one row at a time (claim, produce, wait for the ack, delete, commit)")
@@ -313,17 +335,25 @@ class Bench:
         while True:
             with conn, conn.cursor() as cur:
                 cur.execute(
-                    q("SELECT id, message_id, topic, key, value, headers FROM {outbox}"
-                      " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED", self.settings.schema)
-                )  # fmt: skip
+                    q(
+                        "SELECT id, message_id, topic, key, value, headers FROM {outbox}"
+                        " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                        self.settings.schema,
+                    )
+                )
                 row = cur.fetchone()
                 if row is None:
                     break
-                producer.produce(row[2], value=bytes(row[4]), key=bytes(row[3]),
-                                 headers=kafka_headers(row[5], row[1]))  # fmt: skip
+                producer.produce(
+                    row[2],
+                    value=bytes(row[4]),
+                    key=bytes(row[3]),
+                    headers=kafka_headers(row[5], row[1]),
+                )
                 producer.flush(30)
-                cur.execute(q("DELETE FROM {outbox} WHERE id = %s", self.settings.schema),
-                            (row[0],))  # fmt: skip
+                cur.execute(
+                    q("DELETE FROM {outbox} WHERE id = %s", self.settings.schema), (row[0],)
+                )
                 done += 1
         elapsed = time.monotonic() - t0
         conn.close()
@@ -336,8 +366,12 @@ class Bench:
         out: dict[str, Any] = {}
         # progress from Kafka's end offsets: counting a 1 GB table every few
         # milliseconds would take the CPU that the drain is measured on
-        offsets = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                            "group.id": f"bench-{self.run_id}-offsets"})  # fmt: skip
+        offsets = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": f"bench-{self.run_id}-offsets",
+            }
+        )
         start = self._end_offsets(offsets, topic)
         with self.worker("--without-inbox-consumer") as proc, rss_peaks(proc.pid, out):
             t0 = time.monotonic()
@@ -355,14 +389,19 @@ class Bench:
             )
             elapsed = time.monotonic() - t0
         offsets.close()
-        return {"messages": rows, "seconds": round(elapsed, 2), "rate": round(rows / elapsed),
-                **out}  # fmt: skip
+        return {
+            "messages": rows,
+            "seconds": round(elapsed, 2),
+            "rate": round(rows / elapsed),
+            **out,
+        }
 
     @staticmethod
     def _end_offsets(consumer: Consumer, topic: str) -> int:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                   for p in parts)  # fmt: skip
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts
+        )
 
     def _offer(self, topic: str, seconds: float) -> int:
         """Four writer threads commit one row per transaction at the offered rate,
@@ -380,8 +419,12 @@ class Bench:
                 if pause > 0:
                     time.sleep(pause)  # pacing, not waiting for an outcome
                 with conn, conn.cursor() as cur:
-                    publish(cur, topic, _value(self.opts.size, t=time.time()),
-                            key=f"key-{n % self.opts.keys}")  # fmt: skip
+                    publish(
+                        cur,
+                        topic,
+                        _value(self.opts.size, t=time.time()),
+                        key=f"key-{n % self.opts.keys}",
+                    )
                 n += 1
             with lock:
                 sent[0] += n
@@ -404,9 +447,14 @@ class Bench:
         latencies: list[float] = []
         appended: list[float] = []
         stop = threading.Event()
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                             "group.id": f"bench-{self.run_id}-{topic}",
-                             "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})  # fmt: skip
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": f"bench-{self.run_id}-{topic}",
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 10,
+            }
+        )
         assigned = threading.Event()
         consumer.subscribe([topic], on_assign=lambda _c, parts: parts and assigned.set())
 
@@ -437,9 +485,14 @@ class Bench:
         consumer.close()
         # the figure: commit -> appended in Kafka; beside it, -> a consumer's arrival
         arrival = {f"arrival_{k}": v for k, v in _percentiles(latencies).items()}
-        return {"offered_rate": rate, "written": sent, "received": len(latencies),
-                "rate": round(len(latencies) / elapsed), **_percentiles(appended),
-                **arrival}  # fmt: skip
+        return {
+            "offered_rate": rate,
+            "written": sent,
+            "received": len(latencies),
+            "rate": round(len(latencies) / elapsed),
+            **_percentiles(appended),
+            **arrival,
+        }
 
     def handler_steady(self) -> dict[str, Any]:
         """Commit -> the handler's commit at a steady offered rate, through the relay,
@@ -451,19 +504,32 @@ class Bench:
             self._consumer_ready()
             t0 = time.monotonic()
             sent = self._offer(self.topic("e2e"), seconds)
-            self.wait_count("SELECT count(*) FROM bench_done", lambda n: n >= sent,
-                            "steady into a handler, handled", timeout=120)  # fmt: skip
+            self.wait_count(
+                "SELECT count(*) FROM bench_done",
+                lambda n: n >= sent,
+                "steady into a handler, handled",
+                timeout=120,
+            )
             elapsed = time.monotonic() - t0
         lat = [r[0] for r in self.sql("SELECT extract(epoch FROM at) - t FROM bench_done")]
-        return {"offered_rate": rate, "written": sent, "handled": len(lat),
-                "rate": round(len(lat) / elapsed), **_percentiles(lat)}  # fmt: skip
+        return {
+            "offered_rate": rate,
+            "written": sent,
+            "handled": len(lat),
+            "rate": round(len(lat) / elapsed),
+            **_percentiles(lat),
+        }
 
     def _consumer_ready(self) -> None:
         """The worker's inbox consumer has its partitions: a marker message is handled."""
         self.sql("TRUNCATE bench_done")
         self.publish_many(self.topic("e2e"), 1, lambda: _value(64, t=time.time()))
-        self.wait_count("SELECT count(*) FROM bench_done", lambda n: n >= 1,
-                        "the inbox consumer's first message", timeout=120)  # fmt: skip
+        self.wait_count(
+            "SELECT count(*) FROM bench_done",
+            lambda n: n >= 1,
+            "the inbox consumer's first message",
+            timeout=120,
+        )
         self.sql("TRUNCATE bench_done")
 
     def end_to_end(self, *args: str, env: dict | None = None) -> dict[str, Any]:
@@ -486,19 +552,30 @@ class Bench:
                     " 'pad', repeat('x', %(pad)s))::text, 'UTF8'), '[]',"
                     " abs(hashtext('key-' || (g %% %(keys)s))) %% %(shards)s"
                     " FROM generate_series(1, %(count)s) g",
-                    {"topic": self.topic("e2e"), "keys": self.opts.keys, "count": count,
-                     "pad": max(0, self.opts.size - 40), "shards": self.settings.shards},
-                )  # fmt: skip
+                    {
+                        "topic": self.topic("e2e"),
+                        "keys": self.opts.keys,
+                        "count": count,
+                        "pad": max(0, self.opts.size - 40),
+                        "shards": self.settings.shards,
+                    },
+                )
                 self.wait_count(
-                    "SELECT count(*) FROM bench_done", lambda n: n >= count,
-                    "end to end, handled", timeout=900,
-                )  # fmt: skip
+                    "SELECT count(*) FROM bench_done",
+                    lambda n: n >= count,
+                    "end to end, handled",
+                    timeout=900,
+                )
                 elapsed = time.monotonic() - t0
             done = self.sql("SELECT count(*) FROM bench_done")[0][0]
         if profile:
             self.results["db_profile_end_to_end"] = self._statements_top()
-        return {"messages": done, "seconds": round(elapsed, 2), "rate": round(done / elapsed),
-                **out}  # fmt: skip
+        return {
+            "messages": done,
+            "seconds": round(elapsed, 2),
+            "rate": round(done / elapsed),
+            **out,
+        }
 
     # -- operations (issue 12) ------------------------------------------------------
     def autocommit(self, statement: str) -> None:
@@ -521,8 +598,10 @@ class Bench:
         for when in ("fresh", "vacuumed"):
             if when == "vacuumed":
                 self.autocommit("VACUUM ANALYZE {outbox}")
-            for label, cap in (("limited", self.settings.metrics_count_limit),
-                               ("exact", 2 * SCRAPE_ROWS)):  # fmt: skip
+            for label, cap in (
+                ("limited", self.settings.metrics_count_limit),
+                ("exact", 2 * SCRAPE_ROWS),
+            ):
                 collector = DatabaseCollector(
                     replace(self.settings, metrics_count_limit=cap), lag=False
                 )
@@ -534,25 +613,28 @@ class Bench:
                 for family in families:
                     for sample in family.samples:
                         if sample.name == "outbox_bridge_rows" and sample.labels == {
-                            "queue": "outbox", "state": "pending"}:  # fmt: skip
+                            "queue": "outbox",
+                            "state": "pending",
+                        }:
                             reported = sample.value
                 collector.close()
                 out[f"{when}_{label}"] = {
                     "median_ms": round(statistics.median(times), 1),
-                    "max_ms": round(max(times), 1), "pending_reported": reported,
-                }  # fmt: skip
+                    "max_ms": round(max(times), 1),
+                    "pending_reported": reported,
+                }
         return out
 
     def _old_inbox(self, rows: int) -> None:
         """``rows`` handled inbox messages, received 8 days ago: what retention prunes."""
         self.sql("TRUNCATE {inbox} CASCADE")
         self.sql(
-            "INSERT INTO {inbox} (message_id, topic, \"partition\", \"offset\", value,"
+            'INSERT INTO {inbox} (message_id, topic, "partition", "offset", value,'
             " received_at) SELECT gen_random_uuid(), 'bench.old', 0, g,"
             " convert_to(repeat('x', %s), 'UTF8'), now() - interval '8 days'"
             " FROM generate_series(1, %s) g",
             (self.opts.size, rows),
-        )  # fmt: skip
+        )
         self.sql(
             "INSERT INTO {deliveries} (message_id, handler, topic, shard, state, done_at)"
             " SELECT message_id, 'outbox.bench.record', topic, 0, 'done', now() FROM {inbox}"
@@ -581,8 +663,13 @@ class Bench:
                 self.sql("TRUNCATE {outbox}")
         off = statistics.median(r["rate"] for r in runs["off"])
         on = statistics.median(r["rate"] for r in runs["pruning"])
-        return {"off": runs["off"], "pruning": runs["pruning"], "rate_off": off,
-                "rate_pruning": on, "ratio": round(on / off, 3)}  # fmt: skip
+        return {
+            "off": runs["off"],
+            "pruning": runs["pruning"],
+            "rate_off": off,
+            "rate_pruning": on,
+            "ratio": round(on / off, 3),
+        }
 
     @contextmanager
     def vacuum_samples(self, every: float = 0.25):
@@ -596,8 +683,10 @@ class Bench:
             try:
                 with conn.cursor() as cur:
                     while not stop.wait(every):
-                        cur.execute("SELECT relid::regclass::text FROM pg_stat_progress_vacuum"
-                                    " WHERE datname = current_database()")  # fmt: skip
+                        cur.execute(
+                            "SELECT relid::regclass::text FROM pg_stat_progress_vacuum"
+                            " WHERE datname = current_database()"
+                        )
                         for (table,) in cur.fetchall():
                             found[table] = round(found.get(table, 0.0) + every, 2)
             finally:
@@ -626,9 +715,14 @@ class Bench:
                 rows, size = self.sql(
                     "SELECT (SELECT count(*) FROM {inbox}), pg_total_relation_size('{inbox}')"
                     " + pg_total_relation_size('{deliveries}')"
-                )[0]  # fmt: skip
-                samples.append({"s": round(time.monotonic() - t0), "inbox_rows": rows,
-                                "mb": round(size / 2**20, 1)})  # fmt: skip
+                )[0]
+                samples.append(
+                    {
+                        "s": round(time.monotonic() - t0),
+                        "inbox_rows": rows,
+                        "mb": round(size / 2**20, 1),
+                    }
+                )
 
         env = {"OUTBOX_BRIDGE_DEDUPE_WINDOW": str(window), "OUTBOX_BRIDGE_PRUNE_INTERVAL": "1"}
         with self.worker("--include", "outbox_bridge.tools.bench.handlers", env=env):
@@ -638,8 +732,12 @@ class Bench:
             sent = self._offer(self.topic("e2e"), seconds)
             stop.set()
             sampler.join()
-        return {"offered_rate": self.opts.rate, "written": sent, "window_s": window,
-                "samples": samples}  # fmt: skip
+        return {
+            "offered_rate": self.opts.rate,
+            "written": sent,
+            "window_s": window,
+            "samples": samples,
+        }
 
     def _statements_reset(self) -> bool:
         """Start counting statements (pg_stat_statements, loaded by scripts/services)."""
@@ -684,11 +782,29 @@ class Bench:
 
         def run() -> float:
             out = subprocess.run(
-                [pgbench, "-n", "-f", str(script), "-c", str(self.opts.writers), "-j", "2",
-                 "-T", str(seconds), "-h", dsn.get("host", "127.0.0.1"),
-                 "-p", str(dsn.get("port", 5432)), "-U", dsn.get("user", "postgres"), BENCH_DB],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+                [
+                    pgbench,
+                    "-n",
+                    "-f",
+                    str(script),
+                    "-c",
+                    str(self.opts.writers),
+                    "-j",
+                    "2",
+                    "-T",
+                    str(seconds),
+                    "-h",
+                    dsn.get("host", "127.0.0.1"),
+                    "-p",
+                    str(dsn.get("port", 5432)),
+                    "-U",
+                    dsn.get("user", "postgres"),
+                    BENCH_DB,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             for line in out.stdout.splitlines():
                 if line.startswith("tps"):
                     return float(line.split()[2])
@@ -747,8 +863,9 @@ class Bench:
             out[f"tps {kind} runs"] = [round(v) for v in values]
         for kind in ("trigger", "sequence"):
             # loss per interleaved round against the run without a wake-up just before it
-            losses = [(1 - on / off) * 100 for on, off in zip(samples[kind], samples["none"],
-                                                              strict=True)]  # fmt: skip
+            losses = [
+                (1 - on / off) * 100 for on, off in zip(samples[kind], samples["none"], strict=True)
+            ]
             out[f"loss {kind} %"] = round(statistics.median(losses), 1)
             out[f"loss {kind} % min"] = round(min(losses), 1)
             out[f"loss {kind} % max"] = round(max(losses), 1)
@@ -807,8 +924,9 @@ class Bench:
             if values:
                 self.results[key] = {
                     "ratio": round(statistics.median(values), digits),
-                    "min": round(min(values), digits), "max": round(max(values), digits),
-                }  # fmt: skip
+                    "min": round(min(values), digits),
+                    "max": round(max(values), digits),
+                }
 
         ratio("relay_vs_limit", "relay_backlog", "limit", 3)
         ratio("relay_vs_naive", "relay_backlog", "naive", 1)
@@ -829,8 +947,10 @@ _SHOWN = ("rate", "p50_ms", "p95_ms", "p99_ms", "rss_main_mb", "rss_pool_mb")
 
 def table(results: dict[str, Any]) -> str:
     """The results as Markdown: each figure as median (min-max) of its runs."""
-    lines = ["| measurement | messages/s | latency p50 / p99 (ms) | RSS main / pool (MB) | notes |",
-             "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        "| measurement | messages/s | latency p50 / p99 (ms) | RSS main / pool (MB) | notes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, value in results.items():
         if not isinstance(value, dict) or "rate" not in value or name == "options":
             continue
@@ -841,9 +961,10 @@ def table(results: dict[str, Any]) -> str:
         if value.get("rss_main_mb") is not None:
             rss = f"{_spread(value, 'rss_main_mb')} / {_spread(value, 'rss_pool_mb')}"
         notes = ", ".join(
-            f"{k} {v}" for k, v in value.items()
+            f"{k} {v}"
+            for k, v in value.items()
             if k in ("messages", "offered_rate", "written", "received", "handled", "runs")
-        )  # fmt: skip
+        )
         lines.append(f"| {name} | {_spread(value, 'rate')} | {lat} | {rss} | {notes} |")
     for key in ("relay_vs_limit", "relay_vs_naive", "scaling_ratio"):
         if key in results:

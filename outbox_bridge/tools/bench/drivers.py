@@ -24,8 +24,9 @@ _DELETE = "DELETE FROM {outbox} WHERE id = ANY(%s)"
 TOPIC = "bench-drivers"
 
 
-def _rounds(conn: Any, cursor: Callable[[], Any], settings: Settings, rows: int,
-            rounds: int, value: bytes) -> dict[str, float]:  # fmt: skip
+def _rounds(
+    conn: Any, cursor: Callable[[], Any], settings: Settings, rows: int, rounds: int, value: bytes
+) -> dict[str, float]:
     read, delete = text(_READ, settings.schema), text(_DELETE, settings.schema)
     relay, pub = [], []
     for _ in range(rounds):

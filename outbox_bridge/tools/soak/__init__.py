@@ -87,8 +87,10 @@ class Soak:
         if opts.workers < 2:
             raise ValueError("the soak needs at least two workers")
         if "blackhole_kafka" in opts.kinds and not os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED"):
-            raise ValueError("blackhole_kafka needs OUTBOX_BRIDGE_KAFKA_PROXIED (Kafka's listener"
-                             " behind the proxy: eval \"$(scripts/services env)\")")  # fmt: skip
+            raise ValueError(
+                "blackhole_kafka needs OUTBOX_BRIDGE_KAFKA_PROXIED (Kafka's listener"
+                ' behind the proxy: eval "$(scripts/services env)")'
+            )
         if {"kafka", "postgres", "rabbitmq"} & set(opts.kinds) and not os.access(
             opts.services, os.X_OK
         ):
@@ -128,13 +130,17 @@ class Soak:
         dsn = psycopg2.extensions.parse_dsn(self.url)
         pg = Proxy((dsn.get("host", "127.0.0.1"), int(dsn.get("port", 5432))))
         self.proxies = {"postgres": pg}
-        urls = {"OUTBOX_BRIDGE_DATABASE_URL": psycopg2.extensions.make_dsn(
-            **{**dsn, "host": "127.0.0.1", "port": str(pg.port)})}  # fmt: skip
+        urls = {
+            "OUTBOX_BRIDGE_DATABASE_URL": psycopg2.extensions.make_dsn(
+                **{**dsn, "host": "127.0.0.1", "port": str(pg.port)}
+            )
+        }
         behind = os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED")
         if behind:  # the listener that advertises the proxy's port
             host, port = behind.rsplit(":", 1)
-            kafka = Proxy((host, int(port)), int(os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXY_PORT",
-                                                                "9095")))  # fmt: skip
+            kafka = Proxy(
+                (host, int(port)), int(os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXY_PORT", "9095"))
+            )
             self.proxies["kafka"] = kafka
             urls["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"] = kafka.address
         return urls
@@ -164,10 +170,13 @@ class Soak:
         spare = make(f"soak-spare-{self.run_id}")
         result: dict[str, Any] = {}
         self.sampler = Sampler(
-            o.logdir / f"samples-{self.run_id}.jsonl", o.sample_every,
+            o.logdir / f"samples-{self.run_id}.jsonl",
+            o.sample_every,
             lambda: {w.name: w.proc.pid for w in workers if w.proc and w.proc.poll() is None},
-            self._query, self._lag, self.settings.schema,
-        )  # fmt: skip
+            self._query,
+            self._lag,
+            self.settings.schema,
+        )
         try:
             for w in workers:
                 w.start()
@@ -198,11 +207,20 @@ class Soak:
         for w in writers:
             w.start()
         plan = self.plan = schedule(o.seed, o.faults, o.kinds, 0.1 * o.seconds, 0.85 * o.seconds)
-        urls = {"OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka_bootstrap_servers,
-                "OUTBOX_BRIDGE_DATABASE_URL": self.url,
-                "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", "")}  # fmt: skip
-        faults = Faults(workers, spare, o.services, self.addresses(urls), random.Random(o.seed),
-                        self.proxies, o.silence)  # fmt: skip
+        urls = {
+            "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka_bootstrap_servers,
+            "OUTBOX_BRIDGE_DATABASE_URL": self.url,
+            "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", ""),
+        }
+        faults = Faults(
+            workers,
+            spare,
+            o.services,
+            self.addresses(urls),
+            random.Random(o.seed),
+            self.proxies,
+            o.silence,
+        )
         for at, kind in plan:
             time.sleep(max(0.0, t0 + at - time.monotonic()))
             began = self.now()
@@ -234,9 +252,11 @@ class Soak:
         return {
             "kafka": (kafka[0], int(kafka[1])),
             "postgres": (pg.get("host", "127.0.0.1"), int(pg.get("port", 5432))),
-            "rabbitmq": (host_port.rpartition(":")[0] or "127.0.0.1",
-                         int(host_port.rpartition(":")[2] or 5672)),
-        }  # fmt: skip
+            "rabbitmq": (
+                host_port.rpartition(":")[0] or "127.0.0.1",
+                int(host_port.rpartition(":")[2] or 5672),
+            ),
+        }
 
     def _query(self, sql: str, params: Any = None) -> list[tuple]:
         deadline = time.monotonic() + 120
@@ -273,8 +293,10 @@ class Soak:
         samples = load(self.sampler.path)
         out: dict[str, Any] = {"path": str(self.sampler.path), "count": len(samples)}
         if self.opts.plot and samples:
-            title = (f"soak {self.run_id}: {self.ledger.attempted()} messages,"
-                     f" {len(self.fault_log)} faults")  # fmt: skip
+            title = (
+                f"soak {self.run_id}: {self.ledger.attempted()} messages,"
+                f" {len(self.fault_log)} faults"
+            )
             out["plot"] = str(plot(samples, self.opts.plot, title))
         if len(samples) >= 3:
             warm = samples[max(1, len(samples) // 10)]
@@ -290,10 +312,15 @@ class Soak:
         return out
 
     def _resolve_unknown(self) -> dict[str, int]:
-        txs = sorted({e.txid for e in self.ledger.entries
-                      if e.outcome == UNKNOWN and e.txid is not None})  # fmt: skip
-        found = {r[0] for r in self._query(
-            "SELECT tx::text FROM soak_commits WHERE tx = ANY(%s::uuid[])", (txs,))}  # fmt: skip
+        txs = sorted(
+            {e.txid for e in self.ledger.entries if e.outcome == UNKNOWN and e.txid is not None}
+        )
+        found = {
+            r[0]
+            for r in self._query(
+                "SELECT tx::text FROM soak_commits WHERE tx = ANY(%s::uuid[])", (txs,)
+            )
+        }
         return self.ledger.resolve({t: "committed" if t in found else "aborted" for t in txs})
 
     def _drain(self, since: float) -> float | None:
@@ -303,13 +330,19 @@ class Soak:
         self._progress = time.monotonic()
         while True:
             ((outbox, stored, unsettled, flaky),) = self._query(_DRAINED)
-            if outbox == 0 and stored >= len(committed) and not unsettled \
-                    and flaky + poison >= len(committed):  # fmt: skip
+            if (
+                outbox == 0
+                and stored >= len(committed)
+                and not unsettled
+                and flaky + poison >= len(committed)
+            ):
                 return round(self.now() - since, 1)
             if time.monotonic() - self._progress > 10:
                 self._progress = time.monotonic()
-                say(f"  draining: outbox {outbox}, handled {stored}/{len(committed)},"
-                    f" deliveries unsettled {unsettled}")  # fmt: skip
+                say(
+                    f"  draining: outbox {outbox}, handled {stored}/{len(committed)},"
+                    f" deliveries unsettled {unsettled}"
+                )
             if self.now() - since > self.opts.max_tail:
                 say(
                     f"not drained {self.opts.max_tail:.0f}s after the last write or fault:"
@@ -318,8 +351,9 @@ class Soak:
                 return None
             time.sleep(0.5)
 
-    def _report(self, last_write: float, last_fault: float, drained: float | None,
-                settled: dict[str, int]) -> dict[str, Any]:  # fmt: skip
+    def _report(
+        self, last_write: float, last_fault: float, drained: float | None, settled: dict[str, int]
+    ) -> dict[str, Any]:
         bootstrap = self.settings.kafka_bootstrap_servers
         events, chained = read_topic(bootstrap, self.topic), read_topic(bootstrap, self.chained)
         outbox = dict(self._query("SELECT state, count(*) FROM outbox_bridge.outbox GROUP BY 1"))
@@ -335,23 +369,35 @@ class Soak:
                     "SELECT handler, key, message_id FROM soak_effects ORDER BY seq"
                 )
             ],
-            "outbox": outbox, "deliveries": deliveries,
-            "dead": [(str(m), h) for m, h in self._query(
-                "SELECT message_id, handler FROM outbox_bridge.deliveries WHERE state = 'dead'")],
-            "retried": self._query("SELECT count(*) FROM outbox_bridge.deliveries"
-                                   " WHERE handler = 'soak.flaky' AND attempts > 0")[0][0],
+            "outbox": outbox,
+            "deliveries": deliveries,
+            "dead": [
+                (str(m), h)
+                for m, h in self._query(
+                    "SELECT message_id, handler FROM outbox_bridge.deliveries WHERE state = 'dead'"
+                )
+            ],
+            "retried": self._query(
+                "SELECT count(*) FROM outbox_bridge.deliveries"
+                " WHERE handler = 'soak.flaky' AND attempts > 0"
+            )[0][0],
             "fail_rate": self.opts.fail_rate,
-        }  # fmt: skip
+        }
         result = reconcile(self.ledger.entries, events, chained, db)
-        counts = {k: sum(1 for e in self.ledger.entries if e.outcome == k)
-                  for k in (COMMITTED, ROLLED_BACK, UNKNOWN)}  # fmt: skip
+        counts = {
+            k: sum(1 for e in self.ledger.entries if e.outcome == k)
+            for k in (COMMITTED, ROLLED_BACK, UNKNOWN)
+        }
         violations = result["violations"]
         if drained is None:
-            violations.append(f"not drained within {self.opts.max_tail:.0f}s of the last write"
-                              " or fault")  # fmt: skip
+            violations.append(
+                f"not drained within {self.opts.max_tail:.0f}s of the last write or fault"
+            )
         if counts[COMMITTED] < 10 * max(1, self.opts.faults):
-            violations.append(f"too little traffic to judge: {counts[COMMITTED]} committed"
-                              f" (writers' errors: {self.writer_errors})")  # fmt: skip
+            violations.append(
+                f"too little traffic to judge: {counts[COMMITTED]} committed"
+                f" (writers' errors: {self.writer_errors})"
+            )
         unverified = [f for f in self.fault_log if not f["verified"]]
         if unverified:
             violations.append(f"{len(unverified)} faults not shown to have happened: {unverified}")
@@ -361,19 +407,27 @@ class Soak:
         if missing_kinds:
             violations.append(f"fault kinds that did not run: {sorted(missing_kinds)}")
         return {
-            "run": self.run_id, "options": {k: str(v) for k, v in self.opts.__dict__.items()},
-            "ledger": {"path": str(self.ledger.path), "attempted": self.ledger.attempted(),
-                       **counts, "unknown_settled": settled,
-                       "poison": sum(1 for e in self.ledger.entries
-                                     if e.poison and e.outcome == COMMITTED)},
+            "run": self.run_id,
+            "options": {k: str(v) for k, v in self.opts.__dict__.items()},
+            "ledger": {
+                "path": str(self.ledger.path),
+                "attempted": self.ledger.attempted(),
+                **counts,
+                "unknown_settled": settled,
+                "poison": sum(
+                    1 for e in self.ledger.entries if e.poison and e.outcome == COMMITTED
+                ),
+            },
             "faults": self.fault_log,
             "writer_errors": {str(k): v for k, v in self.writer_errors.items()},
-            "last_write_s": last_write, "last_fault_s": last_fault,
+            "last_write_s": last_write,
+            "last_fault_s": last_fault,
             "drained_after_s": drained,
-            "drained_after_last_write_s": None if drained is None
+            "drained_after_last_write_s": None
+            if drained is None
             else round(max(last_write, last_fault) + drained - last_write, 1),
             **result,
-        }  # fmt: skip
+        }
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -383,18 +437,23 @@ def summary(r: dict[str, Any]) -> str:
         f" {led['rolled_back']} rolled back, {led['unknown']} unknown after settling"
         f" ({led['unknown_settled']}); {led['poison']} poison",
         f"faults: {len(r['faults'])} ("
-        + ", ".join(f"{f['kind']}@{f['began']}s{'' if f['verified'] else ' UNVERIFIED'}"
-                    for f in r["faults"]) + ")",
+        + ", ".join(
+            f"{f['kind']}@{f['began']}s{'' if f['verified'] else ' UNVERIFIED'}"
+            for f in r["faults"]
+        )
+        + ")",
         f"kafka: {fig['kafka_records']} records, {fig['kafka_distinct']} distinct,"
         f" {fig['kafka_duplicates']} duplicates; chained {fig['chained_records']}"
         f" ({fig['chained_duplicates']} duplicates); lost {fig['lost']}, phantom"
         f" {fig['phantom']}, keys out of order {fig['keys_out_of_order']} of {fig['keys']}",
-    ]  # fmt: skip
+    ]
     for handler in ("soak.effect", "soak.flaky"):
         h = fig[handler]
-        lines.append(f"{handler}: once {h['once']}, missing {h['missing']}, doubled"
-                     f" {h['doubled']}, stray {h['stray']}, keys out of order"
-                     f" {h['keys_out_of_order']}")  # fmt: skip
+        lines.append(
+            f"{handler}: once {h['once']}, missing {h['missing']}, doubled"
+            f" {h['doubled']}, stray {h['stray']}, keys out of order"
+            f" {h['keys_out_of_order']}"
+        )
     lines.append(
         f"flaky deliveries retried {fig['flaky_deliveries_retried']}; dead on purpose"
         f" {fig['dead_deliveries_injected']}; outbox left {fig['outbox_left']}"

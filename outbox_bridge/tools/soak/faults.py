@@ -19,8 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("kill_child", "kill_worker", "kafka", "postgres", "rabbitmq", "rebalance",
-         "blackhole_postgres", "blackhole_kafka")  # fmt: skip
+KINDS = (
+    "kill_child",
+    "kill_worker",
+    "kafka",
+    "postgres",
+    "rabbitmq",
+    "rebalance",
+    "blackhole_postgres",
+    "blackhole_kafka",
+)
 
 
 class Worker:
@@ -30,10 +38,25 @@ class Worker:
         self.name, self.env, self.pool = name, env, pool
         self.log = logdir / f"{name}.log"
         self.cmd = [
-            sys.executable, "-m", "celery", "-A", "outbox_bridge", "worker", "-P", pool,
-            "-c", str(concurrency), "-n", f"{name}@%h", "-l", "info", "--without-mingle",
-            "--without-gossip", "--include", "outbox_bridge.tools.soak.handlers",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "outbox_bridge",
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "-l",
+            "info",
+            "--without-mingle",
+            "--without-gossip",
+            "--include",
+            "outbox_bridge.tools.soak.handlers",
+        ]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> None:
@@ -47,8 +70,9 @@ class Worker:
             time.sleep(0.2)
 
     def children(self) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
-                             capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True
+        )
         return [int(p) for p in out.stdout.split()]
 
     def kill(self) -> list[int]:
@@ -96,8 +120,9 @@ def refused(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) != 0
 
 
-def schedule(seed: int, count: int, kinds: tuple[str, ...], start: float, end: float
-             ) -> list[tuple[float, str]]:  # fmt: skip
+def schedule(
+    seed: int, count: int, kinds: tuple[str, ...], start: float, end: float
+) -> list[tuple[float, str]]:
     """``count`` faults between ``start`` and ``end`` seconds: every kind in turn (each
     round shuffled), evenly spaced with jitter. The same seed gives the same schedule."""
     rng = random.Random(seed)
@@ -107,16 +132,25 @@ def schedule(seed: int, count: int, kinds: tuple[str, ...], start: float, end: f
         rng.shuffle(round_)
         order += round_
     gap = (end - start) / max(count, 1)
-    return [(round(start + gap * (i + 0.5) + rng.uniform(-0.25, 0.25) * gap, 2), order[i])
-            for i in range(count)]  # fmt: skip
+    return [
+        (round(start + gap * (i + 0.5) + rng.uniform(-0.25, 0.25) * gap, 2), order[i])
+        for i in range(count)
+    ]
 
 
 class Faults:
     """Injects one fault at a time and says how it went."""
 
-    def __init__(self, workers: list[Worker], spare: Worker, services: str,
-                 urls: dict[str, tuple[str, int]], rng: random.Random,
-                 proxies: dict[str, Any] | None = None, silence: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workers: list[Worker],
+        spare: Worker,
+        services: str,
+        urls: dict[str, tuple[str, int]],
+        rng: random.Random,
+        proxies: dict[str, Any] | None = None,
+        silence: float = 60.0,
+    ) -> None:
         self.workers, self.spare, self.services = workers, spare, services
         self.urls, self.rng = urls, rng
         self.proxies, self.silence = proxies or {}, silence
@@ -137,9 +171,11 @@ class Faults:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        return {"detail": f"SIGKILL pool process {pid} of {worker.name} (ended: {ok},"
-                          f" replaced by {sorted(replaced)})",
-                "verified": ok and bool(replaced)}  # fmt: skip
+        return {
+            "detail": f"SIGKILL pool process {pid} of {worker.name} (ended: {ok},"
+            f" replaced by {sorted(replaced)})",
+            "verified": ok and bool(replaced),
+        }
 
     def kill_worker(self) -> dict[str, Any]:
         worker = self.rng.choice(self.workers)
@@ -150,16 +186,16 @@ class Faults:
         return {"detail": f"SIGKILL {worker.name} (pids {pids}), restarted", "verified": ok}
 
     def _service(self, name: str, stop: str) -> dict[str, Any]:
-        subprocess.run([self.services, stop, name], check=True, timeout=120,
-                       capture_output=True)  # fmt: skip
+        subprocess.run([self.services, stop, name], check=True, timeout=120, capture_output=True)
         down = refused(*self.urls[name])
         held = self.rng.uniform(1, 4)
         time.sleep(held)
         started = subprocess.run([self.services, "up", name], timeout=300, capture_output=True)
         if started.returncode != 0:  # slower than the script waits (Kafka recovering its logs)
             deadline = time.monotonic() + 300
-            while subprocess.run([self.services, "status", name],
-                                 capture_output=True).returncode != 0:  # fmt: skip
+            while (
+                subprocess.run([self.services, "status", name], capture_output=True).returncode != 0
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not come back: {started.stderr[-2000:]!r}")
                 time.sleep(1)
@@ -180,8 +216,10 @@ class Faults:
         joined = self.spare.proc.poll() is None
         time.sleep(self.rng.uniform(3, 6))
         code = self.spare.stop(timeout=90)  # a warm shutdown waits for running tasks
-        return {"detail": f"{self.spare.name} joined, left (exit {code})",
-                "verified": joined and code == 0}  # fmt: skip
+        return {
+            "detail": f"{self.spare.name} joined, left (exit {code})",
+            "verified": joined and code == 0,
+        }
 
     def _blackhole(self, name: str) -> dict[str, Any]:
         proxy = self.proxies[name]
@@ -189,9 +227,11 @@ class Faults:
         time.sleep(self.silence)
         forwarding, silent = proxy.open_flows()
         proxy.speak()
-        return {"detail": f"{name}: silent {self.silence:.0f}s ({flows} flows silenced,"
-                          f" {silent} still open and silent at the end, {forwarding} forwarding)",
-                "verified": flows > 0 and forwarding == 0}  # fmt: skip
+        return {
+            "detail": f"{name}: silent {self.silence:.0f}s ({flows} flows silenced,"
+            f" {silent} still open and silent at the end, {forwarding} forwarding)",
+            "verified": flows > 0 and forwarding == 0,
+        }
 
     def blackhole_postgres(self) -> dict[str, Any]:
         return self._blackhole("postgres")

@@ -34,8 +34,13 @@ class Ledger:
         self._lock = threading.Lock()
         self._file = open(path, "a")  # noqa: SIM115 - kept open for the run
 
-    def record(self, writer: int, txid: str | None, messages: list[tuple[str, str | None, bool]],
-               outcome: str) -> None:  # fmt: skip
+    def record(
+        self,
+        writer: int,
+        txid: str | None,
+        messages: list[tuple[str, str | None, bool]],
+        outcome: str,
+    ) -> None:
         at = round(time.monotonic() - self.started, 3)
         new = [Entry(m, writer, txid, k, p, outcome, at) for m, k, p in messages]
         with self._lock:

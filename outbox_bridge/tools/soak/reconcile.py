@@ -16,12 +16,19 @@ HANDLERS = ("soak.effect", "soak.flaky")
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[int, int, bytes | None, dict, str]]:
     """Every record of ``topic`` up to its end now: (partition, offset, key, value, id)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"soak-{uuid.uuid4()}",
-                         "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"soak-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
-                for p in partitions}  # fmt: skip
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            for p in partitions
+        }
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         out, left = [], {p for p, end in ends.items() if end > 0}
         while left:
@@ -29,8 +36,15 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[int, int, bytes | None,
             if msg is None or msg.error():
                 continue
             headers = dict(msg.headers() or [])
-            out.append((msg.partition(), msg.offset(), msg.key(), json.loads(msg.value()),
-                        headers["message_id"].decode()))  # fmt: skip
+            out.append(
+                (
+                    msg.partition(),
+                    msg.offset(),
+                    msg.key(),
+                    json.loads(msg.value()),
+                    headers["message_id"].decode(),
+                )
+            )
             if msg.offset() + 1 >= ends[msg.partition()]:
                 left.discard(msg.partition())
         return out
@@ -90,16 +104,22 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
         missing = expect - got.keys()
         doubled = [m for m, n in got.items() if n > 1]
         stray = got.keys() - expect
-        figures[handler] = {"once": sum(1 for m in expect if got[m] == 1),
-                            "missing": len(missing), "doubled": len(doubled),
-                            "stray": len(stray)}  # fmt: skip
+        figures[handler] = {
+            "once": sum(1 for m in expect if got[m] == 1),
+            "missing": len(missing),
+            "doubled": len(doubled),
+            "stray": len(stray),
+        }
         if missing or doubled or stray:
-            violations.append(f"{handler}: {len(missing)} effects missing, {len(doubled)}"
-                              f" doubled, {len(stray)} for messages not committed")  # fmt: skip
+            violations.append(
+                f"{handler}: {len(missing)} effects missing, {len(doubled)}"
+                f" doubled, {len(stray)} for messages not committed"
+            )
         out_of_order = [
-            key for key, ids in by_key.items()
+            key
+            for key, ids in by_key.items()
             if list(dict.fromkeys(handled[(handler, key)])) != [i for i in ids if got[i]]
-        ]  # fmt: skip
+        ]
         figures[handler]["keys_out_of_order"] = len(out_of_order)
         if out_of_order:
             violations.append(f"{handler}: {len(out_of_order)} keys handled out of order")
@@ -108,8 +128,10 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
     no_chain = {m for m in effects["soak.effect"] if m in committed_ids} - chains.keys()
     stray_chain = chains.keys() - effects["soak.effect"].keys()
     if no_chain or stray_chain:
-        violations.append(f"chained messages: {len(no_chain)} missing, {len(stray_chain)} for"
-                          " messages never handled")  # fmt: skip
+        violations.append(
+            f"chained messages: {len(no_chain)} missing, {len(stray_chain)} for"
+            " messages never handled"
+        )
 
     outbox_left = sum(db["outbox"].values())
     if outbox_left:
@@ -124,13 +146,20 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
     if db["fail_rate"] > 0 and db["retried"] == 0:
         violations.append("soak.flaky never failed: the retry fault did not happen")
 
-    figures.update({
-        "kafka_records": len(events), "kafka_distinct": len(seen),
-        "kafka_duplicates": sum(n - 1 for n in seen.values()),
-        "chained_records": len(chained), "chained_duplicates": sum(n - 1 for n in chains.values()),
-        "keys": len(by_key), "lost": len(lost), "phantom": len(phantom),
-        "keys_out_of_order": len(bad_keys), "outbox_left": outbox_left,
-        "dead_deliveries_injected": len(dead) - len(unexpected_dead),
-        "flaky_deliveries_retried": db["retried"],
-    })  # fmt: skip
+    figures.update(
+        {
+            "kafka_records": len(events),
+            "kafka_distinct": len(seen),
+            "kafka_duplicates": sum(n - 1 for n in seen.values()),
+            "chained_records": len(chained),
+            "chained_duplicates": sum(n - 1 for n in chains.values()),
+            "keys": len(by_key),
+            "lost": len(lost),
+            "phantom": len(phantom),
+            "keys_out_of_order": len(bad_keys),
+            "outbox_left": outbox_left,
+            "dead_deliveries_injected": len(dead) - len(unexpected_dead),
+            "flaky_deliveries_retried": db["retried"],
+        }
+    )
     return {"figures": figures, "violations": violations}

@@ -47,9 +47,15 @@ def children(pid: int) -> list[int]:
 class Sampler:
     """Takes a sample every ``every`` seconds in a thread, into ``path`` (JSON lines)."""
 
-    def __init__(self, path: Path, every: float, workers: Callable[[], dict[str, int]],
-                 query: Callable[[str, Any], list[tuple]], lag: Callable[[], int | None],
-                 schema: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        every: float,
+        workers: Callable[[], dict[str, int]],
+        query: Callable[[str, Any], list[tuple]],
+        lag: Callable[[], int | None],
+        schema: str,
+    ) -> None:
         self.path, self.every, self.workers = path, every, workers
         self.query, self.lag, self.schema = query, lag, schema
         self.started = time.monotonic()
@@ -70,8 +76,10 @@ class Sampler:
             self.sample()
 
     def sample(self) -> dict[str, Any]:
-        s: dict[str, Any] = {"t": round(time.monotonic() - self.started, 1),
-                             "at": time.strftime("%H:%M:%S")}  # fmt: skip
+        s: dict[str, Any] = {
+            "t": round(time.monotonic() - self.started, 1),
+            "at": time.strftime("%H:%M:%S"),
+        }
         for name, pid in self.workers().items():
             main = process(pid)
             pool = [p for p in (process(c) for c in children(pid)) if p is not None]
@@ -83,8 +91,7 @@ class Sampler:
                 s["fds"][f"{name} pool (max)"] = max(p[1] for p in pool)
         try:
             s["pg_connections"] = self.query(_CONNECTIONS, None)[0][0]
-            s["relations_kb"] = {n: b // 1024 for n, b in
-                                 self.query(_RELATIONS, (self.schema,))}  # fmt: skip
+            s["relations_kb"] = {n: b // 1024 for n, b in self.query(_RELATIONS, (self.schema,))}
         except Exception as exc:  # noqa: BLE001 - a sample during a fault: say so, go on
             s["error"] = f"postgres: {exc}"
         try:

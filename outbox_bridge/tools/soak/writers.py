@@ -94,10 +94,16 @@ class _Asyncpg:
 
         dsn = parse_dsn(url)
         self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncpg.connect(
-            host=dsn.get("host"), port=dsn.get("port"), user=dsn.get("user"),
-            password=dsn.get("password"), database=dsn.get("dbname"), timeout=5,
-        ))  # fmt: skip
+        self.conn = self.loop.run_until_complete(
+            asyncpg.connect(
+                host=dsn.get("host"),
+                port=dsn.get("port"),
+                user=dsn.get("user"),
+                password=dsn.get("password"),
+                database=dsn.get("dbname"),
+                timeout=5,
+            )
+        )
 
     def begin(self) -> str:
         self.tx = self.conn.transaction()
@@ -134,12 +140,19 @@ class _Django:
         with self._lock:
             if not settings.configured:
                 dsn = parse_dsn(url)
-                settings.configure(DATABASES={"default": {
-                    "ENGINE": "django.db.backends.postgresql", "NAME": dsn.get("dbname"),
-                    "USER": dsn.get("user", ""), "PASSWORD": dsn.get("password", ""),
-                    "HOST": dsn.get("host", ""), "PORT": dsn.get("port", ""),
-                    "OPTIONS": {"connect_timeout": 5},
-                }})  # fmt: skip
+                settings.configure(
+                    DATABASES={
+                        "default": {
+                            "ENGINE": "django.db.backends.postgresql",
+                            "NAME": dsn.get("dbname"),
+                            "USER": dsn.get("user", ""),
+                            "PASSWORD": dsn.get("password", ""),
+                            "HOST": dsn.get("host", ""),
+                            "PORT": dsn.get("port", ""),
+                            "OPTIONS": {"connect_timeout": 5},
+                        }
+                    }
+                )
                 django.setup()
 
     def begin(self) -> str:
@@ -200,15 +213,22 @@ class _PsycopgAsync(_Asyncpg):
             self.loop.close()
 
 
-_SESSIONS = {"psycopg2": _Psycopg2, "psycopg": _Psycopg, "sqlalchemy": _SQLAlchemy,
-             "django": _Django, "asyncpg": _Asyncpg, "psycopg-async": _PsycopgAsync}  # fmt: skip
+_SESSIONS = {
+    "psycopg2": _Psycopg2,
+    "psycopg": _Psycopg,
+    "sqlalchemy": _SQLAlchemy,
+    "django": _Django,
+    "asyncpg": _Asyncpg,
+    "psycopg-async": _PsycopgAsync,
+}
 
 
 class Writer(threading.Thread):
     """Publishes about ``rate / writers`` messages/s until ``stop`` is set."""
 
-    def __init__(self, index: int, url: str, topic: str, ledger: Ledger,
-                 stop: threading.Event, options: Any) -> None:  # fmt: skip
+    def __init__(
+        self, index: int, url: str, topic: str, ledger: Ledger, stop: threading.Event, options: Any
+    ) -> None:
         super().__init__(name=f"soak-writer-{index}", daemon=True)
         self.index, self.url, self.topic, self.ledger = index, url, topic, ledger
         self.make = _SESSIONS[options.adapter]
