@@ -176,10 +176,11 @@ class Queue:
         self._run(cur, "expired_retries", lease=lease, limit=limit)
         return cur.fetchall()
 
-    def forget_held(self, cur) -> None:
-        """Look at every shard again (a safety net for rows that committed late), park
-        rows that arrived behind held keys, and free waiting rows whose key has no
-        held head any more (a repair; releasing a key frees them at once)."""
+    def repair(self, cur) -> None:
+        """The safety net for held rows: park rows that arrived behind held keys, free
+        waiting rows whose key has no held head any more (releasing a key frees them at
+        once), and look at every shard released as "all held" again (rows that
+        committed late)."""
         self.park(cur)
         self._run(cur, "free_waiting")
         self._run(cur, "look_again")

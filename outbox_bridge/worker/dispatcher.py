@@ -27,8 +27,8 @@ from ..config import Settings
 from ..db import connect
 from ..loops import BEAT_EVERY, Heartbeat, run_forever
 from ..queries import render
-from ..queue import fire_dead
 from ..shardtask import Source, sources
+from .maintenance import Maintainer, RedriveRetries, RepairHeld, WakeupBeat
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,13 @@ class Dispatcher:
             raise RuntimeError("the outbox's tasks are not imported (outbox_bridge.outbox.tasks)")
         self.outbox = self.sources[0].queue
         self.dispatched = 0  # tasks sent, for tests and logs
-        self._last_retry_scan = 0.0
-        self._last_recheck = time.monotonic()
+        self.maintenance = Maintainer(
+            [
+                WakeupBeat(self.outbox, settings),
+                RedriveRetries(app, self.sources, settings),
+                RepairHeld(self.sources, settings),
+            ]
+        )
         self.idle: bool | None = None  # as the flag stands; None: write it at the first look
         self._quiet_since: float | None = None
         self._busy_until: dict[str, float] = {}  # queue -> until when it counts as busy
@@ -237,14 +242,7 @@ class Dispatcher:
             if shards:
                 self._busy_until[name] = now + BUSY_MEMORY
                 sent += self._send(cur, source, shards, free)
-        if now - self._last_retry_scan >= min(self.settings.poll_interval, 3.0):
-            self._last_retry_scan = now
-            self.outbox.heartbeat(cur)  # commits skip NOTIFY 10 s after the last beat
-            sent += sum(self._redrive(cur, source) for source in self.sources)
-        if now - self._last_recheck >= self.settings.lease_seconds:
-            self._last_recheck = now
-            for source in self.sources:
-                source.queue.forget_held(cur)
+        sent += self.maintenance.run_due(cur)  # re-sent retries count as dispatched
         self.dispatched += sent
         return sent
 
@@ -281,23 +279,4 @@ class Dispatcher:
                     "could not send the task of %s shards %s: %s", source.queue.name, group, exc
                 )
                 source.queue.release(cur, group, token, self.settings.pause_seconds)
-        return sent
-
-    def _redrive(self, cur, source: Source) -> int:
-        """Retrying rows whose retry task was lost (lease over): send it again."""
-        sent = 0
-        for row_id, token, attempts in source.queue.expired_retries(
-            cur, self.settings.lease_seconds
-        ):
-            if attempts > source.max_retries:
-                fire_dead(source.queue.bury(cur, [row_id], token, None))  # autocommit
-                continue
-            try:
-                retry = self.app.tasks[source.retry_task]
-                retry.apply_async(([row_id], str(token)), retries=attempts)
-                sent += 1
-            except Exception as exc:  # noqa: BLE001 - retried at the next lease
-                log.warning(
-                    "could not re-send the retry of %s row %d: %s", source.queue.name, row_id, exc
-                )
         return sent

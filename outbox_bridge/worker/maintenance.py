@@ -1,5 +1,9 @@
-"""Retention: the worker forgets handled inbox messages after the dedupe window
-(and old bookkeeping: ``forget``).
+"""Maintenance: jobs of one shape (``Job``: an interval and ``run_once(cur)``), run
+by a ``Maintainer`` in the loop that owns their connection. The dispatcher runs
+the re-drive of lost retries, the wake-up beat and the repair of held rows; the
+retention loop runs ``Forget`` (old bookkeeping) and ``Prune``.
+
+Retention: the worker forgets handled inbox messages after the dedupe window.
 
 The inbox is what deduplicates: a message read again from Kafka (a consumer
 group rewound, a partition re-read after a crash) is recognised by its id and
@@ -25,18 +29,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
+
+import psycopg2
 
 from .. import events, watchdog
 from ..config import Settings
 from ..db import connect
 from ..loops import Heartbeat, run_forever, wait
 from ..queries import render
+from ..queue import Queue, fire_dead
+from ..shardtask import Source
 
 log = logging.getLogger(__name__)
 
 
-# The next rows after ``after``; those received before the window whose
-# deliveries are all done go, with their deliveries.
 def prune(
     settings: Settings,
     window: float | None = None,
@@ -48,41 +55,50 @@ def prune(
     (default: the ``dedupe_window`` setting), batch by batch; returns how many.
     ``share``: the part of the time spent deleting (after a batch that took t
     seconds it waits t * (1 / share - 1)), so that a large backlog of old rows
-    does not take the database from the relay and the handlers."""
-    window = settings.dedupe_window if window is None else window
-    total, after = 0, 0
+    does not take the database from the relay and the handlers. Without ``stop``
+    (the command) it waits for a worker's round to end; with one it skips the
+    round when another pruner runs."""
     conn = connect(settings, autocommit=True, name="outbox-bridge retention")
     try:
         with conn.cursor() as cur:
-            # one pruner at a time per schema (every worker runs one); the others skip
-            # the round, the command waits
-            lock = "worker.prune_lock" if stop is not None else "worker.prune_lock_wait"
-            cur.execute(
-                render(lock, settings.schema), {"name": f"outbox_bridge.prune:{settings.schema}"}
-            )
-            if cur.fetchone()[0] is False:
-                return 0
-            while stop is None or not stop.is_set():
-                if beat is not None:
-                    beat()
-                started = time.monotonic()
-                with watchdog.guard(conn, settings.network_timeout, "retention"):
-                    cur.execute(
-                        render("worker.prune_batch", settings.schema),
-                        {"window": window, "after": after, "limit": settings.prune_batch},
-                    )
-                last, gone, all_old = cur.fetchone()
-                if gone and share < 1:
-                    # beating meanwhile: a slow batch on a loaded database means a long
-                    # pause, and a silent one would read as a hung loop (health --live)
-                    wait(stop, (time.monotonic() - started) * (1 / max(share, 0.01) - 1), beat)
-                total += gone
-                events.emit("pruned", gone)
-                if last is None or not all_old:
-                    break  # the end, or rows inside the window: the rest are newer
-                after = last
+            return prune_on(cur, settings, window, stop, beat, share)
     finally:
         conn.close()
+
+
+def prune_on(cur, settings: Settings, window=None, stop=None, beat=None, share=1.0) -> int:
+    """``prune`` on an autocommit cursor of the caller's."""
+    window = settings.dedupe_window if window is None else window
+    total, after = 0, 0
+    # one pruner at a time per schema (every worker runs one); the others skip the
+    # round, the command waits
+    lock = {"name": f"outbox_bridge.prune:{settings.schema}"}
+    wait_for_it = "worker.prune_lock_wait" if stop is None else "worker.prune_lock"
+    cur.execute(render(wait_for_it, settings.schema), lock)
+    if cur.fetchone()[0] is False:
+        return 0
+    try:
+        while stop is None or not stop.is_set():
+            if beat is not None:
+                beat()
+            started = time.monotonic()
+            with watchdog.guard(cur.connection, settings.network_timeout, "retention"):
+                cur.execute(
+                    render("worker.prune_batch", settings.schema),
+                    {"window": window, "after": after, "limit": settings.prune_batch},
+                )
+            last, gone, all_old = cur.fetchone()
+            if gone and share < 1:
+                # beating meanwhile: a slow batch on a loaded database means a long
+                # pause, and a silent one would read as a hung loop (health --live)
+                wait(stop, (time.monotonic() - started) * (1 / max(share, 0.01) - 1), beat)
+            total += gone
+            events.emit("pruned", gone)
+            if last is None or not all_old:
+                break  # the end, or rows inside the window: the rest are newer
+            after = last
+    finally:
+        cur.execute(render("worker.prune_unlock", settings.schema), lock)
     return total
 
 
@@ -91,16 +107,95 @@ def forget(settings: Settings) -> None:
     receipts of ``send()`` and pause rows of topics no relay tried for a day."""
     conn = connect(settings, autocommit=True, name="outbox-bridge retention")
     try:
-        with watchdog.guard(conn, settings.network_timeout, "retention"), conn.cursor() as cur:
-            for statement in ("worker.forget_receipts", "worker.forget_pauses"):
-                cur.execute(render(statement, settings.schema))
+        with conn.cursor() as cur:
+            Forget(settings).run_once(cur)
     finally:
         conn.close()
 
 
+class Job:
+    """A maintenance job: ``run_once(cur)`` every ``interval`` seconds (the first time
+    ``start_after`` seconds after its maintainer starts), on an autocommit cursor of
+    the loop that runs it. It returns how much it did, and raises
+    ``psycopg2.Error`` for its loop to reconnect."""
+
+    name = "job"
+    interval = 60.0
+    start_after = 0.0
+
+    def run_once(self, cur: Any) -> int:
+        raise NotImplementedError
+
+
+class Maintainer:
+    """Runs the jobs that are due; an error of one (but the database's) is logged
+    and the others go on."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        now = time.monotonic()
+        self.next_run = {job.name: now + job.start_after for job in jobs}
+
+    def run_due(self, cur: Any) -> int:
+        """Run every job whose time has come; the work they did, summed."""
+        done = 0
+        for job in self.jobs:
+            now = time.monotonic()
+            if now < self.next_run[job.name]:
+                continue
+            self.next_run[job.name] = now + job.interval
+            try:
+                done += job.run_once(cur) or 0
+            except psycopg2.Error:
+                raise
+            except Exception:  # noqa: BLE001 - one job must not stop the others
+                log.exception("maintenance job %s failed; again in %.0fs", job.name, job.interval)
+        return done
+
+
+# -- the retention loop's jobs ----------------------------------------------------------
+class Forget(Job):
+    """Receipts of ``send()`` (a retry comes within seconds) and the pause rows of topics
+    no relay tried for a day (gone, or no rows left: made again if needed)."""
+
+    name = "forget"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.interval = settings.prune_interval
+
+    def run_once(self, cur: Any) -> int:
+        with watchdog.guard(cur.connection, self.settings.network_timeout, "retention"):
+            for statement in ("worker.forget_receipts", "worker.forget_pauses"):
+                cur.execute(render(statement, self.settings.schema))
+        return 0
+
+
+class Prune(Job):
+    """Handled inbox messages past the dedupe window (``prune``), at ``prune_share``."""
+
+    name = "prune"
+
+    def __init__(self, settings: Settings, stop: threading.Event, beat) -> None:
+        self.settings, self.stop, self.beat = settings, stop, beat
+        self.interval = settings.prune_interval
+
+    def run_once(self, cur: Any) -> int:
+        if self.settings.dedupe_window <= 0:
+            return 0
+        started = time.monotonic()
+        count = prune_on(cur, self.settings, None, self.stop, self.beat, self.settings.prune_share)
+        if count:
+            log.info(
+                "retention: forgot %d handled inbox messages in %.1fs",
+                count,
+                time.monotonic() - started,
+            )
+        return count
+
+
 class Retention:
-    """The worker's pruning loop, every ``prune_interval`` seconds: ``forget`` and, with
-    a dedupe window, ``prune``."""
+    """The worker's retention loop: ``Forget`` and ``Prune`` every ``prune_interval``."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -111,22 +206,73 @@ class Retention:
         run_forever(self._loop, stop, "retention", self.heartbeat)
 
     def _loop(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            forget(self.settings)
-            count = 0
-            if self.settings.dedupe_window > 0:
-                count = prune(
-                    self.settings,
-                    stop=stop,
-                    beat=self.heartbeat.beat,
-                    share=self.settings.prune_share,
+        jobs = Maintainer([Forget(self.settings), Prune(self.settings, stop, self.heartbeat.beat)])
+        conn = connect(self.settings, autocommit=True, name="outbox-bridge retention")
+        try:
+            with conn.cursor() as cur:
+                while not stop.is_set():
+                    self.pruned += jobs.run_due(cur)
+                    wait(stop, self.settings.prune_interval, self.heartbeat.beat)
+        finally:
+            conn.close()
+
+
+# -- the dispatcher's jobs ------------------------------------------------------------
+class RedriveRetries(Job):
+    """Retrying rows whose retry task was lost (their lease is over): their retry is
+    sent again, or, past their retries, they are dead."""
+
+    name = "redrive"
+
+    def __init__(self, app: Any, sources: list[Source], settings: Settings):
+        self.app, self.sources, self.settings = app, sources, settings
+        self.interval = min(settings.poll_interval, 3.0)
+
+    def run_once(self, cur: Any) -> int:
+        return sum(self._redrive(cur, source) for source in self.sources)
+
+    def _redrive(self, cur: Any, source: Source) -> int:
+        sent = 0
+        lease = self.settings.lease_seconds
+        for row_id, token, attempts in source.queue.expired_retries(cur, lease):
+            if attempts > source.max_retries:
+                fire_dead(source.queue.bury(cur, [row_id], token, None))  # autocommit
+                continue
+            try:
+                retry = self.app.tasks[source.retry_task]
+                retry.apply_async(([row_id], str(token)), retries=attempts)
+                sent += 1
+            except Exception as exc:  # noqa: BLE001 - retried at the next lease
+                log.warning(
+                    "could not re-send the retry of %s row %d: %s", source.queue.name, row_id, exc
                 )
-            self.pruned += count
-            if count:
-                log.info(
-                    "retention: forgot %d handled inbox messages in %.1fs",
-                    count,
-                    time.monotonic() - started,
-                )
-            wait(stop, self.settings.prune_interval, self.heartbeat.beat)
+        return sent
+
+
+class WakeupBeat(Job):
+    """Tells commits a dispatcher is alive: they skip NOTIFY 10 s after the last beat."""
+
+    name = "wakeup"
+
+    def __init__(self, outbox: Queue, settings: Settings):
+        self.outbox = outbox
+        self.interval = min(settings.poll_interval, 3.0)
+
+    def run_once(self, cur: Any) -> int:
+        self.outbox.heartbeat(cur)
+        return 0
+
+
+class RepairHeld(Job):
+    """Every lease, a safety net for held rows (``Queue.repair``), in every queue."""
+
+    name = "repair"
+
+    def __init__(self, sources: list[Source], settings: Settings):
+        self.sources = sources
+        self.interval = self.start_after = settings.lease_seconds
+
+    def run_once(self, cur: Any) -> int:
+        for source in self.sources:
+            source.queue.repair(cur)
+        return 0

@@ -236,7 +236,7 @@ def test_the_safety_net_frees_waiting_rows_whose_head_is_gone(db_url, conn):
         head, shard = _held_key(cur, queue, [0, 1])
         queue.park(cur, [shard])
         cur.execute("DELETE FROM outbox_bridge.outbox WHERE id = %s", (head,))  # no unpark
-        queue.forget_held(cur)
+        queue.repair(cur)
         cur.execute("SELECT state FROM outbox_bridge.outbox")
         assert cur.fetchall() == [("pending",)]
 

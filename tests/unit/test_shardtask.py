@@ -16,6 +16,7 @@ from outbox_bridge.config import Settings
 from outbox_bridge.outbox import kafka
 from outbox_bridge.outbox.tasks import first_per_key
 from outbox_bridge.queue import Row
+from outbox_bridge.worker import maintenance
 from outbox_bridge.worker.dispatcher import free_tasks
 
 
@@ -246,3 +247,47 @@ def test_a_fatal_producer_error_leaves_the_rest_waiting_and_rebuilds_the_produce
     out = relay.deliver([row(1, key=b"a"), row(2, key=b"b")])
     assert out.fatal and out.later == [1, 2] and not out.failed
     assert relay.broken
+
+
+# -- maintenance jobs --------------------------------------------------------------------
+class Counting(maintenance.Job):
+    def __init__(self, name, interval, start_after=0.0, fails=False):
+        self.name, self.interval, self.start_after, self.fails = name, interval, start_after, fails
+        self.runs = 0
+
+    def run_once(self, cur):
+        self.runs += 1
+        if self.fails:
+            raise RuntimeError("a bug in one job")
+        return 2
+
+
+def test_the_maintainer_runs_each_job_when_due_and_one_failing_job_stops_no_other(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(maintenance.time, "monotonic", clock)
+    often, rare, broken = (
+        Counting("often", 1.0),
+        Counting("rare", 10.0, 10.0),
+        Counting("x", 1.0, fails=True),
+    )
+    jobs = maintenance.Maintainer([broken, often, rare])
+    assert jobs.run_due(None) == 2  # "rare" waits its first interval
+    assert (often.runs, rare.runs, broken.runs) == (1, 0, 1)
+    clock.now += 0.5
+    assert jobs.run_due(None) == 0
+    clock.now += 10.0
+    assert jobs.run_due(None) == 4
+    assert (often.runs, rare.runs, broken.runs) == (2, 1, 2)
+
+
+def test_a_database_error_in_a_job_goes_to_its_loop(monkeypatch):
+    import psycopg2
+
+    class Lost(maintenance.Job):
+        name = "lost"
+
+        def run_once(self, cur):
+            raise psycopg2.OperationalError("server closed the connection")
+
+    with pytest.raises(psycopg2.OperationalError):
+        maintenance.Maintainer([Lost()]).run_due(None)

@@ -30,6 +30,9 @@ SELECT pg_try_advisory_lock(hashtext(%(name)s))
 -- the command waits for the worker's round
 SELECT pg_advisory_lock(hashtext(%(name)s))
 
+-- name: prune_unlock
+SELECT pg_advisory_unlock(hashtext(%(name)s))
+
 -- name: prune_batch
 WITH batch AS (
     SELECT i.id, i.topic, i.message_id, i.received_at < now() - %(window)s * interval '1s' AS old
