@@ -67,34 +67,6 @@ def fire_dead(dead: Iterable[DeadMessage]) -> None:
 
 
 @dataclass(frozen=True)
-class Row:
-    """One queued message, as fetched for delivery."""
-
-    id: int
-    message_id: str
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list | None
-    # when the writer's transaction began (epoch seconds), for the latency metric
-    created_at: float | None = None
-
-
-def _row(r: tuple) -> Row:
-    # bytea arrives as memoryview; the Kafka client wants bytes
-    key, value = r[3], r[4]
-    return Row(
-        r[0],
-        r[1],
-        r[2],
-        None if key is None else bytes(key),
-        None if value is None else bytes(value),
-        r[5],
-        r[6],
-    )
-
-
-@dataclass(frozen=True)
 class Queue:
     """One durable queue: a table of rows and its claims (see the module doc).
 
@@ -112,19 +84,19 @@ class Queue:
     size_column: str | None = "value"
 
     def _run(self, cur, name: str, pieces: dict[str, Any] | None = None, **params: Any) -> None:
-        """Execute statement ``queue.<name>`` on this queue's table and scope."""
+        """Execute statement ``queue.<name>`` (or one named in full, ``area.name``) on
+        this queue's table and scope."""
         given = {
             "table": (self.schema, self.table),
             "size": "queue.size" if self.size_column else "queue.zero",
             "size_column": (self.size_column or "value",),
             "recover_before": "queue.recover_before",
-            "row_columns": "queue.row_columns",
             "dead_columns": DEAD_COLUMNS,
             **{f"scope_{a}": f"queue.scope_{a}" if self.scope else "queue.nothing" for a in "ohtw"},
             **(pieces or {}),
         }
         cur.execute(
-            render(f"queue.{name}", self.schema, given),
+            render(name if "." in name else f"queue.{name}", self.schema, given),
             {"queue": self.name, "scope": self.scope, **params},
         )
 
@@ -162,14 +134,6 @@ class Queue:
         """The claim rows of these shards, free, where missing (a lingering task can
         only take on a shard that has one)."""
         self._run(cur, "add_claims", shards=list(shards))
-
-    def set_idle(self, cur, idle: bool) -> None:
-        """Whether commits should NOTIFY (only while no dispatch is under way)."""
-        self._run(cur, "set_idle", idle=idle)
-
-    def heartbeat(self, cur, alive: bool = True) -> None:
-        """A watcher is alive (or stops): commits skip NOTIFY when none is."""
-        self._run(cur, "heartbeat", alive=alive)
 
     def expired_retries(self, cur, lease: float, limit: int = 1000) -> list[tuple[int, Any, int]]:
         """Take over retrying rows whose retry task was lost: (id, new token, attempts)."""
@@ -243,20 +207,6 @@ class Queue:
             if n >= per_shard or sizes[shard] >= bytes_per_shard
         }
         return rows, full
-
-    def fetch(
-        self,
-        cur,
-        shards: Sequence[int],
-        limit: int,
-        max_bytes: int = 2**62,
-        skip_topics: Sequence[str] = (),
-    ) -> tuple[list[Row], set[int]]:
-        """The next rows of the shards, oldest first, at most ``limit`` rows and about
-        ``max_bytes`` of values, skipping keys held by a failed head and the
-        ``skip_topics``; and the shards that may have more."""
-        rows, full = self._fetch(cur, "queue.row_columns", shards, limit, max_bytes, skip_topics)
-        return [_row(r[:-2]) for r in rows], full
 
     def fetch_ids(
         self, cur, shards: Sequence[int], limit: int, skip_topics: Sequence[str] = ()
@@ -371,11 +321,6 @@ class Queue:
             return
         shards, topics, keys_ = (list(c) for c in zip(*found, strict=True))
         self._run(cur, "unpark", shards=shards, topics=topics, keys=keys_)
-
-    def fetch_held(self, cur, ids: Sequence[int], token: uuid.UUID) -> list[tuple[Row, int]]:
-        """Retrying rows still owned by ``token``, locked, with their attempts and shard."""
-        self._run(cur, "fetch_held", ids=list(ids), token=token)
-        return [(_row(r[:7]), r[7], r[8]) for r in cur.fetchall()]
 
     def take_held(self, cur, ids: Sequence[int], token: Any) -> list[int]:
         """Ids of retrying rows still owned by ``token``, locked, in order."""

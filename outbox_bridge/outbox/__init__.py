@@ -3,9 +3,80 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from ..config import Settings
 from ..queue import Queue
 
 
-def outbox_queue(settings: Settings) -> Queue:
-    return Queue(name="outbox", table="outbox", schema=settings.schema)
+@dataclass(frozen=True)
+class Row:
+    """One queued message, as fetched for delivery."""
+
+    id: int
+    message_id: str
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list | None
+    # when the writer's transaction began (epoch seconds), for the latency metric
+    created_at: float | None = None
+
+
+def _row(r: tuple) -> Row:
+    # bytea arrives as memoryview; the Kafka client wants bytes
+    key, value = r[3], r[4]
+    return Row(
+        r[0],
+        r[1],
+        r[2],
+        None if key is None else bytes(key),
+        None if value is None else bytes(value),
+        r[5],
+        r[6],
+    )
+
+
+@dataclass(frozen=True)
+class OutboxQueue(Queue):
+    """The outbox's queue: rows fetched whole for the relay, and the flag that tells
+    committing writers whether an idle dispatcher waits for their NOTIFY."""
+
+    def fetch(
+        self,
+        cur,
+        shards: Sequence[int],
+        limit: int,
+        max_bytes: int = 2**62,
+        skip_topics: Sequence[str] = (),
+    ) -> tuple[list[Row], set[int]]:
+        """The next rows of the shards, oldest first, at most ``limit`` rows and about
+        ``max_bytes`` of values, skipping keys held by a failed head and the
+        ``skip_topics``; and the shards that may have more."""
+        rows, full = self._fetch(cur, "outbox.row_columns", shards, limit, max_bytes, skip_topics)
+        return [_row(r[:-2]) for r in rows], full
+
+    def fetch_held(self, cur, ids: Sequence[int], token: uuid.UUID) -> list[tuple[Row, int]]:
+        """Retrying rows still owned by ``token``, locked, with their attempts and shard."""
+        self._run(
+            cur,
+            "outbox.fetch_held",
+            {"row_columns": "outbox.row_columns"},
+            ids=list(ids),
+            token=token,
+        )
+        return [(_row(r[:7]), r[7], r[8]) for r in cur.fetchall()]
+
+    def set_idle(self, cur, idle: bool) -> None:
+        """Whether commits should NOTIFY (only while no dispatch is under way)."""
+        self._run(cur, "outbox.set_idle", idle=idle)
+
+    def heartbeat(self, cur, alive: bool = True) -> None:
+        """A watcher is alive (or stops): commits skip NOTIFY when none is."""
+        self._run(cur, "outbox.heartbeat", alive=alive)
+
+
+def outbox_queue(settings: Settings) -> OutboxQueue:
+    return OutboxQueue(name="outbox", table="outbox", schema=settings.schema)

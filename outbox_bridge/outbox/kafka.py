@@ -25,8 +25,8 @@ from kombu.utils.imports import symbol_by_name
 
 from ..config import Settings, kafka_connection, kafka_network
 from ..message import kafka_headers, record_size
-from ..queue import Row
 from ..shardtask import HeldKeys
+from . import Row
 
 log = logging.getLogger(__name__)
 

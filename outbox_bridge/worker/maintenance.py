@@ -37,8 +37,9 @@ from .. import events, watchdog
 from ..config import Settings
 from ..db import connect
 from ..loops import Heartbeat, run_forever, wait
+from ..outbox import OutboxQueue
 from ..queries import render
-from ..queue import Queue, fire_dead
+from ..queue import fire_dead
 from ..shardtask import Source
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ class WakeupBeat(Job):
 
     name = "wakeup"
 
-    def __init__(self, outbox: Queue, settings: Settings):
+    def __init__(self, outbox: OutboxQueue, settings: Settings):
         self.outbox = outbox
         self.interval = min(settings.poll_interval, 3.0)
 

@@ -13,9 +13,9 @@ import uuid
 import pytest
 
 from outbox_bridge.config import Settings
+from outbox_bridge.outbox import Row
 from outbox_bridge.outbox.kafka import get_relay, reset_relay
 from outbox_bridge.outbox.tasks import in_lease
-from outbox_bridge.queue import Row
 from outbox_bridge.tools.soak.proxy import Proxy
 from outbox_bridge.tools.soak.reconcile import read_topic
 from tests.conftest import wait_for

@@ -13,9 +13,8 @@ from confluent_kafka import KafkaError
 
 from outbox_bridge import shardtask
 from outbox_bridge.config import Settings
-from outbox_bridge.outbox import kafka
+from outbox_bridge.outbox import Row, kafka
 from outbox_bridge.outbox.tasks import first_per_key
-from outbox_bridge.queue import Row
 from outbox_bridge.worker import maintenance
 from outbox_bridge.worker.dispatcher import free_tasks
 

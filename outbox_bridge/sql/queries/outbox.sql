@@ -30,3 +30,22 @@ RETURNING topic, extract(epoch FROM until - now())
 
 -- name: resume_topics
 DELETE FROM {topic_pauses} WHERE topic = ANY(%(topics)s)
+
+-- The outbox's own queue statements (outbox_bridge/outbox/__init__.py)
+
+-- name: row_columns
+-- message id as text and empty headers as NULL: less to parse per row on the hot path
+o.id, o.message_id::text, o.topic, o.key, o.value, nullif(o.headers, '[]'::jsonb),
+extract(epoch FROM o.created_at)::float8
+
+-- name: fetch_held
+SELECT {row_columns}, o.attempts, o.shard FROM {table} o
+WHERE o.id = ANY(%(ids)s) AND o.state = 'retrying' AND o.claim_token = %(token)s
+ORDER BY o.id FOR UPDATE
+
+-- name: set_idle
+UPDATE {wakeup} SET idle = %(idle)s, seen_at = now() WHERE queue = %(queue)s AND idle <> %(idle)s
+
+-- name: heartbeat
+UPDATE {wakeup} SET seen_at = CASE WHEN %(alive)s THEN now() ELSE '-infinity' END
+WHERE queue = %(queue)s

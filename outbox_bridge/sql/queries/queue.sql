@@ -18,11 +18,6 @@ coalesce(octet_length(l.{size_column}), 0)
 -- name: zero
 0
 
--- name: row_columns
--- message id as text and empty headers as NULL: less to parse per row on the hot path
-o.id, o.message_id::text, o.topic, o.key, o.value, nullif(o.headers, '[]'::jsonb),
-extract(epoch FROM o.created_at)::float8
-
 -- name: id_column
 o.id
 
@@ -165,13 +160,6 @@ INSERT INTO {claims} (queue, shard) SELECT %(queue)s, s FROM unnest(%(shards)s::
 WHERE NOT EXISTS (SELECT 1 FROM {claims} c WHERE c.queue = %(queue)s AND c.shard = s)
 ON CONFLICT DO NOTHING
 
--- name: set_idle
-UPDATE {wakeup} SET idle = %(idle)s, seen_at = now() WHERE queue = %(queue)s AND idle <> %(idle)s
-
--- name: heartbeat
-UPDATE {wakeup} SET seen_at = CASE WHEN %(alive)s THEN now() ELSE '-infinity' END
-WHERE queue = %(queue)s
-
 -- name: expired_retries
 UPDATE {table} SET claim_token = gen_random_uuid(), lease_until = now() + %(lease)s * interval '1s'
 WHERE id IN (SELECT o.id FROM {table} o WHERE o.state = 'retrying' {scope_o}
@@ -247,11 +235,6 @@ WHERE o.shard = heads.shard AND o.state = 'pending' {scope_o}
 UPDATE {table} o SET state = 'pending'
 FROM unnest(%(shards)s::int[], %(topics)s::text[], %(keys)s::bytea[]) AS k(shard, topic, key)
 WHERE o.state = 'waiting' AND o.shard = k.shard AND o.topic = k.topic AND o.key = k.key {scope_o}
-
--- name: fetch_held
-SELECT {row_columns}, o.attempts, o.shard FROM {table} o
-WHERE o.id = ANY(%(ids)s) AND o.state = 'retrying' AND o.claim_token = %(token)s
-ORDER BY o.id FOR UPDATE
 
 -- name: take_held
 SELECT id FROM {table} WHERE id = ANY(%(ids)s) AND state = 'retrying'
