@@ -128,9 +128,9 @@ def encode_headers(headers: Headers | None) -> list[list[Any]]:
         if isinstance(value, str):
             raw = _utf8(value, f"header {name!r}", InvalidHeaders)
             if "\x00" in value:  # jsonb text cannot hold NUL: carry the bytes instead
-                value = {"b64": base64.b64encode(raw).decode()}
+                value = as_bytes(raw)
         elif isinstance(value, (bytes, bytearray, memoryview)):
-            value = {"b64": base64.b64encode(bytes(value)).decode()}
+            value = as_bytes(bytes(value))
         elif value is not None:
             raise InvalidHeaders(
                 f"header {name!r} must be str, bytes or None, got {type(value).__name__}"
@@ -139,17 +139,40 @@ def encode_headers(headers: Headers | None) -> list[list[Any]]:
     return stored
 
 
+def as_bytes(raw: bytes) -> dict[str, str]:
+    """A header value as stored when it cannot be jsonb text: its bytes in base64."""
+    return {"b64": base64.b64encode(raw).decode()}
+
+
+def as_stored(value: bytes | None) -> str | dict[str, str] | None:
+    """A header value from Kafka as stored: text when it is UTF-8 without NUL (which
+    jsonb refuses), else its bytes (``as_bytes``)."""
+    if value is None:
+        return None
+    text = value.decode("utf-8", errors="replace")
+    return as_bytes(value) if "\ufffd" in text or "\x00" in text else text
+
+
+def decode_stored(stored: list[list[Any]] | None) -> list[tuple[str, bytes | None]]:
+    """Stored headers as (name, bytes) pairs again."""
+    return [
+        (
+            name,
+            base64.b64decode(value["b64"])
+            if isinstance(value, dict)
+            else None
+            if value is None
+            else value.encode(),
+        )
+        for name, value in stored or ()
+    ]
+
+
 def kafka_headers(
     stored: list[list[Any]] | None, message_id: UUID | str
 ) -> list[tuple[str, bytes | None]]:
     """Stored headers as Kafka headers, with the message id first."""
-    out: list[tuple[str, bytes | None]] = [(MESSAGE_ID_HEADER, str(message_id).encode())]
-    for name, value in stored or ():
-        if isinstance(value, dict):
-            out.append((name, base64.b64decode(value["b64"])))
-        else:
-            out.append((name, None if value is None else value.encode()))
-    return out
+    return [(MESSAGE_ID_HEADER, str(message_id).encode()), *decode_stored(stored)]
 
 
 def record_size(key: bytes | None, value: bytes | None, stored: list[list[Any]]) -> int:

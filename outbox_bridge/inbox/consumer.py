@@ -9,7 +9,6 @@ loop never stops on bad input.
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import uuid
@@ -31,7 +30,7 @@ from .. import events
 from ..config import Settings, kafka_connection, kafka_network
 from ..db import channel, connect, is_transient, work
 from ..loops import Heartbeat, run_forever
-from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER
+from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER, as_stored
 from ..queries import render
 from ..queue import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead, shard_of
 
@@ -94,17 +93,8 @@ def message_identity(msg: Any) -> tuple[uuid.UUID, str | None]:
 
 
 def stored_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    for name, value in headers or []:
-        if value is None:
-            out.append([name, None])
-            continue
-        text = value.decode("utf-8", errors="replace")
-        if "\ufffd" in text or "\x00" in text:  # not UTF-8, or NUL, which jsonb refuses
-            out.append([name, {"b64": base64.b64encode(value).decode()}])
-        else:
-            out.append([name, text])
-    return out
+    """A Kafka message's headers as the inbox stores them (``message.as_stored``)."""
+    return [[name, as_stored(value)] for name, value in headers or []]
 
 
 def _timestamp(msg: Any) -> datetime | None:

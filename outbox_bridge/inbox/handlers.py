@@ -11,7 +11,6 @@ same task with Celery's own ``autoretry_for`` / ``retry_backoff`` /
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import uuid
@@ -26,7 +25,7 @@ from .. import events, watchdog
 from ..config import Settings, get_settings
 from ..db import task_connection, work
 from ..errors import DecodeError, OutboxBridgeError, TransientError
-from ..message import JSONSerializer, Message, Serializer
+from ..message import JSONSerializer, Message, Serializer, decode_stored
 from ..queries import render
 from ..queue import fire_dead
 from ..shardtask import (
@@ -146,16 +145,6 @@ def bury_deliveries(
         f"{exc}",
         max_retries,
     )
-
-
-def _decode_headers(stored: list) -> list[tuple[str, bytes | None]]:
-    out = []
-    for name, value in stored:
-        if isinstance(value, dict):
-            out.append((name, base64.b64decode(value["b64"])))
-        else:
-            out.append((name, None if value is None else value.encode()))
-    return out
 
 
 class _NeedsSavepoints(Exception):
@@ -372,7 +361,7 @@ def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, so
                     topic=topic,
                     key=key,
                     value=value,
-                    headers=_decode_headers(row[7]),
+                    headers=decode_stored(row[7]),
                     partition=row[8],
                     offset=row[9],
                     timestamp=row[10],

@@ -98,3 +98,13 @@ def test_a_nul_in_a_header_value_is_carried_byte_for_byte():
 def test_values_that_are_not_json_are_refused(value):
     with pytest.raises(NotSerializable):
         JSONSerializer().dumps(value)
+
+
+def test_headers_from_kafka_are_stored_as_text_when_they_can_be_and_come_back_as_bytes():
+    from outbox_bridge.message import as_stored, decode_stored
+
+    pairs = [("a", b"text"), ("b", b"\xff\x00bin"), ("c", b"nul\x00inside"), ("d", None)]
+    stored = [[name, as_stored(value)] for name, value in pairs]
+    assert stored[0][1] == "text" and stored[3][1] is None
+    assert isinstance(stored[1][1], dict) and isinstance(stored[2][1], dict)  # base64
+    assert decode_stored(stored) == pairs
