@@ -4,8 +4,9 @@ The core and the two sides say what happens (``emit``, ``around``,
 ``publishing``); integrations such as metrics and tracing subscribe, the way
 dramatiq's middleware does, so that nothing in the runtime imports them. The
 subscribers are the objects named in the setting ``outbox_bridge_middleware``
-(dotted paths, ``module:attribute``; a class is instantiated once per process),
-after the built-in ``message_dead`` signal and dead hook. A subscriber has a
+(dotted paths, ``module:attribute``; a class is instantiated once per process);
+the ``dead`` event goes to the built-in ``message_dead`` signal and dead hook
+first. A subscriber has a
 method per event it wants (see ``Middleware``); an exception in one is logged
 and changes nothing for the caller.
 """
@@ -23,7 +24,8 @@ from .config import get_settings
 log = logging.getLogger(__name__)
 
 # always there, whatever the setting says: the documented dead-message signal and hook
-BUILTIN = ("outbox_bridge.signals:DeadSignal",)
+# (loaded when a message first becomes dead: a publishing process never needs Celery's)
+BUILTIN = {"dead": "outbox_bridge.signals:DeadSignal"}
 
 
 class Middleware:
@@ -44,15 +46,25 @@ class Middleware:
 
 
 _loaded: tuple[tuple[str, ...], list[Any]] | None = None
+_builtin: dict[str, Any] = {}
 
 
 def subscribers() -> list[Any]:
-    """The subscribers of this process (loaded once per value of the setting)."""
+    """The middleware of this process (loaded once per value of the setting)."""
     global _loaded
-    names = (*BUILTIN, *get_settings().middleware)
+    names = tuple(get_settings().middleware)
     if _loaded is None or _loaded[0] != names:
         _loaded = (names, [s for s in map(_load, names) if s is not None])
     return _loaded[1]
+
+
+def _builtin_for(event: str) -> list[Any]:
+    path = BUILTIN.get(event)
+    if path is None:
+        return []
+    if path not in _builtin:
+        _builtin[path] = _load(path)
+    return [] if _builtin[path] is None else [_builtin[path]]
 
 
 def _load(path: str) -> Any:
@@ -69,7 +81,7 @@ def _load(path: str) -> Any:
 
 def emit(event: str, *args: Any) -> None:
     """Tell every subscriber that has a method ``event``."""
-    for subscriber in subscribers():
+    for subscriber in _builtin_for(event) + subscribers():
         method = getattr(subscriber, event, None)
         if method is not None:
             try:
