@@ -232,7 +232,7 @@ def metrics(port: int, address: str, once: bool) -> None:
 
 @main.command()
 def watch() -> None:
-    """Run the outbox LISTEN watcher in the foreground (Ctrl-C stops it)."""
+    """Run the dispatcher (the outbox watcher) in the foreground (Ctrl-C stops it)."""
     from .worker.app import app
     from .worker.dispatcher import Dispatcher
 

@@ -1,4 +1,4 @@
-"""Versioned SQL migrations (``outbox_bridge/sql/NNNN_name.sql``), applied once each.
+"""Versioned SQL migrations (``outbox_bridge/sql/migrations/NNNN_name.sql``), applied once each.
 
 Online by rule, since they run under a live pipeline: every statement that takes
 a lock waits at most ``migrate_lock_timeout`` for it (a lock request queued
@@ -36,7 +36,7 @@ _LOCK = "hashtext('outbox_bridge.migrate')"
 def available() -> list[tuple[int, str, str]]:
     """(version, name, sql text) of every migration shipped, in order."""
     found = []
-    for entry in resources.files("outbox_bridge").joinpath("sql").iterdir():
+    for entry in resources.files("outbox_bridge").joinpath("sql", "migrations").iterdir():
         match = _MIGRATION.match(entry.name)
         if match:
             found.append((int(match.group(1)), match.group(2), entry.read_text()))

@@ -1,4 +1,5 @@
-"""Every statement the runtime runs, by name, from ``sql/queries/*.sql``.
+"""Every statement the runtime runs on outbox-bridge's tables, by name, from
+``sql/queries/*.sql`` (the DDL is in ``sql/migrations/``).
 
 A file holds statements, each under a ``-- name: <name>`` line (comments
 after it document the statement); a statement's name is ``<file>.<name>``.

@@ -49,7 +49,7 @@ STEPS = ("SchemaCheckStep", "OutboxWatcherStep", "InboxConsumerStep", "Retention
 for step in STEPS:
     app.steps["worker"].add(f"outbox_bridge.worker.bootsteps:{step}")
 for flag, what in (
-    ("--without-outbox-watcher", "the outbox LISTEN watcher"),
+    ("--without-outbox-watcher", "the dispatcher (claims shards, sends their tasks)"),
     ("--without-inbox-consumer", "the Kafka inbox consumer"),
     ("--without-retention", "the pruning of handled inbox messages and old bookkeeping"),
 ):

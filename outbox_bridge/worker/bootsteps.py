@@ -68,7 +68,7 @@ class _LoopStep(bootsteps.StartStopStep):
 
 
 class OutboxWatcherStep(_LoopStep):
-    """Runs the outbox LISTEN watcher."""
+    """Runs the dispatcher: claims ready shards of every queue and sends their tasks."""
 
     flag = "without_outbox_watcher"
 

@@ -57,7 +57,7 @@ def _django_driver(env: dict, driver: str) -> str:
 
 
 def test_every_sql_migration_has_a_django_migration():
-    """A new outbox_bridge/sql/NNNN file needs a Django migration that applies it."""
+    """A new outbox_bridge/sql/migrations/NNNN file needs a Django migration that applies it."""
     from outbox_bridge.migrate import available
 
     names = os.listdir(ROOT / "outbox_bridge" / "contrib" / "django" / "migrations")

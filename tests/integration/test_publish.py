@@ -135,7 +135,7 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
     assert migrate(odd) == [
         "0001_outbox",
         "0002_inbox",
-        "0003_faults",
+        "0003_wakes_and_pauses",
         "0004_send_receipts",
         "0005_wake_by_sequence",
         "0006_prune_without_cascade",

@@ -1,5 +1,5 @@
 -- The migrations' own bookkeeping (outbox_bridge/migrate.py), run as plain text
--- (Django's cursor runs them too). The DDL itself is in sql/NNNN_*.sql.
+-- (Django's cursor runs them too). The DDL itself is in sql/migrations/.
 
 -- name: create_schema
 CREATE SCHEMA IF NOT EXISTS {schema}
