@@ -96,7 +96,7 @@ def test_send_commits_its_own_transaction(db_url):
 
 def test_send_retries_transient_errors_then_gives_up(db_url, monkeypatch):
     """A database that refuses connections: send() tries 1 + retries times, then raises."""
-    import outbox_bridge.outbox as pub
+    import outbox_bridge.outbox.publish as pub
 
     calls = []
     real_connect = pub.connect
