@@ -11,11 +11,12 @@ same task with Celery's own ``autoretry_for`` / ``retry_backoff`` /
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
@@ -206,13 +207,13 @@ def _attempt(task, spec, token, shards, clock, suspect: bool) -> dict:
     per transaction after a COMMIT failed or on a shard whose owner died."""
     try:
         try:
-            result = _run(task, spec, None, token, shards, False, clock, suspect)
+            result = _run_round(task, spec, token, shards, False, clock, suspect)
         except _NeedsSavepoints:
             task_connection(get_settings()).rollback()
-            result = _run(task, spec, None, token, shards, True, clock)
+            result = _run_round(task, spec, token, shards, True, clock)
     except _CommitFailed as exc:
         log.warning("%s: %s; its deliveries run one per transaction", task.name, exc)
-        result = _run(task, spec, None, token, shards, False, clock, True)
+        result = _run_round(task, spec, token, shards, False, clock, True)
     if "solo" in result:
         result = _solo(task, spec, token, result)
     return result
@@ -241,10 +242,10 @@ def _held_attempt(task: Task, spec: HandlerSpec, ids: list[int], token: str, lea
     """Run held deliveries whose attempt is counted; raises HandlerFailed if one fails."""
     try:
         try:
-            return _run(task, spec, ids, token, None, False, None)
+            return _run_held(task, spec, ids, token, False)
         except _NeedsSavepoints:
             task_connection(get_settings()).rollback()
-            return _run(task, spec, ids, token, None, True, None)
+            return _run_held(task, spec, ids, token, True)
     except _CommitFailed as exc:
         if len(ids) == 1:  # it is this delivery's failure
             conn = task_connection(get_settings())
@@ -295,130 +296,183 @@ def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
     return {**totals, "owned": result["owned"]}
 
 
-def _run(task, spec, ids, token, shards, careful: bool, clock: Linger | None, solo=False) -> dict:
+@dataclass
+class _Handled:
+    """What one transaction's handlers did: ids done, failed and dead (with why), and
+    each loaded delivery's (shard, topic, key)."""
+
+    done: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    dead: dict[int, str] = field(default_factory=dict)
+    key_of: dict[int, tuple[int, str, bytes | None]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.done) + len(self.failed) + len(self.dead)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "done": len(self.done),
+            "failed": len(self.failed),
+            "dead": len(self.dead),
+            "batches": 1,
+        }
+
+
+def _run_handlers(
+    cur, task: Task, spec: HandlerSpec, ids: list[int], owned: list[int] | None, careful: bool
+) -> _Handled:
+    """Run the handlers of deliveries ``ids`` in the transaction of ``cur``, in id
+    order, the later deliveries of a key that fails waiting behind it. ``owned``:
+    the shards a shard task still holds (a delivery elsewhere is its new owner's).
+    Not ``careful``: the first failure raises ``_NeedsSavepoints``; careful: each
+    runs in a savepoint that its failure alone rolls back."""
+    settings = get_settings()
+    out = _Handled()
+    # only what is still pending is ours to run (a redelivered task message); the
+    # claim row locked by the caller keeps it so until commit
+    cur.execute(
+        render("inbox.load", settings.schema), {"ids": list(ids), "fresh": owned is not None}
+    )
+    held = HeldKeys()
+    for row in cur.fetchall():
+        delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
+        key = None if key is None else bytes(key)
+        out.key_of[delivery_id] = (row_shard, topic, key)
+        if owned is not None and row_shard not in owned:
+            continue  # no longer ours: its new owner runs it
+        if held.holds(topic, key):
+            continue  # waits behind its key's failed head
+        try:
+            value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
+        except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
+            reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+            out.dead[delivery_id] = f"cannot decode the value: {reason}"
+            held.add(topic, key)
+            continue
+        message = Message(
+            message_id=message_id,
+            topic=topic,
+            key=key,
+            value=value,
+            headers=decode_stored(row[7]),
+            partition=row[8],
+            offset=row[9],
+            timestamp=row[10],
+        )
+        if not careful:
+            try:
+                _handle(spec, message, cur, task.name)
+            except Exception as exc:
+                raise _NeedsSavepoints() from exc
+            out.done.append(delivery_id)
+            continue
+        cur.execute(render("inbox.before_handler", settings.schema))
+        try:
+            _handle(spec, message, cur, task.name)
+            cur.execute(render("inbox.after_handler", settings.schema))
+            out.done.append(delivery_id)
+        except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
+            cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
+            out.failed[delivery_id] = f"{type(exc).__name__}: {exc}"
+            held.add(topic, key)
+    return out
+
+
+@contextlib.contextmanager
+def _handlers_transaction(task: Task, spec: HandlerSpec) -> Iterator[tuple[Any, list[bool]]]:
+    """The transaction the handlers run in, on this thread's connection; set the
+    flag (``flag[0] = True``) once the handlers ran: a database error after that
+    is the COMMIT's (``_CommitFailed``), whose batch then runs one per transaction."""
+    settings = get_settings()
+    conn = task_connection(settings)
+    if spec.session is not None:
+        from ..contrib.sqlalchemy import bind
+
+        bind(conn)  # made while the connection is idle: see bind()
+    flag = [False]
+    try:
+        with work(conn, settings, task.name) as cur:
+            yield cur, flag
+    except psycopg2.Error as exc:
+        if flag[0] and exc.pgcode is not None and not conn.closed:
+            raise _CommitFailed(f"COMMIT failed: {type(exc).__name__}: {exc}".strip()) from exc
+        raise
+
+
+def _counted(task: Task, handled: _Handled) -> None:
+    events.emit("counted", "handled", task.name, len(handled.done))
+    events.emit("counted", "failed", task.name, len(handled.failed))
+    events.emit("batch", task.name, handled.count)
+
+
+def _run_round(task, spec, token, shards, careful: bool, clock: Linger, solo=False) -> dict:
+    """One round of a shard task (``shardtask.next_round``), its handlers in one
+    transaction with the claim; failures become retrying heads with a retry task."""
     settings = get_settings()
     queue = inbox_queue(settings, task.name)
-    conn = task_connection(settings)
-    done: list[int] = []
-    failed: dict[int, str] = {}
-    dead: dict[int, str] = {}
     retry_token = uuid.uuid4()
-    first_countdown = backoff(task, 0)
     result: dict[str, Any] = {}
 
     def fetch(cur, owned: list[int], skip: list[str]) -> tuple[list[int], bool]:
         ids, _with_rows = queue.fetch_ids(cur, owned, settings.batch_size, skip)
         return ids, len(ids) >= settings.batch_size
 
-    if spec.session is not None:
-        from ..contrib.sqlalchemy import bind
-
-        bind(conn)  # made while the connection is idle: see bind()
-    handled = False  # past the handlers: an error now is the COMMIT's
-    try:
-        with work(conn, settings, task.name) as cur:
-            if shards is not None:
-                # locked until commit: a handler slower than the lease still finishes;
-                # one that hangs is ended by the task's time limit (handler_time_limit)
-                found = next_round(cur, queue, settings, token, shards, clock, fetch, solo)
-                if found.stale:
-                    return {"stale": True}
-                owned = result["owned"] = found.owned
-                if found.solo:
-                    return {**result, "solo": found.solo, "recovering": found.recovering}
-                if found.idle:
-                    return {**result, "idle": True}
-                if found.released:
-                    return {"released": True}
-                mine = ids = found.batch
-            else:
-                mine = queue.take_held(cur, ids, token)
-            # only what is still pending is ours to run (a redelivered task message); the
-            # claim row locked above keeps it so until commit
-            cur.execute(
-                render("inbox.load", settings.schema),
-                {"ids": list(mine), "fresh": shards is not None},
-            )
-            held = HeldKeys()
-            key_of: dict[int, tuple[int, str, bytes | None]] = {}  # id -> (shard, topic, key)
-            for row in cur.fetchall():
-                delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
-                key_of[delivery_id] = (row_shard, topic, None if key is None else bytes(key))
-                if shards is not None and row_shard not in owned:
-                    continue  # no longer ours: its new owner runs it
-                key = None if key is None else bytes(key)
-                if held.holds(topic, key):
-                    continue  # waits behind its key's failed head
-                try:
-                    value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
-                except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
-                    reason = exc if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
-                    dead[delivery_id] = f"cannot decode the value: {reason}"
-                    held.add(topic, key)
-                    continue
-                message = Message(
-                    message_id=message_id,
-                    topic=topic,
-                    key=key,
-                    value=value,
-                    headers=decode_stored(row[7]),
-                    partition=row[8],
-                    offset=row[9],
-                    timestamp=row[10],
-                )
-                if not careful:
-                    try:
-                        _handle(spec, message, cur, task.name)
-                    except Exception as exc:
-                        raise _NeedsSavepoints() from exc
-                    done.append(delivery_id)
-                    continue
-                cur.execute(render("inbox.before_handler", settings.schema))
-                try:
-                    _handle(spec, message, cur, task.name)
-                    cur.execute(render("inbox.after_handler", settings.schema))
-                    done.append(delivery_id)
-                except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
-                    cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
-                    failed[delivery_id] = f"{type(exc).__name__}: {exc}"
-                    held.add(topic, key)
-            queue.complete(cur, done)  # in the handlers' transaction: done iff their writes
-            if shards is not None:
-                queue.hold(
-                    cur, {**failed, **dead}, retry_token, lease_for(task, 0, settings.lease_seconds)
-                )
-                buried = queue.bury(cur, list(dead), retry_token, None)
-                if clock.over(len(ids) >= settings.batch_size):
-                    queue.release(cur, owned, token)
-                    result["released"] = True
-            else:
-                # their attempt was counted when it started (start_held)
-                lease = lease_for(task, task.request.retries, settings.lease_seconds)
-                queue.hold(cur, {**failed, **dead}, token, lease, count=False)
-                buried = queue.bury(cur, list(dead), token, None)
-                if done:  # released heads: the rows parked behind them go on now, in order
-                    queue.unpark(cur, (key_of[i] for i in done))
-                    queue.wake_shards(cur, (key_of[i][0] for i in done))
-            handled = True
-    except psycopg2.Error as exc:
-        if handled and exc.pgcode is not None and not conn.closed:
-            raise _CommitFailed(f"COMMIT failed: {type(exc).__name__}: {exc}".strip()) from exc
-        raise
+    with _handlers_transaction(task, spec) as (cur, handled_flag):
+        # locked until commit: a handler slower than the lease still finishes; one
+        # that hangs is ended by the task's time limit (handler_time_limit)
+        found = next_round(cur, queue, settings, token, shards, clock, fetch, solo)
+        if found.stale:
+            return {"stale": True}
+        owned = result["owned"] = found.owned
+        if found.solo:
+            return {**result, "solo": found.solo, "recovering": found.recovering}
+        if found.idle:
+            return {**result, "idle": True}
+        if found.released:
+            return {"released": True}
+        handled = _run_handlers(cur, task, spec, found.batch, owned, careful)
+        queue.complete(cur, handled.done)  # in the handlers' transaction: done iff their writes
+        lease = lease_for(task, 0, settings.lease_seconds)
+        queue.hold(cur, {**handled.failed, **handled.dead}, retry_token, lease)
+        buried = queue.bury(cur, list(handled.dead), retry_token, None)
+        if clock.over(len(found.batch) >= settings.batch_size):
+            queue.release(cur, owned, token)
+            result["released"] = True
+        handled_flag[0] = True
     # committed
     fire_dead(buried)
-    events.emit("counted", "handled", task.name, len(done))
-    events.emit("counted", "failed", task.name, len(failed))
-    events.emit("batch", task.name, len(done) + len(failed) + len(dead))
-    if shards is None:
-        events.emit("counted", "retried", task.name, len(done) + len(failed) + len(dead))
-    result.update({"done": len(done), "failed": len(failed), "dead": len(dead), "batches": 1})
-    if shards is not None:
-        if failed:
-            enqueue_retry(task, list(failed), retry_token, countdown=first_countdown, retries=1)
-        return result
-    if failed:
-        raise HandlerFailed(next(iter(failed.values())))
-    return result
+    _counted(task, handled)
+    if handled.failed:
+        enqueue_retry(
+            task, list(handled.failed), retry_token, countdown=backoff(task, 0), retries=1
+        )
+    return {**result, **handled.totals()}
+
+
+def _run_held(task, spec, ids: list[int], token: str, careful: bool) -> dict:
+    """A retry's attempt at its held deliveries (counted when it started); raises
+    ``HandlerFailed`` when one fails again."""
+    settings = get_settings()
+    queue = inbox_queue(settings, task.name)
+    with _handlers_transaction(task, spec) as (cur, handled_flag):
+        mine = queue.take_held(cur, ids, token)
+        handled = _run_handlers(cur, task, spec, mine, None, careful)
+        queue.complete(cur, handled.done)  # in the handlers' transaction: done iff their writes
+        lease = lease_for(task, task.request.retries, settings.lease_seconds)
+        queue.hold(cur, {**handled.failed, **handled.dead}, token, lease, count=False)
+        buried = queue.bury(cur, list(handled.dead), token, None)
+        if handled.done:  # released heads: the rows parked behind them go on now, in order
+            queue.unpark(cur, (handled.key_of[i] for i in handled.done))
+            queue.wake_shards(cur, (handled.key_of[i][0] for i in handled.done))
+        handled_flag[0] = True
+    # committed
+    fire_dead(buried)
+    _counted(task, handled)
+    events.emit("counted", "retried", task.name, handled.count)
+    if handled.failed:
+        raise HandlerFailed(next(iter(handled.failed.values())))
+    return handled.totals()
 
 
 def outbox_handler(
