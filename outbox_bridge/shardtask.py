@@ -63,6 +63,8 @@ def sources(settings: Settings) -> list[Source]:
 
 
 class Linger:
+    """When a shard task gives its shards back (see the module doc)."""
+
     def __init__(self, settings: Settings):
         self.started = time.monotonic()
         self.idle_for = settings.linger_seconds
