@@ -14,8 +14,8 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
-from . import watchdog
 from .config import Settings, get_settings
+from .watchdog import guard
 
 psycopg2.extras.register_uuid()
 
@@ -106,7 +106,7 @@ def work(conn: Any, settings: Settings, what: str) -> Iterator[Any]:
     """A transaction on ``conn`` with a cursor: outbox-bridge's own database work,
     its connection closed by the watchdog when it waits longer than
     ``network_timeout`` for an answer (see ``watchdog``)."""
-    with watchdog.guard(conn, settings.network_timeout, what), conn, conn.cursor() as cur:
+    with guard(conn, settings.network_timeout, what), conn, conn.cursor() as cur:
         yield cur
 
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import events
 from .db import channel
+from .events import emit
 from .queries import render
 
 
@@ -63,7 +63,7 @@ def fire_dead(dead: Iterable[DeadMessage]) -> None:
     """Announce messages that became dead (the ``dead`` event: the ``message_dead``
     signal, the dead hook, metrics); call only after their change committed."""
     for message in dead:
-        events.emit("dead", message)
+        emit("dead", message)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ from confluent_kafka import (
 )
 from psycopg2.extras import Json
 
-from .. import events
 from ..config import Settings, kafka_connection, kafka_network
 from ..db import channel, connect, is_transient, work
+from ..events import emit
 from ..loops import Heartbeat, run_forever
 from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER, as_stored
 from ..queries import render
@@ -302,7 +302,7 @@ class InboxConsumer:
                     with work(conn, self.settings, "inbox consumer") as cur:
                         self.stored += store_each(cur, self.settings, messages, dead)
                 fire_dead(dead)
-                events.emit("consumed", messages)
+                emit("consumed", messages)
                 # only now, after the database commit
                 commit_offsets(consumer, messages)
         finally:

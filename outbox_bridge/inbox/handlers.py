@@ -22,10 +22,10 @@ from typing import Any
 import psycopg2
 from celery import Task
 
-from .. import events, watchdog
 from ..config import Settings, get_settings
 from ..db import task_connection, work
 from ..errors import DecodeError, OutboxBridgeError, TransientError
+from ..events import active, around, emit
 from ..message import JSONSerializer, Message, Serializer, decode_stored
 from ..queries import render
 from ..queue import fire_dead
@@ -44,6 +44,7 @@ from ..shardtask import (
     reraise_database_error,
     transient_countdown,
 )
+from ..watchdog import paused
 from ..worker.app import app
 from . import inbox_queue
 
@@ -66,7 +67,7 @@ class HandlerSpec:
 
 def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
     # the handler's own statements may take as long as they need (its time limit)
-    with watchdog.paused():
+    with paused():
         if spec.session is None:
             spec.func(message, cur)
             return
@@ -80,15 +81,15 @@ def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
 def _handle(spec: HandlerSpec, message: Message, cur: Any, queue: str) -> None:
     """One handler call, inside the middleware's ``processing`` (a trace span) and
     timed, when some middleware is active."""
-    if not events.active():
+    if not active():
         _call(spec, message, cur)
         return
     started = time.perf_counter()
     try:
-        with events.around("processing", message, queue):
+        with around("processing", message, queue):
             _call(spec, message, cur)
     finally:
-        events.emit("handled_in", queue, time.perf_counter() - started)
+        emit("handled_in", queue, time.perf_counter() - started)
 
 
 # topic -> handlers, filled as handler modules are imported
@@ -401,9 +402,9 @@ def _handlers_transaction(task: Task, spec: HandlerSpec) -> Iterator[tuple[Any, 
 
 
 def _counted(task: Task, handled: _Handled) -> None:
-    events.emit("counted", "handled", task.name, len(handled.done))
-    events.emit("counted", "failed", task.name, len(handled.failed))
-    events.emit("batch", task.name, handled.count)
+    emit("counted", "handled", task.name, len(handled.done))
+    emit("counted", "failed", task.name, len(handled.failed))
+    emit("batch", task.name, handled.count)
 
 
 def _run_round(task, spec, token, shards, careful: bool, clock: Linger, solo=False) -> dict:
@@ -469,7 +470,7 @@ def _run_held(task, spec, ids: list[int], token: str, careful: bool) -> dict:
     # committed
     fire_dead(buried)
     _counted(task, handled)
-    events.emit("counted", "retried", task.name, handled.count)
+    emit("counted", "retried", task.name, handled.count)
     if handled.failed:
         raise HandlerFailed(next(iter(handled.failed.values())))
     return handled.totals()

@@ -11,10 +11,10 @@ from uuid import UUID
 
 import psycopg2
 
-from .. import events
 from ..config import Settings, get_settings
 from ..db import connect, is_transient
 from ..errors import MessageTooLarge
+from ..events import publishing
 from ..message import (
     Headers,
     JSONSerializer,
@@ -44,7 +44,7 @@ def _row(
 ) -> tuple:
     check_topic(topic)
     key_bytes = encode_key(key)
-    stored_headers = events.publishing(encode_headers(headers))
+    stored_headers = publishing(encode_headers(headers))
     data = (serializer or _json).dumps(value)
     size = record_size(key_bytes, data, stored_headers)
     if size > settings.max_message_bytes:

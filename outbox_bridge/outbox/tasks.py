@@ -21,10 +21,10 @@ from typing import Any
 import psycopg2
 from celery import Task, signals
 
-from .. import events, watchdog
 from ..config import Settings, get_settings
 from ..db import drop_task_connection, is_transient, task_connection, work
 from ..errors import DeliveryFailed, TransientError
+from ..events import around, emit
 from ..queries import render
 from ..queue import Queue, fire_dead
 from ..shardtask import (
@@ -41,6 +41,7 @@ from ..shardtask import (
     reraise_database_error,
     transient_countdown,
 )
+from ..watchdog import paused
 from ..worker.app import app
 from . import outbox_queue
 from .kafka import Outcome, get_relay, reset_relay
@@ -154,7 +155,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     rows = found.batch
                     stats["batches"] += 1
                     # Kafka has its own timeout
-                    with events.around("sending", rows), watchdog.paused():
+                    with around("sending", rows), paused():
                         outcome: Outcome = relay.deliver(rows, until)
                     sent = (rows, outcome, time.time())
                     queue.complete(cur, outcome.delivered)
@@ -242,10 +243,10 @@ def _book(cur, settings, queue, owned, rows, outcome, known, retry_token, lease)
 
 
 def _record(queue: str, rows: list, outcome: Outcome, acked_at: float) -> None:
-    events.emit("batch", queue, len(rows))
+    emit("batch", queue, len(rows))
     ids = set(outcome.delivered)
-    events.emit("delivered", (r for r in rows if r.id in ids), acked_at)
-    events.emit("counted", "failed", queue, len(outcome.failed))
+    emit("delivered", (r for r in rows if r.id in ids), acked_at)
+    emit("counted", "failed", queue, len(outcome.failed))
 
 
 def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Settings) -> None:
@@ -322,7 +323,7 @@ def retry(self: Task, ids: list[int], token: str) -> dict:
     if sent is None:
         return {"delivered": 0, "stale": not started and not buried, "dead": len(buried)}
     rows, outcome, acked_at, pause = sent
-    events.emit("counted", "retried", "outbox", len(rows))
+    emit("counted", "retried", "outbox", len(rows))
     _record("outbox", rows, outcome, acked_at)
     if outcome.later and not outcome.failed:
         # the topic or the producer is away: try again later without spending a retry
@@ -346,7 +347,7 @@ def _retry_round(
             return None
         rows = [row for row, _attempts, _shard in held]
         shard_of = {row.id: shard for row, _attempts, shard in held}
-        with events.around("sending", rows), watchdog.paused():
+        with around("sending", rows), paused():
             outcome = relay.deliver(rows, until)
         acked_at = time.time()
         queue.complete(cur, outcome.delivered)

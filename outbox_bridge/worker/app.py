@@ -12,8 +12,8 @@ import os
 from celery import Celery, signals
 from click import Option
 
-from .. import events
 from ..config import DEFAULT_BROKER_URL, get_settings, use_conf
+from ..events import emit
 
 app = Celery("outbox_bridge")
 
@@ -60,9 +60,9 @@ for flag, what in (
 
 @signals.worker_init.connect(weak=False)
 def _before_pool(**_) -> None:
-    events.emit("worker_starting", get_settings())
+    emit("worker_starting", get_settings())
 
 
 @signals.worker_process_shutdown.connect(weak=False)
 def _process_exits(**_) -> None:
-    events.emit("process_exited", os.getpid())
+    emit("process_exited", os.getpid())

@@ -123,12 +123,12 @@ class EventsStep(bootsteps.StartStopStep):
     requires = {"celery.worker.components:Pool", SchemaCheckStep}
 
     def start(self, worker) -> None:
-        from .. import events
         from ..config import get_settings
+        from ..events import emit
 
-        events.emit("worker_started", get_settings())
+        emit("worker_started", get_settings())
 
     def stop(self, worker) -> None:
-        from .. import events
+        from ..events import emit
 
-        events.emit("worker_stopping")
+        emit("worker_stopping")

@@ -22,12 +22,12 @@ import psycopg2
 from celery import Celery
 from psycopg2 import sql
 
-from .. import watchdog
 from ..config import Settings
 from ..db import connect
 from ..loops import BEAT_EVERY, Heartbeat, run_forever
 from ..queries import render
 from ..shardtask import Source, sources
+from ..watchdog import guard
 from .maintenance import Maintainer, RedriveRetries, RepairHeld, WakeupBeat
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Dispatcher:
                 look: str | None = "all"
                 while not stop.is_set():
                     self.heartbeat.beat()
-                    with watchdog.guard(conn, self.settings.network_timeout, "watcher"):
+                    with guard(conn, self.settings.network_timeout, "watcher"):
                         if look == "all" or time.monotonic() >= next_full:
                             self.dispatch(cur)
                             # busy: look again soon; the inbox NOTIFYs once per batch only

@@ -33,14 +33,15 @@ from typing import Any
 
 import psycopg2
 
-from .. import events, watchdog
 from ..config import Settings
 from ..db import connect
+from ..events import emit
 from ..loops import Heartbeat, run_forever, wait
 from ..outbox import OutboxQueue
 from ..queries import render
 from ..queue import fire_dead
 from ..shardtask import Source
+from ..watchdog import guard
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def prune_on(cur, settings: Settings, window=None, stop=None, beat=None, share=1
             if beat is not None:
                 beat()
             started = time.monotonic()
-            with watchdog.guard(cur.connection, settings.network_timeout, "retention"):
+            with guard(cur.connection, settings.network_timeout, "retention"):
                 cur.execute(
                     render("worker.prune_batch", settings.schema),
                     {"window": window, "after": after, "limit": settings.prune_batch},
@@ -94,7 +95,7 @@ def prune_on(cur, settings: Settings, window=None, stop=None, beat=None, share=1
                 # pause, and a silent one would read as a hung loop (health --live)
                 wait(stop, (time.monotonic() - started) * (1 / max(share, 0.01) - 1), beat)
             total += gone
-            events.emit("pruned", gone)
+            emit("pruned", gone)
             if last is None or not all_old:
                 break  # the end, or rows inside the window: the rest are newer
             after = last
@@ -166,7 +167,7 @@ class Forget(Job):
         self.interval = settings.prune_interval
 
     def run_once(self, cur: Any) -> int:
-        with watchdog.guard(cur.connection, self.settings.network_timeout, "retention"):
+        with guard(cur.connection, self.settings.network_timeout, "retention"):
             for statement in ("worker.forget_receipts", "worker.forget_pauses"):
                 cur.execute(render(statement, self.settings.schema))
         return 0

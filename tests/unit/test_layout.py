@@ -23,6 +23,7 @@ CORE = {
     "queries",
 }
 SIDES = ("outbox", "inbox")
+ROOT = "outbox_bridge"  # the package's own __init__
 
 
 def modules() -> dict[str, Path]:
@@ -32,13 +33,16 @@ def modules() -> dict[str, Path]:
         if parts[-1] == "__init__":
             parts = parts[:-1]
         if "migrations" not in parts:
-            found[".".join(parts)] = path
+            found[".".join(parts) or ROOT] = path
     return found
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The package's modules that ``name`` imports, anywhere in its text."""
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    """The package's modules that ``name`` imports, anywhere in its text. ``from . import
+    x`` counts as importing the package too (Python runs its ``__init__`` first)."""
+    dotted = "" if name == ROOT else name
+    package = dotted.split(".") if path.name == "__init__.py" else dotted.split(".")[:-1]
+    package = [p for p in package if p]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         targets: list[str] = []
@@ -61,7 +65,8 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
             # the deepest known module named: "x.y import z" is x.y.z when that is a module
             while target and target not in known:
                 target = target.rpartition(".")[0]
-            if target and target != name:
+            target = target or ROOT
+            if target != name:
                 out.add(target)
     return out
 
@@ -69,7 +74,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
 def graph() -> dict[str, set[str]]:
     found = modules()
     known = set(found)
-    return {name: imports(name, path, known) - {""} for name, path in found.items()}
+    return {name: imports(name, path, known) for name, path in found.items()}
 
 
 def test_there_is_no_import_circle():
