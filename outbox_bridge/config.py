@@ -32,8 +32,8 @@ class Settings:
     # Rows are spread over shards by a hash of (topic, key); one task owns a shard.
     shards: int = 16
     batch_size: int = 2000
-    # Claimed shards are split into at most this many tasks per look for work
-    # (0: the worker's concurrency; 4 for a standalone watcher).
+    # Tasks the fleet runs at once, shared between the busy queues (0: the pool
+    # processes of every worker connected to the database, counted).
     parallel_tasks: int = 0
     lease_seconds: float = 30.0
     # A task that found rows keeps its shards while more come: it looks again every
@@ -54,11 +54,12 @@ class Settings:
     # Circuit breaker while Kafka is unreachable: pause grows up to the max.
     pause_seconds: float = 1.0
     pause_max_seconds: float = 30.0
-    # Watcher: seconds between reads of the outbox id sequence, its wake-up for new
-    # rows (0: off, for a deployment that runs the writer-side NOTIFY trigger).
+    # Dispatcher: seconds between reads of the outbox id sequence while the outbox is
+    # busy (idle, publish() NOTIFYs it); 0: never, for writes that bypass publish()
+    # with the opt-in NOTIFY trigger
     wake_poll: float = 0.005
-    # Watcher: fallback look for work at every queue while idle.
-    poll_interval: float = 1.0
+    # Dispatcher: the safety net's look at every queue while all are idle, seconds
+    poll_interval: float = 5.0
     watcher: bool = True
     # Inbox: the Kafka consumer in the worker, its group, librdkafka overrides.
     consumer: bool = True

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -44,7 +46,41 @@ def connect(
     settings: Settings | None = None, *, autocommit: bool = False, name: str = "outbox-bridge"
 ) -> psycopg2.extensions.connection:
     """A new connection to the outbox-bridge database."""
-    settings = settings or get_settings()
+    conn = psycopg2.connect(**connection_params(settings or get_settings(), name))
+    conn.autocommit = autocommit
+    return conn
+
+
+def connect_async(settings: Settings, name: str) -> psycopg2.extensions.connection:
+    """A new asynchronous connection (psycopg2's ``async_``), connected: its statements
+    are sent without waiting, so a thread can wait for the answer with ``select()``
+    and still beat its heartbeat, or stop (the dispatcher's election)."""
+    conn = psycopg2.connect(**connection_params(settings, name), async_=1)
+    wait_ready(conn, settings.network_timeout or None)
+    return conn
+
+
+def wait_ready(conn: Any, timeout: float | None, tick=None) -> None:
+    """Wait until an asynchronous connection has its answer (psycopg2's poll loop);
+    ``tick()``, when given, runs about every second meanwhile and may raise to stop."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if left <= 0:
+            raise psycopg2.OperationalError("no answer from PostgreSQL in time")
+        if state == psycopg2.extensions.POLL_READ:
+            select.select([conn.fileno()], [], [], left)
+        else:
+            select.select([], [conn.fileno()], [], left)
+        if tick is not None:
+            tick()
+
+
+def connection_params(settings: Settings, name: str) -> dict[str, Any]:
+    """libpq's parameters of a connection named ``name`` (``application_name``)."""
     dsn = psycopg2.extensions.parse_dsn(settings.database_url)
     # Our transactions may wait on Kafka (up to message.timeout.ms) while idle: a
     # server-wide idle_in_transaction_session_timeout below that must not cut them.
@@ -58,15 +94,12 @@ def connect(
             ),
         )
     )
-    params = {
+    return {
         **network_params(settings.network_timeout),
         **dsn,
         "application_name": name,
         "options": options.strip(),
     }
-    conn = psycopg2.connect(**params)
-    conn.autocommit = autocommit
-    return conn
 
 
 def network_params(timeout: float) -> dict[str, int]:
@@ -185,6 +218,7 @@ TABLES = (
     "handlers",
     "topic_pauses",
     "send_receipts",
+    "shares",
 )
 
 

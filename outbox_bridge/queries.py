@@ -4,7 +4,8 @@
 A file holds statements, each under a ``-- name: <name>`` line (comments
 after it document the statement); a statement's name is ``<file>.<name>``.
 Placeholders in braces are filled one way, by ``psycopg2.sql``: a table
-(``{outbox}``, ``{claims}``, ...) as a schema-qualified identifier, any other
+(``{outbox}``, ``{claims}``, ...) as a schema-qualified identifier, ``{outbox_channel}``
+as the string of the outbox's NOTIFY channel, any other
 ``{piece}`` by what the caller passes: an identifier (a tuple of names), or
 the name of another statement (a fragment), rendered the same way. Values are always parameters
 (``%(name)s``), never part of the text.
@@ -20,7 +21,7 @@ from importlib import resources
 
 from psycopg2 import sql
 
-from .db import TABLES, quote_ident
+from .db import TABLES, channel, quote_ident
 
 _NAME = re.compile(r"^-- name: ([\w.]+)\s*$", re.M)
 
@@ -65,6 +66,8 @@ def compose(text: str, schema: str, pieces: Mapping[str, Piece] | None = None) -
 def _compose(text: str, schema: str, pieces: tuple[tuple[str, Piece], ...]) -> sql.Composed:
     named = {field for _, field, _, _ in string.Formatter().parse(text) if field}
     values: dict[str, sql.Composable] = {"schema": sql.Identifier(schema)}
+    if "outbox_channel" in named:
+        values["outbox_channel"] = sql.Literal(channel(schema, "outbox"))
     values.update((t, sql.Identifier(schema, t)) for t in TABLES if t in named)
     for key, piece in pieces:
         if key in named:
@@ -88,8 +91,17 @@ def plain(text: str, schema: str) -> str:
     (psycopg 3, asyncpg, SQLAlchemy, Django); identifiers quoted as psycopg2 does."""
     return text.format(
         schema=quote_ident(schema),
+        outbox_channel=quote_literal(channel(schema, "outbox")),
         **{t: f"{quote_ident(schema)}.{quote_ident(t)}" for t in TABLES},
     )
+
+
+def quote_literal(text: str) -> str:
+    """``text`` as an SQL string literal, whatever ``standard_conforming_strings`` says."""
+    if "\x00" in text:
+        raise ValueError(f"an SQL string cannot contain NUL: {text!r}")
+    escaped = text.replace("'", "''").replace("\\", "\\\\")
+    return ("E'" if "\\" in text else "'") + escaped + "'"
 
 
 def render_text(name: str, schema: str) -> str:

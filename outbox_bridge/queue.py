@@ -115,20 +115,39 @@ class Queue:
         return [r[0] for r in cur.fetchall()]
 
     def claim(
-        self, cur, shards: Sequence[int], lease: float, groups: int = 1
+        self,
+        cur,
+        shards: Sequence[int],
+        lease: float,
+        groups: int = 1,
+        per_group: int | None = None,
     ) -> list[tuple[list[int], uuid.UUID]]:
         """Claim the given shards that nobody holds, split into up to ``groups``
-        claims of one token each: [(shards, token), ...]."""
+        claims of one token each, of at most ``per_group`` shards: [(shards, token), ...]."""
         if not shards:
             return []
         self.add_claims(cur, shards)
         groups = max(1, groups)
+        most = len(shards) if per_group is None else groups * max(1, per_group)
         tokens = [str(uuid.uuid4()) for _ in range(groups)]
-        self._run(cur, "claim", shards=list(shards), lease=lease, groups=groups, tokens=tokens)
+        self._run(
+            cur,
+            "claim",
+            shards=list(shards),
+            lease=lease,
+            groups=groups,
+            tokens=tokens,
+            most=most,
+        )
         claimed: dict[Any, list[int]] = {}
         for shard, token in cur.fetchall():
             claimed.setdefault(token, []).append(shard)
         return [(sorted(group), token) for token, group in claimed.items()]
+
+    def set_share(self, cur, per_task: int) -> None:
+        """The most shards one task of this queue keeps; a lingering task gives the
+        rest back at its next round (``renew``)."""
+        self._run(cur, "set_share", per_task=max(1, per_task))
 
     def add_claims(self, cur, shards: Sequence[int]) -> None:
         """The claim rows of these shards, free, where missing (a lingering task can
@@ -167,6 +186,8 @@ class Queue:
         else:
             self._run(cur, "renew", shards=list(shards), token=token, lease=lease)
         found = cur.fetchall()
+        if found and found[0][2]:  # shards over the queue's share went back: claim them
+            self._notify(cur, "released")
         return sorted(r[0] for r in found), sorted(r[0] for r in found if r[1])
 
     def recovered(self, cur, shards: Sequence[int], token: Any) -> None:

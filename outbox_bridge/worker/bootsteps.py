@@ -68,19 +68,28 @@ class _LoopStep(bootsteps.StartStopStep):
 
 
 class OutboxWatcherStep(_LoopStep):
-    """Runs the dispatcher: claims ready shards of every queue and sends their tasks."""
+    """Runs the dispatcher: stands for election (one per database dispatches), then
+    claims ready shards of every queue and sends their tasks. Off (flag or setting),
+    the worker still joins the fleet: its pool counts in every queue's share."""
 
     flag = "without_outbox_watcher"
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.member_only = not self.enabled
+        self.enabled = True  # a member of the fleet either way
 
     def loop(self, worker):
         from ..config import get_settings
         from .dispatcher import Dispatcher
+        from .election import serve_member
 
         settings = get_settings()
-        if not settings.watcher:
-            log.info("outbox watcher off (outbox_bridge_watcher)")
-            return None
-        watcher = Dispatcher(worker.app, settings, worker.concurrency or 4)
+        concurrency = worker.concurrency or 4
+        if self.member_only or not settings.watcher:
+            log.info("outbox watcher off: this worker only adds its pool to the fleet")
+            return serve_member(settings, concurrency), "outbox-bridge-fleet"
+        watcher = Dispatcher(worker.app, settings, concurrency)
         return watcher.run, "outbox-bridge-watcher"
 
 

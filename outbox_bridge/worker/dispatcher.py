@@ -1,12 +1,21 @@
-"""The dispatcher: turns committed work into Celery tasks.
+"""The dispatcher: turns committed work into Celery tasks, one per database.
 
-It finds new outbox rows by reading the outbox id sequence every
-``wake_poll`` seconds (commits pay nothing for it; a deployment may add the
-writer-side NOTIFY trigger instead, see migration 0005), and it LISTENs for the
-inbox consumer's one NOTIFY per batch and for tasks giving shards back. Both
-are hints: it also looks for work when it starts, after each reconnect, and on
-a fallback timer. Several watchers may run at once: claims are taken with
-SKIP LOCKED.
+Every worker runs one; they elect one that dispatches (``election``) and the
+others stand by at no cost. The elected one learns of new outbox rows two ways:
+
+- **idle** (no pending outbox rows for IDLE_AFTER seconds): it raises the idle
+  flag, and ``publish()``'s own INSERT NOTIFYs it while the flag is up. Nothing
+  is polled, but a full look at every queue every ``poll_interval`` (a safety
+  net: writes that bypass publish(), a notification lost with a connection);
+- **busy**: the flag is down, commits NOTIFY nobody (a NOTIFY serializes commits
+  behind one lock of the cluster), and it reads the outbox id sequence every
+  ``wake_poll`` seconds instead (one cheap query, no cost to writers).
+
+Writers that read the flag just before it went up sent no NOTIFY: after the flip
+it keeps reading the sequence until the transactions open then have ended (at
+most SETTLE_SECONDS). It also LISTENs for the inbox consumer's one NOTIFY per
+batch and for tasks giving shards back. Claims are taken with SKIP LOCKED, so two
+dispatchers for a moment (a handover) deliver each row once all the same.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from ..loops import BEAT_EVERY, Heartbeat, run_forever
 from ..queries import render
 from ..shardtask import Source, sources
 from ..watchdog import guard
+from .election import Fleet, fleet_capacity
 from .maintenance import Maintainer, RedriveRetries, RepairHeld, WakeupBeat
 
 log = logging.getLogger(__name__)
@@ -42,7 +52,8 @@ LATE_COMMIT_SECONDS = 10.0
 # when its work comes in bursts.
 BUSY_MEMORY = 1.0
 IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY again
-BUSY_POLL = 0.05  # seconds between looks while commits do not NOTIFY
+BUSY_POLL = 0.05  # seconds between looks at every queue while one is busy
+CAPACITY_FOR = 2.0  # seconds a count of the fleet's pool processes is used
 
 
 def free_tasks(parallel_tasks: int, busy_queues: int, active: int) -> int:
@@ -135,21 +146,46 @@ class SequenceWatch:
         return self.moves[0][1] if self.moves else self.value
 
 
+class FlipWatch:
+    """The idle flag just went up. A writer whose INSERT read it before (in a
+    transaction open at the flip: a READ COMMITTED statement that started before,
+    a REPEATABLE READ snapshot) sent no NOTIFY, and may commit any time:
+    ``settled()`` is False while such a transaction is still open, for at most
+    SETTLE_SECONDS, and the dispatcher reads the sequence meanwhile as if busy."""
+
+    def __init__(self, cur, schema: str):
+        self.schema = schema
+        cur.execute(render("worker.open_transactions", schema))
+        self.open = set(cur.fetchall())
+        self.until = time.monotonic() + SETTLE_SECONDS
+
+    def settled(self, cur) -> bool:
+        if self.open and time.monotonic() < self.until:
+            pids = [pid for pid, _started in self.open]
+            cur.execute(render("worker.still_open", self.schema), {"pids": pids})
+            self.open &= set(cur.fetchall())
+        else:
+            self.open = set()
+        return not self.open
+
+
 class Dispatcher:
     """Dispatches claimed shards, and re-drives lost retries, as Celery tasks: of the
-    outbox and of every handler, the sources the sides register (``shardtask``)."""
+    outbox and of every handler, the sources the sides register (``shardtask``).
+    ``concurrency``: this worker's pool processes (0: a dispatcher without a pool,
+    ``outbox-bridge watch``); the fleet's are counted from the workers' sessions."""
 
-    def __init__(self, app: Celery, settings: Settings, concurrency: int = 4):
+    def __init__(self, app: Celery, settings: Settings, concurrency: int = 0):
         self.app = app
         self.settings = settings
-        # about one task per worker process per round: fewer tasks, less overhead
-        self.parallel_tasks = settings.parallel_tasks or concurrency
+        self.concurrency = concurrency
         # the outbox first: "outbox" looks (the sequence moved) dispatch only it
         self.sources = sorted(sources(settings), key=lambda s: s.queue.name != "outbox")
         if not self.sources or self.sources[0].queue.name != "outbox":
             raise RuntimeError("the outbox's tasks are not imported (outbox_bridge.outbox.tasks)")
         self.outbox = self.sources[0].queue
         self.dispatched = 0  # tasks sent, for tests and logs
+        self.leading = False  # elected: this one dispatches
         self.maintenance = Maintainer(
             [
                 WakeupBeat(self.outbox, settings),
@@ -158,17 +194,36 @@ class Dispatcher:
             ]
         )
         self.idle: bool | None = None  # as the flag stands; None: write it at the first look
+        self._flipped = False  # the flag went up at the last look
         self._quiet_since: float | None = None
         self._busy_until: dict[str, float] = {}  # queue -> until when it counts as busy
+        self._per_task: dict[str, int] = {}  # queue -> shares.per_task as written
+        self._capacity = (0.0, 0)  # (counted at, pool processes of the fleet)
         self.heartbeat = Heartbeat(settings, "watcher")
         self.since: int | None = None  # SequenceWatch.since(), for the outbox's ready shards
 
     def run(self, stop: threading.Event) -> None:
-        """Watch until ``stop`` is set, reconnecting with backoff when PostgreSQL goes away."""
-        run_forever(self._watch, stop, "watcher", self.heartbeat)
+        """Stand for election, then dispatch until ``stop`` is set, reconnecting with
+        backoff when PostgreSQL goes away (and standing again)."""
+        run_forever(self._serve, stop, "watcher", self.heartbeat)
 
-    def _watch(self, stop: threading.Event) -> None:
+    def _serve(self, stop: threading.Event) -> None:
+        fleet = Fleet(self.settings, self.concurrency)
+        try:
+            fleet.join()
+            log.info("dispatcher standing by (one per database dispatches)")
+            if not fleet.elect(stop, self.heartbeat.beat):
+                return
+            log.info("dispatcher elected: this worker dispatches for the database")
+            self.leading = True
+            self._watch(stop, fleet)
+        finally:
+            self.leading = False
+            fleet.close()
+
+    def _watch(self, stop: threading.Event, fleet: Fleet) -> None:
         conn = connect(self.settings, autocommit=True, name="outbox-bridge watcher")
+        self.idle, self._quiet_since, self._per_task = None, None, {}
         try:
             with conn.cursor() as cur:
                 for name in sorted({s.queue.channel for s in self.sources}):
@@ -180,68 +235,101 @@ class Dispatcher:
                 log.info("watcher listening for %d queues", len(self.sources))
                 next_full = 0.0  # the next look at every queue
                 look: str | None = "all"
+                flip: FlipWatch | None = None
                 while not stop.is_set():
                     self.heartbeat.beat()
                     with guard(conn, self.settings.network_timeout, "watcher"):
                         if look == "all" or time.monotonic() >= next_full:
                             self.dispatch(cur)
-                            # busy: look again soon; the inbox NOTIFYs once per batch only
-                            pause = self.settings.poll_interval if self.idle else BUSY_POLL
+                            pause = self.settings.poll_interval if self.quiet() else BUSY_POLL
                             next_full = time.monotonic() + pause
                         elif look == "outbox":
                             self.dispatch(cur, self.sources[:1])
+                        if self._flipped:
+                            self._flipped = False
+                            flip = FlipWatch(cur, self.settings.schema)
+                        # busy: commits do not NOTIFY, read the sequence; idle: they do
+                        reading = sequence is not None and (
+                            not self.idle or (flip is not None and not flip.settled(cur))
+                        )
                         wait = min(BEAT_EVERY, max(0.0, next_full - time.monotonic()))
-                        if sequence is not None:
+                        if reading:
                             wait = min(wait, poll)
                         if not conn.notifies:
-                            ready, _, _ = select.select([conn], [], [], wait)
-                            if ready:
+                            ready, _, _ = select.select([conn, fleet.conn], [], [], wait)
+                            if conn in ready:
                                 conn.poll()
+                        fleet.check()  # lost the election's session: stop dispatching
                         notified = bool(conn.notifies)
                         conn.notifies.clear()
-                        moved = sequence is not None and sequence.moved(cur)
+                        moved = reading and sequence.moved(cur)
                         self.since = sequence.since() if sequence is not None else None
                     look = "all" if notified else "outbox" if moved else None
                 self.outbox.heartbeat(cur, alive=False)  # commits need not NOTIFY us now
         finally:
             conn.close()
 
+    def quiet(self) -> bool:
+        """Idle, and no queue busy: the next look is the safety net's."""
+        now = time.monotonic()
+        return bool(self.idle) and not any(u > now for u in self._busy_until.values())
+
+    def capacity(self, cur) -> int:
+        """The tasks the fleet runs at once: ``parallel_tasks``, or the pool processes of
+        every worker connected (counted every CAPACITY_FOR seconds), at least one."""
+        if self.settings.parallel_tasks:
+            return self.settings.parallel_tasks
+        counted_at, count = self._capacity
+        if time.monotonic() - counted_at > CAPACITY_FOR:
+            count = fleet_capacity(cur, self.settings.schema)
+            if count != self._capacity[1]:
+                log.info("the fleet runs %d pool processes", count)
+            self._capacity = (time.monotonic(), count)
+        return max(1, count or self.concurrency or 4)
+
     def dispatch(self, cur, only: list[Source] | None = None) -> int:
         """One look for work (at ``only`` these sources): claim ready shards and send
         their tasks. Returns tasks sent.
 
-        The worker's processes are shared fairly: each busy queue (ready shards or
-        tasks at work, in the last BUSY_MEMORY seconds) gets an equal share of
-        ``parallel_tasks``, at least one. A queue whose tasks fill its share gets
-        no new task, and is not even looked at: its lingering tasks take on its
+        The fleet's pool processes are shared fairly: each busy queue (ready shards
+        or tasks at work, in the last BUSY_MEMORY seconds) gets an equal share of
+        the fleet's capacity, at least one task. A queue whose tasks fill its share
+        gets no new task, and is not even looked at: its lingering tasks take on its
         ready shards themselves, and a new task would only wait behind them for a
-        pool process."""
+        pool process. A task keeps at most its share of the queue's ready shards
+        (``shares``): when a share grows, the tasks give shards back for new ones."""
         sent = 0
         now = time.monotonic()
         active = self._active(cur)
+        capacity = self.capacity(cur)
         for name, tasks in active.items():
             if tasks:
                 self._busy_until[name] = now + BUSY_MEMORY
         for source in self.sources if only is None else only:
-            name = source.queue.name
-            busy = {n for n, until in self._busy_until.items() if until > now} | {name}
-            free = free_tasks(self.parallel_tasks, len(busy), active.get(name, 0))
+            queue = source.queue
+            busy = {n for n, until in self._busy_until.items() if until > now} | {queue.name}
+            share = max(1, capacity // len(busy))
+            free = free_tasks(capacity, len(busy), active.get(queue.name, 0))
             if free <= 0:
-                if source.queue is self.outbox:
+                if queue is self.outbox:
                     self._outbox_idle(cur, True, now)  # its tasks are at work
                 continue
-            since = self.since if source.queue is self.outbox else None
-            shards = source.queue.ready_shards(cur, since)
-            if source.queue is self.outbox:
-                self._outbox_idle(cur, bool(shards), now)
-                if not shards and self.idle:
-                    # a row committed before the flag flipped sent no NOTIFY: look again
-                    shards = self.outbox.ready_shards(cur, since)
-                    if shards:
-                        self._outbox_idle(cur, True, now)
+            since = self.since if queue is self.outbox else None
+            shards = queue.ready_shards(cur, since)
+            if queue is self.outbox and not shards:
+                self._outbox_idle(cur, False, now)
+                if self._flipped:
+                    # a row committed before the flag went up sent no NOTIFY: look again
+                    shards = queue.ready_shards(cur, since)
             if shards:
-                self._busy_until[name] = now + BUSY_MEMORY
-                sent += self._send(cur, source, shards, free)
+                self._busy_until[queue.name] = now + BUSY_MEMORY
+                per_task = -(-len(shards) // share)
+                if self._per_task.get(queue.name) != per_task:
+                    queue.set_share(cur, per_task)
+                    self._per_task[queue.name] = per_task
+                sent += self._send(cur, source, shards, free, per_task)
+                if queue is self.outbox:  # after the send: the first row goes out sooner
+                    self._outbox_idle(cur, True, now)
         sent += self.maintenance.run_due(cur)  # re-sent retries count as dispatched
         self.dispatched += sent
         return sent
@@ -256,6 +344,7 @@ class Dispatcher:
         idle = not found and now - self._quiet_since >= IDLE_AFTER
         if idle != self.idle:
             self.outbox.set_idle(cur, idle)
+            self._flipped = idle
             self.idle = idle
 
     def _active(self, cur) -> dict[str, int]:
@@ -266,10 +355,10 @@ class Dispatcher:
         cur.execute(render("worker.active_tasks", self.settings.schema), {"fresh": fresh})
         return dict(cur.fetchall())
 
-    def _send(self, cur, source: Source, shards: list[int], groups: int) -> int:
+    def _send(self, cur, source: Source, shards: list[int], groups: int, per_task: int) -> int:
         sent = 0
-        claims = source.queue.claim(cur, shards, self.settings.lease_seconds, groups)
-        for group, token in claims:
+        lease = self.settings.lease_seconds
+        for group, token in source.queue.claim(cur, shards, lease, groups, per_task):
             try:
                 sent += send(self.app, source, cur, group, token)
             except psycopg2.Error:

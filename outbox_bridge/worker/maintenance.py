@@ -228,7 +228,7 @@ class RedriveRetries(Job):
 
     def __init__(self, app: Any, sources: list[Source], settings: Settings):
         self.app, self.sources, self.settings = app, sources, settings
-        self.interval = min(settings.poll_interval, 3.0)
+        self.interval = settings.poll_interval  # a lost retry waited for its lease already
 
     def run_once(self, cur: Any) -> int:
         return sum(self._redrive(cur, source) for source in self.sources)
@@ -252,13 +252,14 @@ class RedriveRetries(Job):
 
 
 class WakeupBeat(Job):
-    """Tells commits a dispatcher is alive: they skip NOTIFY 10 s after the last beat."""
+    """Tells commits a dispatcher is alive: they skip NOTIFY 30 s after the last beat
+    (every dispatcher gone: nobody to wake)."""
 
     name = "wakeup"
+    interval = 10.0
 
     def __init__(self, outbox: OutboxQueue, settings: Settings):
         self.outbox = outbox
-        self.interval = min(settings.poll_interval, 3.0)
 
     def run_once(self, cur: Any) -> int:
         self.outbox.heartbeat(cur)

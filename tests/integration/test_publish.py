@@ -142,6 +142,7 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
         "0007_recovering",
         "0008_inbox_per_topic",
         "0009_recover_before",
+        "0010_fleet",
     ]
     assert migrate(odd) == []
     c = psycopg2.connect(db_url)

@@ -24,46 +24,71 @@ def _notified(listener, timeout=1.0) -> bool:
     return got
 
 
-def test_by_default_commits_do_not_notify(db_url, conn):
+def _raw_insert(cur, n: int) -> None:
+    """A write that bypasses publish() (a bulk load, another language's writer)."""
+    cur.execute(
+        "INSERT INTO outbox_bridge.outbox (message_id, topic, value, shard)"
+        " VALUES (gen_random_uuid(), 't', %s, 0)",
+        (str(n).encode(),),
+    )
+
+
+@pytest.mark.parametrize("writer", ["publish", "trigger"])
+def test_commits_notify_only_while_a_dispatcher_is_alive_and_idle(db_url, conn, writer):
+    """publish()'s own INSERT NOTIFYs while the flag is up and the beat fresh; with the
+    opt-in trigger, a write that bypasses publish() does the same."""
     queue = outbox_queue(get_settings())
+    if writer == "trigger":
+        with conn, conn.cursor() as cur:
+            notify_trigger(cur, "outbox_bridge", on=True)
+
+    def write(cur, n: int) -> None:
+        if writer == "publish":
+            publish(cur, "t", n)
+        else:
+            _raw_insert(cur, n)
+
     listener = psycopg2.connect(db_url)
     listener.autocommit = True
     listener.cursor().execute(f'LISTEN "{queue.channel}"')
     with conn, conn.cursor() as cur:
-        queue.heartbeat(cur)
-        queue.set_idle(cur, True)
-    with conn, conn.cursor() as cur:
-        publish(cur, "t", 0)
-    assert not _notified(listener)  # the watcher reads the id sequence instead
-    listener.close()
-
-
-def test_with_the_opt_in_trigger_commits_notify_only_while_a_watcher_is_alive_and_idle(
-    db_url, conn
-):
-    queue = outbox_queue(get_settings())
-    with conn, conn.cursor() as cur:
-        notify_trigger(cur, "outbox_bridge", on=True)
-    listener = psycopg2.connect(db_url)
-    listener.autocommit = True
-    listener.cursor().execute(f'LISTEN "{queue.channel}"')
-    with conn, conn.cursor() as cur:
-        publish(cur, "t", 0)
-    assert not _notified(listener)  # no watcher has ever beaten: nobody to wake
+        write(cur, 0)
+    assert not _notified(listener)  # no dispatcher has ever beaten: nobody to wake
     with conn, conn.cursor() as cur:
         queue.heartbeat(cur)
     with conn, conn.cursor() as cur:
-        publish(cur, "t", 1)
-    assert _notified(listener)
+        write(cur, 1)
+    assert _notified(listener)  # alive, and idle (the flag's default)
     with conn, conn.cursor() as cur:
         queue.set_idle(cur, False)
     with conn, conn.cursor() as cur:
-        publish(cur, "t", 2)
-    assert not _notified(listener)
+        write(cur, 2)
+    assert not _notified(listener)  # busy: it reads the sequence, commits skip NOTIFY
     with conn, conn.cursor() as cur:
         queue.set_idle(cur, True)
-        publish(cur, "t", 3)
+        write(cur, 3)
     assert _notified(listener)
+    with conn, conn.cursor() as cur:
+        queue.heartbeat(cur, alive=False)  # its goodbye
+        write(cur, 4)
+    assert not _notified(listener)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM outbox_bridge.outbox")
+        assert cur.fetchone() == (5,)  # every write went in, notified or not
+    listener.close()
+
+
+def test_without_the_trigger_a_write_that_bypasses_publish_does_not_notify(db_url, conn):
+    queue = outbox_queue(get_settings())
+    listener = psycopg2.connect(db_url)
+    listener.autocommit = True
+    listener.cursor().execute(f'LISTEN "{queue.channel}"')
+    with conn, conn.cursor() as cur:
+        queue.heartbeat(cur)
+        queue.set_idle(cur, True)
+    with conn, conn.cursor() as cur:
+        _raw_insert(cur, 0)
+    assert not _notified(listener)  # found by the dispatcher's safety net instead
     listener.close()
 
 

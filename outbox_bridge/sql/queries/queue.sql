@@ -95,23 +95,24 @@ WHERE s.shard IS NOT NULL
               AND h.topic = o.topic AND h.key = o.key)))
 
 -- name: claim
--- Free shards are claimed in up to %(groups)s groups, one token per group.
+-- Free shards are claimed in up to %(groups)s groups, one token per group, at most
+-- %(most)s shards in all (the rest stay free: lingering tasks may take them on).
 WITH free AS (
     SELECT queue, shard FROM {claims}
     WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND lease_until < now()
     ORDER BY shard
     FOR UPDATE SKIP LOCKED
 ), numbered AS (
-    SELECT queue, shard, (row_number() OVER (ORDER BY shard) - 1) %% %(groups)s AS g FROM free
+    SELECT queue, shard, row_number() OVER (ORDER BY shard) AS n FROM free
 ), claimed AS (
-    UPDATE {claims} c SET token = (%(tokens)s::uuid[])[n.g + 1],
+    UPDATE {claims} c SET token = (%(tokens)s::uuid[])[(n.n - 1) %% %(groups)s + 1],
         lease_until = now() + %(lease)s * interval '1s', idle_above = NULL, idle_until = NULL,
         -- a token left behind: its task never gave the shard back (died mid-batch)
         recovering = c.recovering OR c.token IS NOT NULL,
         recover_before = CASE WHEN c.token IS NULL THEN c.recover_before
             ELSE greatest(c.recover_before, {recover_before}) END
     FROM numbered n
-    WHERE c.queue = n.queue AND c.shard = n.shard
+    WHERE c.queue = n.queue AND c.shard = n.shard AND n.n <= %(most)s
     RETURNING c.shard, c.token
 ), woken AS (
     -- the new owner fetches after this commit, so it sees what the wake-up announced
@@ -122,8 +123,22 @@ SELECT shard, token FROM claimed
 -- name: renew_adopt
 -- A lingering task keeps its shards (renews their lease) and takes on free shards
 -- that have become ready, as the dispatcher would claim them (same rules as
--- ready_shards), so a busy period needs no new task per shard.
-WITH free AS (
+-- ready_shards), so a busy period needs no new task per shard. It keeps at most its
+-- queue's share (shares.per_task) and gives the rest back, free at once: when the
+-- queue's share of the fleet grows, the dispatcher sends more tasks for them.
+WITH cap AS (
+    SELECT coalesce((SELECT s.per_task FROM {shares} s WHERE s.queue = %(queue)s),
+                    2147483647) AS n
+), kept AS (
+    SELECT c.shard FROM {claims} c
+    WHERE c.queue = %(queue)s AND c.shard = ANY(%(shards)s) AND c.token = %(token)s
+    ORDER BY c.shard LIMIT (SELECT n FROM cap)
+), surplus AS (
+    UPDATE {claims} c SET token = NULL, lease_until = '-infinity'
+    WHERE c.queue = %(queue)s AND c.shard = ANY(%(shards)s) AND c.token = %(token)s
+      AND c.shard NOT IN (SELECT shard FROM kept)
+    RETURNING c.shard
+), free AS (
     SELECT c.queue, c.shard FROM {claims} c
     WHERE c.queue = %(queue)s AND c.lease_until < now()
       AND EXISTS (SELECT 1 FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending' {scope_o})
@@ -132,6 +147,7 @@ WITH free AS (
            OR EXISTS (SELECT 1 FROM {table} o WHERE o.shard = c.shard AND o.state = 'pending'
                       {scope_o} AND o.id > c.idle_above))
     ORDER BY c.shard
+    LIMIT greatest(0, (SELECT n FROM cap) - (SELECT count(*) FROM kept))
     FOR UPDATE SKIP LOCKED
 ), mine AS (
     UPDATE {claims} c SET token = %(token)s, lease_until = now() + %(lease)s * interval '1s',
@@ -140,18 +156,23 @@ WITH free AS (
         recover_before = CASE WHEN coalesce(c.token <> %(token)s, false)
             THEN greatest(c.recover_before, {recover_before}) ELSE c.recover_before END
     WHERE c.queue = %(queue)s
-      AND ((c.shard = ANY(%(shards)s) AND c.token = %(token)s)
-           OR c.shard IN (SELECT shard FROM free))
+      AND (c.shard IN (SELECT shard FROM kept) OR c.shard IN (SELECT shard FROM free))
     RETURNING c.shard, c.recovering
 ), woken AS (
     DELETE FROM {wakes} w USING free WHERE w.queue = %(queue)s AND w.shard = free.shard
 )
-SELECT shard, recovering FROM mine
+SELECT shard, recovering, (SELECT count(*) FROM surplus) FROM mine
 
 -- name: renew
 UPDATE {claims} SET lease_until = now() + %(lease)s * interval '1s'
 WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s
-RETURNING shard, recovering
+RETURNING shard, recovering, 0
+
+-- name: set_share
+-- the most shards one task of the queue keeps (renew_adopt), as the dispatcher sees it
+INSERT INTO {shares} AS s (queue, per_task) VALUES (%(queue)s, %(per_task)s)
+ON CONFLICT (queue) DO UPDATE SET per_task = excluded.per_task
+WHERE s.per_task <> excluded.per_task
 
 -- name: add_claims
 -- NOT EXISTS first: a task's open transaction has a new version of its claim

@@ -57,3 +57,21 @@ DELETE FROM {send_receipts} WHERE sent_at < now() - interval '1 day'
 -- name: forget_pauses
 -- pause rows of topics that no relay has tried for a day (gone, or no rows left)
 DELETE FROM {topic_pauses} WHERE until < now() - interval '1 day'
+
+-- name: fleet
+-- the fleet connections of this database's workers (outbox_bridge/worker/election.py)
+SELECT application_name FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE %(prefix)s
+
+-- name: dispatcher_lock
+-- waits in PostgreSQL until this session holds the dispatcher's lock
+SELECT pg_advisory_lock(hashtext(%(name)s))
+
+-- name: open_transactions
+-- transactions open now, but the fleet's lock waits and this session's own
+SELECT pid, xact_start::text FROM pg_stat_activity
+WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid()
+  AND application_name NOT LIKE 'outbox-bridge fleet %%'
+
+-- name: still_open
+SELECT pid, xact_start::text FROM pg_stat_activity WHERE pid = ANY(%(pids)s)

@@ -1,0 +1,121 @@
+"""One dispatcher per database, and the fleet's size, from PostgreSQL sessions.
+
+Every worker keeps one *fleet* connection, named with its pool size
+(``application_name``): the elected dispatcher counts the fleet's pool processes
+from ``pg_stat_activity``. No table, no heartbeat: a worker that stops, is
+killed or goes silent for ``network_timeout`` takes its session with it.
+
+A worker that runs the dispatcher (the default) asks for the schema's session
+advisory lock on that connection and waits for it in PostgreSQL, which costs
+nothing while nothing changes. The holder dispatches and runs the maintenance
+jobs; when its session ends, PostgreSQL hands the lock to a waiting worker at
+once. Two dispatchers for a moment (a holder that has not yet noticed it lost
+its session) are harmless: claims are taken with ``SKIP LOCKED``; the election
+saves work, it does not make anything correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import select
+import threading
+from collections.abc import Callable
+
+import psycopg2
+
+from ..config import Settings
+from ..db import connect_async, wait_ready
+from ..queries import render
+
+log = logging.getLogger(__name__)
+
+PREFIX = "outbox-bridge fleet"
+_CONCURRENCY = re.compile(r" c=(\d+)$")
+
+
+def schema_tag(schema: str) -> str:
+    """A short tag of the schema (names are cut at 63 bytes; a schema name may be long)."""
+    return hashlib.md5(schema.encode()).hexdigest()[:12]
+
+
+def fleet_name(schema: str, concurrency: int) -> str:
+    """The ``application_name`` of a worker's fleet connection."""
+    return f"{PREFIX} {schema_tag(schema)} c={concurrency}"
+
+
+def fleet_capacity(cur, schema: str) -> int:
+    """Pool processes of the workers connected to this database and schema now."""
+    cur.execute(render("worker.fleet", schema), {"prefix": f"{PREFIX} {schema_tag(schema)} c=%"})
+    found = (_CONCURRENCY.search(name) for (name,) in cur.fetchall())
+    return sum(int(m.group(1)) for m in found if m)
+
+
+class Fleet:
+    """This worker's fleet connection: its membership, and its part in the election."""
+
+    def __init__(self, settings: Settings, concurrency: int):
+        self.settings = settings
+        self.name = fleet_name(settings.schema, concurrency)
+        self.lock = {"name": f"outbox_bridge.dispatcher:{settings.schema}"}
+        self.conn = None
+
+    def join(self) -> None:
+        self.conn = connect_async(self.settings, self.name)
+
+    def elect(self, stop: threading.Event, beat: Callable[[], None]) -> bool:
+        """Wait until this worker holds the dispatcher's lock (True) or ``stop`` is set."""
+        cur = self.conn.cursor()
+        cur.execute(render("worker.dispatcher_lock", self.settings.schema), self.lock)
+
+        def tick() -> None:
+            beat()
+            if stop.is_set():
+                self.conn.cancel()
+
+        try:
+            wait_ready(self.conn, None, tick)
+        except psycopg2.errors.QueryCanceled:
+            if stop.is_set():
+                return False
+            raise
+        return True
+
+    def stay(self, stop: threading.Event, beat: Callable[[], None]) -> None:
+        """Keep the membership until ``stop`` (a worker that does not dispatch)."""
+        while not stop.is_set():
+            beat()
+            self.check(1.0)
+
+    def check(self, wait: float = 0.0) -> None:
+        """Raise ``OperationalError`` when the session has ended (waiting up to ``wait``
+        seconds for a sign of it): a dispatcher that lost it no longer holds the lock."""
+        ready, _, _ = select.select([self.conn.fileno()], [], [], wait)
+        if ready:
+            self.conn.poll()  # raises when the server closed the session
+            if self.conn.closed:
+                raise psycopg2.OperationalError("the fleet connection was closed")
+
+    def close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+        self.conn = None
+
+
+def serve_member(settings: Settings, concurrency: int) -> Callable[[threading.Event], None]:
+    """The loop of a worker without the dispatcher: a member of the fleet (its pool
+    counts), never elected. Reconnects as the other loops do."""
+    from ..loops import Heartbeat, run_forever
+
+    heartbeat = Heartbeat(settings, "fleet")
+
+    def body(stop: threading.Event) -> None:
+        fleet = Fleet(settings, concurrency)
+        try:
+            fleet.join()
+            fleet.stay(stop, heartbeat.beat)
+        finally:
+            fleet.close()
+
+    return lambda stop: run_forever(body, stop, "fleet membership", heartbeat)
