@@ -17,6 +17,7 @@ from outbox_bridge import outbox_handler, publish
 TOPIC = os.environ.get("TEST_TOPIC", "tests-inbox")
 CHAINED = os.environ.get("TEST_CHAINED_TOPIC", "tests-chained")
 SLOW = os.environ.get("TEST_SLOW_TOPIC", "tests-slow")
+WAITS = os.environ.get("TEST_WAIT_TOPIC", "tests-waits")
 _failed_here: set = set()
 
 SCHEMA = """
@@ -26,6 +27,8 @@ CREATE TABLE IF NOT EXISTS switches (name text PRIMARY KEY, on_ boolean);
 CREATE TABLE IF NOT EXISTS started (message_id uuid);
 CREATE TABLE IF NOT EXISTS failures (
     message_id uuid PRIMARY KEY, at timestamptz DEFAULT clock_timestamp());
+CREATE TABLE IF NOT EXISTS spans (
+    message_id uuid, pid int, started timestamptz, ended timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS calls (attempt int, at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS orm_effects (message_id uuid PRIMARY KEY, k text, seq int);
 CREATE TABLE IF NOT EXISTS poison_calls (
@@ -126,6 +129,17 @@ def slow(message, tx):
     """Always fails; notes the attempt and the time of each call."""
     _side("INSERT INTO calls (attempt) VALUES (%s)", (_attempts(tx, slow.name, message),))
     raise RuntimeError("always fails")
+
+
+@outbox_handler(WAITS, name="outbox.tests.waits")
+def waits(message, tx):
+    """Waits 0.3 s in the database (I/O, not CPU), noting when it ran and where."""
+    tx.execute("SELECT clock_timestamp(), pg_sleep(0.3)")
+    (started, _) = tx.fetchone()
+    tx.execute(
+        "INSERT INTO spans (message_id, pid, started) VALUES (%s, %s, %s)",
+        (message.message_id, os.getpid(), started),
+    )
 
 
 if os.environ.get("TEST_CRASH_BEFORE_OFFSET_COMMIT"):

@@ -245,6 +245,7 @@ class Dispatcher:
                             next_full = time.monotonic() + pause
                         elif look == "outbox":
                             self.dispatch(cur, self.sources[:1])
+                        self.dispatched += self.maintenance.run_due(cur)  # re-sent retries
                         if self._flipped:
                             self._flipped = False
                             flip = FlipWatch(cur, self.settings.schema)
@@ -252,7 +253,8 @@ class Dispatcher:
                         reading = sequence is not None and (
                             not self.idle or (flip is not None and not flip.settled(cur))
                         )
-                        wait = min(BEAT_EVERY, max(0.0, next_full - time.monotonic()))
+                        due = min(next_full, self.maintenance.next_due())
+                        wait = min(BEAT_EVERY, max(0.0, due - time.monotonic()))
                         if reading:
                             wait = min(wait, poll)
                         if not conn.notifies:
@@ -330,7 +332,6 @@ class Dispatcher:
                 sent += self._send(cur, source, shards, free, per_task)
                 if queue is self.outbox:  # after the send: the first row goes out sooner
                     self._outbox_idle(cur, True, now)
-        sent += self.maintenance.run_due(cur)  # re-sent retries count as dispatched
         self.dispatched += sent
         return sent
 

@@ -138,6 +138,10 @@ class Maintainer:
         now = time.monotonic()
         self.next_run = {job.name: now + job.start_after for job in jobs}
 
+    def next_due(self) -> float:
+        """When (``time.monotonic()``) the next job is due."""
+        return min(self.next_run.values(), default=float("inf"))
+
     def run_due(self, cur: Any) -> int:
         """Run every job whose time has come; the work they did, summed."""
         done = 0

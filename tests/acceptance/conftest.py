@@ -20,13 +20,14 @@ def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
     with c, c.cursor() as cur:
         cur.execute(SCHEMA)
     c.close()
-    chained, slow = topic + "-chained", topic + "-slow"
-    for name in (chained, slow):
+    chained, slow, waits = topic + "-chained", topic + "-slow", topic + "-waits"
+    for name in (chained, slow, waits):
         create_topic(kafka_admin, name)
     env = {
         "TEST_TOPIC": topic,
         "TEST_CHAINED_TOPIC": chained,
         "TEST_SLOW_TOPIC": slow,
+        "TEST_WAIT_TOPIC": waits,
         "OUTBOX_BRIDGE_CONSUMER_GROUP": "test-" + uuid.uuid4().hex[:8],
         "OUTBOX_BRIDGE_LEASE_SECONDS": "5",
     }
@@ -34,6 +35,7 @@ def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
 
     class Inbox:
         topic_chained = chained
+        topic_waits = waits
         db_url = db_url_
 
         def start(self, concurrency=2, args_extra=(), include=(), **extra):

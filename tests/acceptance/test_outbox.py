@@ -269,7 +269,7 @@ def test_a_rabbitmq_restart_loses_nothing(
     wait_for(lambda: rows(db_url) == [], 60, "every row to be deleted")
 
 
-def test_two_watchers_at_once_deliver_each_row_once(
+def test_two_dispatchers_one_elected_hand_over_under_traffic_and_deliver_each_row_once(
     start_worker, worker_env, db_url, topic, kafka_reader, tmp_path
 ):
     start_worker(args=("--without-outbox-watcher",))
@@ -283,10 +283,19 @@ def test_two_watchers_at_once_deliver_each_row_once(
                 )
             )
     try:
-        for log in logs:  # both watch before the first commit
-            wait_for(lambda log=log: b"watcher listening" in log.read_bytes(), 30, "a watcher")
+        for log in logs:  # both stand before the first commit
+            wait_for(lambda log=log: b"standing by" in log.read_bytes(), 30, "a dispatcher")
+        wait_for(
+            lambda: sum(b"dispatcher elected" in log.read_bytes() for log in logs) == 1,
+            30,
+            "one of them to be elected",
+        )
+        leader = next(i for i, log in enumerate(logs) if b"elected" in log.read_bytes())
         ids = []
         for start in range(0, 2000, 100):
+            if start == 1000:  # half way: the leader dies, the other takes over
+                watchers[leader].kill()
+                watchers[leader].wait(10)
             ids += commit(
                 db_url, topic, [{"n": i} for i in range(start, start + 100)], key=f"k{start % 7}"
             )
@@ -294,7 +303,8 @@ def test_two_watchers_at_once_deliver_each_row_once(
         reader.read_message_ids({str(i) for i in ids}, timeout=120)
         reader.drain(quiet=2)
         assert len(reader.messages) == len(ids)  # no duplicates: one owner per shard
-        assert [w.poll() for w in watchers] == [None, None]  # both watched to the end
+        assert b"dispatcher elected" in logs[1 - leader].read_bytes()
+        assert watchers[1 - leader].poll() is None  # the standby dispatched to the end
     finally:
         for w in watchers:
             w.terminate()

@@ -195,35 +195,88 @@ def test_a_commit_wakes_the_idle_watcher_with_the_fallback_poll_at_60s(
     kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer: the wake-up
 
 
-def test_a_row_whose_transaction_commits_a_second_after_its_insert_is_found_at_once(
-    start_worker, db_url, topic, kafka_reader
+def _flag(url: str) -> bool:
+    return query(url, "SELECT idle FROM outbox_bridge.wakeup WHERE queue = 'outbox'")[0][0]
+
+
+@pytest.mark.parametrize("isolation", ["READ COMMITTED", "REPEATABLE READ"])
+def test_a_row_written_while_the_dispatcher_was_busy_and_committed_after_it_went_idle_is_found(
+    start_worker, db_url, topic, kafka_reader, isolation
 ):
-    """The sequence moves at the INSERT, the row shows at the commit: the watcher
-    keeps looking while the transactions that were running then still run."""
+    """The writer's INSERT read the idle flag down (no NOTIFY at its commit); the flag
+    went up before it committed: the dispatcher reads the sequence until the
+    transactions open at the flip have ended, so the row goes out at once, not at
+    the 60 s safety net."""
     (started,) = query(db_url, "SELECT now()")[0]
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60")
-    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")
+    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the dispatcher to wait idle")
+    reader = kafka_reader(topic)
+    listener = _listen(db_url)
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         publish(cur, topic, {"n": 1})
-        cur.execute("SELECT clock_timestamp()")
-        (inserted,) = cur.fetchone()
-        # the transaction stays open until the watcher has read the moved sequence
-        # (and looked, finding nothing yet) a few times since the INSERT
-        wait_for(
-            lambda: query(
-                db_url,
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE application_name = 'outbox-bridge watcher'"
-                " AND query_start > %s + interval '100 milliseconds'",
-                (inserted,),
-            )[0][0],
-            10,
-            "the watcher to look while the writer's transaction is open",
-        )
-        assert query(db_url, "SELECT count(*) FROM outbox_bridge.outbox")[0][0] == 0  # unseen
+    reader.read(1, timeout=20)
+    wait_for(lambda: not _flag(db_url), 20, "the flag to go down (busy with row 1)")
+    wait_for(lambda: "" in _payloads(listener), 20, "the NOTIFY of row 1")
+    c.set_session(isolation_level=isolation)
+    with c, c.cursor() as cur:
+        publish(cur, topic, {"n": 2})
+        cur.execute("SELECT idle FROM outbox_bridge.wakeup WHERE queue = 'outbox'")
+        assert cur.fetchone() == (False,)  # what the INSERT read: it will not NOTIFY
+        wait_for(lambda: _flag(db_url), 20, "the flag to go up while the writer is open")
     c.close()
-    kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer
+    reader.read(2, timeout=20)  # well before the 60 s timer
+    assert "" not in _payloads(listener)  # and not by a NOTIFY: the commit sent none
+    listener.close()
+
+
+def _listen(url: str):
+    listener = psycopg2.connect(url)
+    listener.autocommit = True
+    channel = outbox_queue(Settings(database_url=url)).channel
+    listener.cursor().execute(f'LISTEN "{channel}"')
+    return listener
+
+
+def _payloads(listener) -> list[str]:
+    if select.select([listener], [], [], 0.1)[0]:
+        listener.poll()
+    got = [n.payload for n in listener.notifies]
+    listener.notifies.clear()
+    return got
+
+
+def test_an_idle_dispatcher_sends_no_query_until_a_commit_wakes_it(
+    start_worker, db_url, topic, kafka_reader
+):
+    (started,) = query(db_url, "SELECT now()")[0]
+    start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60")
+    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the dispatcher to wait idle")
+
+    def last_query():
+        return query(
+            db_url,
+            "SELECT query_start, clock_timestamp() - query_start, query FROM pg_stat_activity"
+            " WHERE application_name = 'outbox-bridge watcher'",
+        )[0]
+
+    # settled: no statement for 3 s (the flip's watch lasts at most 2 s)
+    wait_for(lambda: last_query()[1].total_seconds() > 3, 30, "the dispatcher to settle")
+    before = last_query()[0]
+    seen = {last_query()[0]: last_query()[2]}
+    watched = time.monotonic()
+    while time.monotonic() - watched < 6:  # a window of observation, not a wait for an outcome
+        at, _age, text = last_query()
+        seen[at] = text
+        time.sleep(0.2)
+    # nothing but its beat (every 10 s: commits NOTIFY only while a dispatcher lives)
+    assert [t for t in seen.values() if "seen_at" not in t][1:] == [], seen
+    c = psycopg2.connect(db_url)
+    with c, c.cursor() as cur:
+        publish(cur, topic, {"n": 1})
+    c.close()
+    kafka_reader(topic).read(1, timeout=20)  # woken by the NOTIFY of publish()'s INSERT
+    assert last_query()[0] > before
 
 
 def _notify_trigger(url: str, on: bool) -> None:

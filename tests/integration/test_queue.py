@@ -109,6 +109,49 @@ def test_a_shard_is_claimed_by_one_watcher_at_a_time(db_url, conn):
     other.close()
 
 
+def test_a_task_keeps_at_most_its_share_of_shards_and_gives_the_rest_back(db_url, conn):
+    """Two tasks took 8 shards each while the queue's share was 2 tasks; the share grows
+    to 4: at their next round each keeps 4 (the lowest), the rest are free at once, the
+    dispatcher hears of it, and new tasks claim them, at most 4 each."""
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        for n in range(16):  # a pending row in every shard
+            cur.execute(
+                "INSERT INTO outbox_bridge.outbox (message_id, topic, value, shard)"
+                " VALUES (gen_random_uuid(), 't', 'x', %s)",
+                (n,),
+            )
+        claims = queue.claim(cur, list(range(16)), 30, groups=2)
+    assert sorted(len(g) for g, _t in claims) == [8, 8]
+    listener = psycopg2.connect(db_url)
+    listener.autocommit = True
+    listener.cursor().execute(f'LISTEN "{queue.channel}"')
+    with conn, conn.cursor() as cur:
+        queue.set_share(cur, 4)
+    (first, token), (second, other) = claims
+    with conn, conn.cursor() as cur:
+        kept, _recovering = queue.renew_round(cur, first, token, 30, adopt=True)
+    assert kept == first[:4]
+    assert _notified(listener)  # "released": the dispatcher looks again
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT shard FROM outbox_bridge.claims WHERE queue = 'outbox'"
+            " AND token IS NULL AND lease_until < now() ORDER BY shard"
+        )
+        assert [r[0] for r in cur.fetchall()] == first[4:]
+        kept, _recovering = queue.renew_round(cur, second, other, 30, adopt=True)
+    assert kept == second[:4]  # within its share it takes on nothing more either
+    with conn, conn.cursor() as cur:
+        new = queue.claim(cur, list(range(16)), 30, groups=2, per_group=2)
+    assert sorted(len(g) for g, _t in new) == [2, 2]  # at most groups x per_group
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM outbox_bridge.claims WHERE queue = 'outbox' AND token IS NULL"
+        )
+        assert cur.fetchone() == (4,)  # the rest stay free for lingering tasks to take on
+    listener.close()
+
+
 @pytest.mark.kafka
 def test_a_stale_claim_changes_nothing(db_url, conn, services, topic):
     from outbox_bridge.outbox.tasks import publish as publish_task
