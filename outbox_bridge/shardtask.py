@@ -30,6 +30,10 @@ from .queue import Queue, fire_dead
 
 log = logging.getLogger(__name__)
 
+# A handler round starts no further delivery after this long: its transaction stays
+# short, and a share of the fleet that changed applies at the next round.
+ROUND_SECONDS = 1.0
+
 
 @dataclass
 class Source:

@@ -30,6 +30,7 @@ from ..message import JSONSerializer, Message, Serializer, decode_stored
 from ..queries import render
 from ..queue import fire_dead
 from ..shardtask import (
+    ROUND_SECONDS,
     HeldKeys,
     Linger,
     Source,
@@ -306,6 +307,7 @@ class _Handled:
     failed: dict[int, str] = field(default_factory=dict)
     dead: dict[int, str] = field(default_factory=dict)
     key_of: dict[int, tuple[int, str, bytes | None]] = field(default_factory=dict)
+    cut: bool = False  # the round's budget ended it before its last delivery
 
     @property
     def count(self) -> int:
@@ -321,15 +323,23 @@ class _Handled:
 
 
 def _run_handlers(
-    cur, task: Task, spec: HandlerSpec, ids: list[int], owned: list[int] | None, careful: bool
+    cur,
+    task: Task,
+    spec: HandlerSpec,
+    ids: list[int],
+    owned: list[int] | None,
+    careful: bool,
+    budget: float | None = None,
 ) -> _Handled:
     """Run the handlers of deliveries ``ids`` in the transaction of ``cur``, in id
     order, the later deliveries of a key that fails waiting behind it. ``owned``:
     the shards a shard task still holds (a delivery elsewhere is its new owner's).
     Not ``careful``: the first failure raises ``_NeedsSavepoints``; careful: each
-    runs in a savepoint that its failure alone rolls back."""
+    runs in a savepoint that its failure alone rolls back. ``budget``: seconds after
+    which no further delivery starts (the rest stay pending, in order: ``out.cut``)."""
     settings = get_settings()
     out = _Handled()
+    until = None if budget is None else time.monotonic() + budget
     # only what is still pending is ours to run (a redelivered task message); the
     # claim row locked by the caller keeps it so until commit
     cur.execute(
@@ -344,6 +354,9 @@ def _run_handlers(
             continue  # no longer ours: its new owner runs it
         if held.holds(topic, key):
             continue  # waits behind its key's failed head
+        if until is not None and out.count and time.monotonic() > until:
+            out.cut = True  # this one and the later ones: the next round
+            break
         try:
             value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
         except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
@@ -432,12 +445,12 @@ def _run_round(task, spec, token, shards, careful: bool, clock: Linger, solo=Fal
             return {**result, "idle": True}
         if found.released:
             return {"released": True}
-        handled = _run_handlers(cur, task, spec, found.batch, owned, careful)
+        handled = _run_handlers(cur, task, spec, found.batch, owned, careful, ROUND_SECONDS)
         queue.complete(cur, handled.done)  # in the handlers' transaction: done iff their writes
         lease = lease_for(task, 0, settings.lease_seconds)
         queue.hold(cur, {**handled.failed, **handled.dead}, retry_token, lease)
         buried = queue.bury(cur, list(handled.dead), retry_token, None)
-        if clock.over(len(found.batch) >= settings.batch_size):
+        if clock.over(handled.cut or len(found.batch) >= settings.batch_size):
             queue.release(cur, owned, token)
             result["released"] = True
         handled_flag[0] = True

@@ -226,6 +226,7 @@ class Dispatcher:
         self.idle, self._quiet_since, self._per_task = None, None, {}
         try:
             with conn.cursor() as cur:
+                cur.execute(render("worker.dispatcher_session", self.settings.schema))
                 for name in sorted({s.queue.channel for s in self.sources}):
                     cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
                 for source in self.sources:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg2
@@ -113,6 +115,21 @@ def forget(settings: Settings) -> None:
             Forget(settings).run_once(cur)
     finally:
         conn.close()
+
+
+@contextmanager
+def durably(cur: Any) -> Iterator[None]:
+    """A transaction on an autocommit cursor whose COMMIT waits for the WAL flush,
+    whatever the session's ``synchronous_commit``."""
+    cur.execute("BEGIN")
+    try:
+        cur.execute("SET LOCAL synchronous_commit = on")
+        yield
+    except BaseException:
+        with suppress(psycopg2.Error):  # a lost connection: the original error counts
+            cur.execute("ROLLBACK")
+        raise
+    cur.execute("COMMIT")
 
 
 class Job:
@@ -242,7 +259,9 @@ class RedriveRetries(Job):
         lease = self.settings.lease_seconds
         for row_id, token, attempts in source.queue.expired_retries(cur, lease):
             if attempts > source.max_retries:
-                fire_dead(source.queue.bury(cur, [row_id], token, None))  # autocommit
+                with durably(cur):  # the dispatcher's session does not wait for the WAL
+                    dead = source.queue.bury(cur, [row_id], token, None)
+                fire_dead(dead)  # once: after a commit that a crash cannot take back
                 continue
             try:
                 retry = self.app.tasks[source.retry_task]

@@ -17,6 +17,7 @@ from typing import Any
 
 from .costs import CostFigures
 from .drivers import compare as compare_drivers
+from .fleet import FleetFigures
 from .harness import Options, combine, say
 from .inbox import InboxFigures
 from .relay import RelayFigures
@@ -25,7 +26,7 @@ from .report import table
 __all__ = ["Bench", "Options", "table"]
 
 
-class Bench(RelayFigures, InboxFigures, CostFigures):
+class Bench(RelayFigures, InboxFigures, CostFigures, FleetFigures):
     """Every figure of ``outbox-bridge bench``, round by round."""
 
     def run(self, only: set[str] | None = None) -> dict[str, Any]:
@@ -47,6 +48,8 @@ class Bench(RelayFigures, InboxFigures, CostFigures):
             ("prune_cost", self.prune_cost),
             ("retention_steady", self.retention_steady),
             ("wake_cost", self.wake_cost),
+            ("fleet_capacity", self.fleet_capacity),
+            ("idle_fleet", self.idle_fleet),
             ("drivers", lambda: compare_drivers(self.settings, size=self.opts.size)),
         ]
         self.samples: dict[str, list[dict[str, Any]]] = {}

@@ -17,6 +17,7 @@ import psycopg2
 
 from ...db import connect, transaction
 from ...migrate import notify_trigger
+from ...queries import plain, statement
 from ...queue import Queue
 from ...worker.dispatcher import SequenceWatch
 from .harness import (
@@ -195,20 +196,35 @@ class CostFigures(Harness):
         topic = self.topic("notify")
         script = self.logdir / "insert.sql"
         schema = self.settings.schema.replace('"', '""')
+        values = (
+            f"gen_random_uuid(), '{topic}', convert_to('key-' || :k, 'UTF8'),"
+            f" convert_to(repeat('x', {self.opts.size}), 'UTF8'), '[]', :k % 16"
+        )
         script.write_text(
             "\\set k random(0, 99)\n"
             f'INSERT INTO "{schema}".outbox (message_id, topic, key, value, headers, shard)'
-            f" VALUES (gen_random_uuid(), '{topic}', convert_to('key-' || :k, 'UTF8'),"
-            f" convert_to(repeat('x', {self.opts.size}), 'UTF8'), '[]', :k % 16);\n"
+            f" VALUES ({values});\n"
+        )
+        # publish()'s own statement: its sub-select reads the idle flag (down: busy)
+        insert = statement("outbox.insert")
+        select_list = insert[insert.index("SELECT") : insert.index("FROM")]
+        published = self.logdir / "publish.sql"
+        published.write_text(
+            "\\set k random(0, 99)\n"
+            + plain(
+                insert.replace(select_list, f"SELECT {values}\n"), self.settings.schema
+            ).replace("\n", " ")
+            + ";\n"
         )
 
-        def run() -> float:
+        def run(kind: str) -> float:
+            chosen = published if kind == "publish" else script
             out = subprocess.run(
                 [
                     pgbench,
                     "-n",
                     "-f",
-                    str(script),
+                    str(chosen),
                     "-c",
                     str(self.opts.writers),
                     "-j",
@@ -265,7 +281,9 @@ class CostFigures(Harness):
                 thread.join()
                 conn.close()
 
-        samples: dict[str, list[float]] = {"none": [], "trigger": [], "sequence": []}
+        samples: dict[str, list[float]] = {"none": [], "publish": [], "trigger": [], "sequence": []}
+        # a dispatcher alive and busy: the flag down, its beat fresh (commits skip NOTIFY)
+        self.sql("UPDATE {wakeup} SET idle = false, seen_at = now() + interval '1 hour'")
         # interleaved and repeated: runs drift (WAL, autovacuum) as much as a wake-up costs
         for _ in range(pairs):
             for kind in samples:
@@ -274,16 +292,17 @@ class CostFigures(Harness):
                 trigger(kind == "trigger")
                 if kind == "sequence":
                     with sequence_watch():
-                        samples[kind].append(run())
+                        samples[kind].append(run(kind))
                 else:
-                    samples[kind].append(run())
+                    samples[kind].append(run(kind))
+        self.sql("UPDATE {wakeup} SET idle = true, seen_at = '-infinity'")
         trigger(False)
         self.sql("TRUNCATE {outbox}")
         out: dict[str, Any] = {}
         for kind, values in samples.items():
             out[f"tps {kind}"] = round(statistics.median(values))
             out[f"tps {kind} runs"] = [round(v) for v in values]
-        for kind in ("trigger", "sequence"):
+        for kind in ("publish", "trigger", "sequence"):
             # loss per interleaved round against the run without a wake-up just before it
             losses = [
                 (1 - on / off) * 100 for on, off in zip(samples[kind], samples["none"], strict=True)

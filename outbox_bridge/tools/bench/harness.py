@@ -194,10 +194,17 @@ class Harness:
             "OUTBOX_BRIDGE_CELERY_QUEUE": f"bench-{self.run_id}",
             "OUTBOX_BRIDGE_CONSUMER_GROUP": f"bench-{self.run_id}",
             "OUTBOX_BRIDGE_BENCH_TOPIC": self.topic("e2e"),
+            "OUTBOX_BRIDGE_BENCH_WAIT_TOPIC": self.topic("waits"),
         }
 
     @contextmanager
-    def worker(self, *args: str, poll_interval: str | None = None, env: dict | None = None):
+    def worker(
+        self,
+        *args: str,
+        poll_interval: str | None = None,
+        env: dict | None = None,
+        concurrency: int | None = None,
+    ):
         """``celery -A outbox_bridge worker`` for the bench database; yields when ready."""
         log = self.logdir / f"worker-{time.monotonic_ns()}.log"
         env = {**self.env(), **(env or {})}
@@ -215,7 +222,7 @@ class Harness:
                     "-l",
                     "info",
                     "-c",
-                    str(self.opts.concurrency),
+                    str(concurrency or self.opts.concurrency),
                     "-n",
                     f"bench-{uuid.uuid4().hex[:6]}@%h",
                     "--without-mingle",
