@@ -54,9 +54,13 @@ class Settings:
     # Circuit breaker while Kafka is unreachable: pause grows up to the max.
     pause_seconds: float = 1.0
     pause_max_seconds: float = 30.0
-    # Dispatcher: seconds between reads of the outbox id sequence while the outbox is
-    # busy (idle, publish() NOTIFYs it); 0: never, for writes that bypass publish()
-    # with the opt-in NOTIFY trigger
+    # How the dispatcher learns of new outbox rows: "poll" reads the outbox id sequence
+    # every wake_poll seconds, idle or busy (commits pay nothing); "notify": while it
+    # is idle, publish()'s INSERT NOTIFYs it and nothing is polled (each publish()
+    # then reads the idle flag: a cost to writers, see docs/benchmarks.md)
+    wake: str = "poll"
+    # Dispatcher: seconds between reads of the outbox id sequence (with "notify":
+    # while busy); 0: never, for writes that bypass publish() with the opt-in trigger
     wake_poll: float = 0.005
     # Dispatcher: the safety net's look at every queue while all are idle, seconds
     poll_interval: float = 5.0
@@ -130,6 +134,8 @@ class Settings:
             raise ValueError("outbox_bridge_shards and outbox_bridge_batch_size must be >= 1")
         if not self.schema:
             raise ValueError("outbox_bridge_schema must not be empty")
+        if self.wake not in ("poll", "notify"):
+            raise ValueError(f"outbox_bridge_wake must be 'poll' or 'notify', not {self.wake!r}")
 
 
 def kafka_network(settings: Settings) -> dict[str, Any]:

@@ -57,6 +57,10 @@ def _row(
     return (str(message_id), topic, key_bytes, data, headers_json, shard)
 
 
+# the statement that writes a message, by the ``wake`` setting
+INSERT = {"poll": "outbox.insert", "notify": "outbox.insert_notify"}
+
+
 def publish(
     tx: Any,
     topic: str,
@@ -108,7 +112,7 @@ def _prepare(topic, value, key, headers, serializer) -> tuple[UUID, str, tuple]:
     settings = get_settings()
     message_id = uuid.uuid4()
     row = _row(topic, value, key, headers, serializer, settings, message_id)
-    return message_id, render_text("outbox.insert", settings.schema), row
+    return message_id, render_text(INSERT[settings.wake], settings.schema), row
 
 
 def sent(cur: Any, settings: Settings, message_id: UUID) -> bool:
@@ -168,7 +172,7 @@ def send(
                     unknown = None  # it did not commit: write it again
                 cur.execute("SELECT txid_current(), pg_backend_pid()")
                 txid = cur.fetchone()
-                cur.execute(render_text("outbox.insert", settings.schema), row)
+                cur.execute(render_text(INSERT[settings.wake], settings.schema), row)
                 cur.execute(
                     render_text("outbox.insert_receipt", settings.schema),
                     (str(message_id),),

@@ -1,15 +1,16 @@
 """The dispatcher: turns committed work into Celery tasks, one per database.
 
 Every worker runs one; they elect one that dispatches (``election``) and the
-others stand by at no cost. The elected one learns of new outbox rows two ways:
+others stand by at no cost. The elected one learns of new outbox rows by reading
+the outbox id sequence every ``wake_poll`` seconds (one cheap query, no cost to
+writers). With the setting ``wake = "notify"``:
 
 - **idle** (no pending outbox rows for IDLE_AFTER seconds): it raises the idle
   flag, and ``publish()``'s own INSERT NOTIFYs it while the flag is up. Nothing
   is polled, but a full look at every queue every ``poll_interval`` (a safety
   net: writes that bypass publish(), a notification lost with a connection);
 - **busy**: the flag is down, commits NOTIFY nobody (a NOTIFY serializes commits
-  behind one lock of the cluster), and it reads the outbox id sequence every
-  ``wake_poll`` seconds instead (one cheap query, no cost to writers).
+  behind one lock of the cluster), and it reads the sequence as above.
 
 Writers that read the flag just before it went up sent no NOTIFY: after the flip
 it keeps reading the sequence until the transactions open then have ended (at
@@ -233,6 +234,7 @@ class Dispatcher:
                     source.queue.add_claims(cur, range(self.settings.shards))
                 poll = self.settings.wake_poll
                 sequence = SequenceWatch(cur, self.settings.schema) if poll > 0 else None
+                notified_when_idle = self.settings.wake == "notify"
                 log.info("watcher listening for %d queues", len(self.sources))
                 next_full = 0.0  # the next look at every queue
                 look: str | None = "all"
@@ -252,7 +254,9 @@ class Dispatcher:
                             flip = FlipWatch(cur, self.settings.schema)
                         # busy: commits do not NOTIFY, read the sequence; idle: they do
                         reading = sequence is not None and (
-                            not self.idle or (flip is not None and not flip.settled(cur))
+                            not notified_when_idle
+                            or not self.idle
+                            or (flip is not None and not flip.settled(cur))
                         )
                         due = min(next_full, self.maintenance.next_due())
                         wait = min(BEAT_EVERY, max(0.0, due - time.monotonic()))
@@ -299,8 +303,9 @@ class Dispatcher:
         the fleet's capacity, at least one task. A queue whose tasks fill its share
         gets no new task, and is not even looked at: its lingering tasks take on its
         ready shards themselves, and a new task would only wait behind them for a
-        pool process. A task keeps at most its share of the queue's ready shards
-        (``shares``): when a share grows, the tasks give shards back for new ones."""
+        pool process. A task keeps at most its part of the queue's shards
+        (``shards`` / share, ``shares``): when a share grows, the tasks give shards
+        back for new ones."""
         sent = 0
         now = time.monotonic()
         active = self._active(cur)
@@ -326,7 +331,9 @@ class Dispatcher:
                     shards = queue.ready_shards(cur, since)
             if shards:
                 self._busy_until[queue.name] = now + BUSY_MEMORY
-                per_task = -(-len(shards) // share)
+                # every shard of the queue over its share of tasks: a lingering task may
+                # take on shards that are not ready now, up to its part of them all
+                per_task = -(-self.settings.shards // share)
                 if self._per_task.get(queue.name) != per_task:
                     queue.set_share(cur, per_task)
                     self._per_task[queue.name] = per_task

@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
-from outbox_bridge.config import Settings
+from outbox_bridge.config import Settings, reset_settings
 from outbox_bridge.migrate import notify_trigger
 from outbox_bridge.outbox.tasks import outbox_queue
 from tests.conftest import ROOT, query, rows, wait_for, watcher_idle_since
@@ -195,20 +195,28 @@ def test_a_commit_wakes_the_idle_watcher_with_the_fallback_poll_at_60s(
     kafka_reader(topic).read(1, timeout=20)  # well before the 60 s timer: the wake-up
 
 
+def _notify_mode(monkeypatch) -> None:
+    """This process's publish() NOTIFYs an idle dispatcher (the workers get the setting
+    from their environment)."""
+    monkeypatch.setenv("OUTBOX_BRIDGE_WAKE", "notify")
+    reset_settings()
+
+
 def _flag(url: str) -> bool:
     return query(url, "SELECT idle FROM outbox_bridge.wakeup WHERE queue = 'outbox'")[0][0]
 
 
 @pytest.mark.parametrize("isolation", ["READ COMMITTED", "REPEATABLE READ"])
 def test_a_row_written_while_the_dispatcher_was_busy_and_committed_after_it_went_idle_is_found(
-    start_worker, db_url, topic, kafka_reader, isolation
+    start_worker, db_url, topic, kafka_reader, isolation, monkeypatch
 ):
     """The writer's INSERT read the idle flag down (no NOTIFY at its commit); the flag
     went up before it committed: the dispatcher reads the sequence until the
     transactions open at the flip have ended, so the row goes out at once, not at
-    the 60 s safety net."""
+    the 60 s safety net (wake = "notify")."""
+    _notify_mode(monkeypatch)
     (started,) = query(db_url, "SELECT now()")[0]
-    start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60")
+    start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60", OUTBOX_BRIDGE_WAKE="notify")
     wait_for(lambda: watcher_idle_since(db_url, started), 30, "the dispatcher to wait idle")
     reader = kafka_reader(topic)
     listener = _listen(db_url)
@@ -247,10 +255,11 @@ def _payloads(listener) -> list[str]:
 
 
 def test_an_idle_dispatcher_sends_no_query_until_a_commit_wakes_it(
-    start_worker, db_url, topic, kafka_reader
+    start_worker, db_url, topic, kafka_reader, monkeypatch
 ):
+    _notify_mode(monkeypatch)  # wake = "notify": publish() NOTIFYs the idle dispatcher
     (started,) = query(db_url, "SELECT now()")[0]
-    start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60")
+    start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60", OUTBOX_BRIDGE_WAKE="notify")
     wait_for(lambda: watcher_idle_since(db_url, started), 30, "the dispatcher to wait idle")
 
     def last_query():

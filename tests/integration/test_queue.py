@@ -7,7 +7,7 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
-from outbox_bridge.config import get_settings
+from outbox_bridge.config import get_settings, reset_settings
 from outbox_bridge.migrate import notify_trigger
 from outbox_bridge.outbox.tasks import outbox_queue
 from outbox_bridge.queue import shard_of
@@ -34,9 +34,13 @@ def _raw_insert(cur, n: int) -> None:
 
 
 @pytest.mark.parametrize("writer", ["publish", "trigger"])
-def test_commits_notify_only_while_a_dispatcher_is_alive_and_idle(db_url, conn, writer):
-    """publish()'s own INSERT NOTIFYs while the flag is up and the beat fresh; with the
-    opt-in trigger, a write that bypasses publish() does the same."""
+def test_commits_notify_only_while_a_dispatcher_is_alive_and_idle(
+    db_url, conn, writer, monkeypatch
+):
+    """With wake = "notify", publish()'s own INSERT NOTIFYs while the flag is up and the
+    beat fresh; with the opt-in trigger, a write that bypasses publish() does the same."""
+    monkeypatch.setenv("OUTBOX_BRIDGE_WAKE", "notify")
+    reset_settings()
     queue = outbox_queue(get_settings())
     if writer == "trigger":
         with conn, conn.cursor() as cur:
@@ -78,7 +82,10 @@ def test_commits_notify_only_while_a_dispatcher_is_alive_and_idle(db_url, conn, 
     listener.close()
 
 
-def test_without_the_trigger_a_write_that_bypasses_publish_does_not_notify(db_url, conn):
+@pytest.mark.parametrize("writer", ["publish", "bypass"])
+def test_by_default_and_without_the_trigger_commits_do_not_notify(db_url, conn, writer):
+    """wake = "poll" (the default): the dispatcher reads the id sequence, commits pay
+    nothing; a write that bypasses publish() never NOTIFYs without the trigger."""
     queue = outbox_queue(get_settings())
     listener = psycopg2.connect(db_url)
     listener.autocommit = True
@@ -87,8 +94,11 @@ def test_without_the_trigger_a_write_that_bypasses_publish_does_not_notify(db_ur
         queue.heartbeat(cur)
         queue.set_idle(cur, True)
     with conn, conn.cursor() as cur:
-        _raw_insert(cur, 0)
-    assert not _notified(listener)  # found by the dispatcher's safety net instead
+        if writer == "publish":
+            publish(cur, "t", 0)
+        else:
+            _raw_insert(cur, 0)
+    assert not _notified(listener)
     listener.close()
 
 

@@ -5,7 +5,11 @@
 -- name: insert
 -- Values go as text, bytes and int, which every driver passes as they are;
 -- headers through text, so a jsonb codec of the caller's does not apply.
--- While the dispatcher is idle (its flag raised, its beat fresh) the same statement
+INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)
+VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb), %s)
+
+-- name: insert_notify
+-- The same for the setting wake = "notify". While the dispatcher is idle (its flag raised, its beat fresh) the same statement
 -- NOTIFYs it: no trigger, no second round trip. While it is busy nothing is sent:
 -- a transaction that NOTIFYs commits behind one lock of the whole cluster.
 INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)

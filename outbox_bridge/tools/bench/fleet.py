@@ -8,17 +8,14 @@ import os
 import statistics
 import threading
 import time
-import uuid
 from contextlib import ExitStack
 from typing import Any
 
 import click
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from ...db import connect
 from ...inbox.consumer import consume_batch
-from ...ops import ensure_topics
 from ...outbox.publish import publish
 from .harness import Harness, children, percentiles, say
 
@@ -162,20 +159,8 @@ class FleetFigures(Harness):
         return out
 
     def _wake_latency(self, rounds: int = 8, quiet: float = 10.0) -> dict[str, Any]:
-        topic = f"bench.{self.run_id}.wake-{uuid.uuid4().hex[:4]}"
-        ensure_topics(self.settings, [topic], config={"message.timestamp.type": "LogAppendTime"})
-        self._topics.add(topic)
+        topic, consumer, assigned = self.timing_consumer("wake")
         appended: list[float] = []
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "group.id": f"bench-{self.run_id}-{topic}",
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10,
-            }
-        )
-        assigned = threading.Event()
-        consumer.subscribe([topic], on_assign=lambda _c, parts: parts and assigned.set())
         stop = threading.Event()
 
         def consume() -> None:

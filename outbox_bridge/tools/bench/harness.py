@@ -186,6 +186,24 @@ class Harness:
             self._topics.add(topic)
         return topic
 
+    def timing_consumer(self, name: str) -> tuple[str, Consumer, threading.Event]:
+        """A new topic whose records carry the broker's append time (LogAppendTime), a
+        consumer subscribed to it, and an event set once it has its partitions."""
+        topic = f"bench.{self.run_id}.{name}-{uuid.uuid4().hex[:4]}"
+        ensure_topics(self.settings, [topic], config={"message.timestamp.type": "LogAppendTime"})
+        self._topics.add(topic)
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                "group.id": f"bench-{self.run_id}-{topic}",
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 10,
+            }
+        )
+        assigned = threading.Event()
+        consumer.subscribe([topic], on_assign=lambda _c, parts: parts and assigned.set())
+        return topic, consumer, assigned
+
     def env(self) -> dict[str, str]:
         return {
             **os.environ,

@@ -15,7 +15,6 @@ from confluent_kafka import Consumer, Producer
 from ...db import connect
 from ...inbox.consumer import consume_batch
 from ...message import kafka_headers
-from ...ops import ensure_topics
 from ...outbox.kafka import producer_config
 from ...outbox.publish import publish
 from ...queries import compose as q
@@ -172,22 +171,10 @@ class RelayFigures(Harness):
         """Commit -> Kafka ack (as seen by a consumer) at a steady offered rate."""
         rate, seconds = self.opts.rate, self.opts.seconds
         say(f"steady state: writers offer {rate} messages/s for {seconds:.0f}s")
-        topic = f"bench.{self.run_id}.steady-{uuid.uuid4().hex[:4]}"
-        ensure_topics(self.settings, [topic], config={"message.timestamp.type": "LogAppendTime"})
-        self._topics.add(topic)
+        topic, consumer, assigned = self.timing_consumer("steady")
         latencies: list[float] = []
         appended: list[float] = []
         stop = threading.Event()
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "group.id": f"bench-{self.run_id}-{topic}",
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10,
-            }
-        )
-        assigned = threading.Event()
-        consumer.subscribe([topic], on_assign=lambda _c, parts: parts and assigned.set())
 
         def consume() -> None:
             while not stop.is_set():
