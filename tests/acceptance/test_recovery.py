@@ -325,14 +325,14 @@ def test_commits_skip_notify_once_the_watchers_heartbeat_expired(
     wait_for(notified, 10, "the commit's NOTIFY while a watcher is alive")
     reader = kafka_reader(topic)
     reader.read(1, timeout=30)
-    _kill(worker)  # no goodbye: its heartbeat stays until it expires (10 s)
+    _kill(worker)  # no goodbye: its heartbeat stays until it expires (30 s)
     wait_for(
         lambda: query(
             db_url,
-            "SELECT seen_at < now() - interval '10 seconds'"
+            "SELECT seen_at < now() - interval '30 seconds'"
             " FROM outbox_bridge.wakeup WHERE queue = 'outbox'",
         )[0][0],
-        30,
+        60,
         "the heartbeat to expire",
     )
     notified()
