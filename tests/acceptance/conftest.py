@@ -27,7 +27,6 @@ def inbox(db_url, topic, worker_env, start_worker, services, kafka_admin):
         "TEST_TOPIC": topic,
         "TEST_CHAINED_TOPIC": chained,
         "TEST_SLOW_TOPIC": slow,
-        "TEST_WAIT_TOPIC": waits,
         "OUTBOX_BRIDGE_CONSUMER_GROUP": "test-" + uuid.uuid4().hex[:8],
         "OUTBOX_BRIDGE_LEASE_SECONDS": "5",
     }

@@ -100,7 +100,7 @@ def _most_at_once(spans: list[tuple]) -> int:
 def test_the_pools_of_two_workers_run_one_queue_at_once(inbox, services):
     """Two workers of two processes each: a handler that waits 0.3 s per message runs
     on more processes at once than one worker has, in both workers."""
-    workers = [inbox.start(concurrency=2), inbox.start(concurrency=2)]
+    workers = [inbox.start(concurrency=2, TEST_WAIT_TOPIC=inbox.topic_waits) for _ in range(2)]
     wait_for(lambda: any(ELECTED in w.log_path.read_bytes() for w in workers), 30, "an election")
     keys, shards = [], set()
     for i in range(1000):  # one key in each of 16 shards: 16 messages that may run at once
