@@ -69,7 +69,13 @@ def _status_lines(data: dict) -> list[str]:
             )
         return lines
 
-    lines = queue_lines("outbox", data["outbox"])
+    who = data.get("dispatcher")
+    lines = [
+        "dispatcher: none elected (no worker with its watcher is connected)"
+        if who is None
+        else f"dispatcher: the worker with pid {who['pid']} on {who['host']}"
+    ]
+    lines += queue_lines("outbox", data["outbox"])
     for handler, entry in data["inbox"]["handlers"].items():
         lines += queue_lines(f"inbox {handler}", entry)
     for p in data["inbox"].get("consumer_lag", []):
@@ -344,10 +350,16 @@ def bench(
 @click.option("--faults", default=6, show_default=True, help="Faults to inject.")
 @click.option(
     "--kinds",
-    default="kill_child,kill_worker,kafka,postgres,rabbitmq,rebalance,"
-    "blackhole_postgres,blackhole_kafka",
-    show_default=True,
-    help="Fault kinds, taken in turn.",
+    default="",
+    help="Fault kinds, taken in turn (default: kill_child, kill_worker, kafka, postgres,"
+    " rabbitmq, rebalance, blackhole_postgres, blackhole_kafka; with --cluster: kafka and"
+    " blackhole_kafka give way to kill_dispatcher, broker_leader, broker_controller,"
+    " broker_isr).",
+)
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="Run on the three-broker cluster (scripts/services up kafka-cluster).",
 )
 @click.option(
     "--silence",

@@ -24,8 +24,13 @@ DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 class Settings:
     """All knobs of outbox-bridge; see the README's configuration reference."""
 
-    database_url: str = DEFAULT_DATABASE_URL
+    # repr=False: a password in a URL or a client setting never reaches a log line
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     kafka_bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS
+    # librdkafka settings of every Kafka client, the producer, the consumer and each
+    # admin client (security.protocol, sasl.*, ssl.*, client.id, ...); producer_config
+    # and consumer_config go on top of it for their client
+    kafka_config: dict[str, Any] = field(default_factory=dict, repr=False)
     schema: str = "outbox_bridge"
     # Largest message (value + key + headers) that publish() accepts.
     max_message_bytes: int = 1_000_000
@@ -69,10 +74,10 @@ class Settings:
     consumer: bool = True
     # "" : derived from the inbox's database (outbox-bridge-<database>-<id>)
     consumer_group: str = ""
-    consumer_config: dict[str, Any] = field(default_factory=dict)
+    consumer_config: dict[str, Any] = field(default_factory=dict, repr=False)
     send_retries: int = 3
     # librdkafka settings on top of outbox-bridge's producer defaults
-    producer_config: dict[str, Any] = field(default_factory=dict)
+    producer_config: dict[str, Any] = field(default_factory=dict, repr=False)
     # dotted path of a callable(row) run before each row is produced; raising fails the row
     before_produce: str | None = None
     # dotted path of a callable(DeadMessage) called once per message that becomes dead
@@ -138,6 +143,19 @@ class Settings:
             raise ValueError(f"outbox_bridge_wake must be 'poll' or 'notify', not {self.wake!r}")
 
 
+def kafka_client(settings: Settings, **defaults: Any) -> dict[str, Any]:
+    """What every Kafka client of outbox-bridge is built from: the servers, the network
+    deadline, the client's own ``defaults``, then ``kafka_config`` (security, SASL, TLS,
+    client.id), which wins over them. The producer and the consumer add their own
+    ``*_config`` on top; admin clients use this as it is."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **kafka_network(settings),
+        **defaults,
+        **settings.kafka_config,
+    }
+
+
 def kafka_network(settings: Settings) -> dict[str, Any]:
     """librdkafka's deadline for an answer from a broker (then it reconnects), from
     ``network_timeout``; ``producer_config``/``consumer_config`` may override it."""
@@ -165,15 +183,20 @@ def _parse(name: str, kind: str, raw: str) -> Any:
         if kind == "float":
             return float(raw)
         if kind.startswith("dict"):
-            return json.loads(raw)
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                raise ValueError("not an object")
+            return value
         if kind.startswith("list"):  # a JSON list, or names separated by commas
             return (
                 json.loads(raw)
                 if raw.lstrip().startswith("[")
                 else [part.strip() for part in raw.split(",") if part.strip()]
             )
-    except ValueError as exc:
-        raise ValueError(f"OUTBOX_BRIDGE_{name.upper()}={raw!r}: not a valid {kind}") from exc
+    except ValueError:
+        # a client config may hold a password: it is not repeated in the error
+        shown = "" if kind.startswith("dict") else f"={raw!r}"
+        raise ValueError(f"OUTBOX_BRIDGE_{name.upper()}{shown}: not a valid {kind}") from None
     return raw
 
 

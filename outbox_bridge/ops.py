@@ -7,7 +7,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from .config import Settings
+from .config import Settings, kafka_client
 from .db import transaction
 from .inbox import inbox_queue
 from .outbox import outbox_queue
@@ -40,9 +40,11 @@ def parse_key(key: str) -> bytes:
 def status(settings: Settings, kafka: bool = True) -> dict[str, Any]:
     """Counts per state, oldest pending age, keys held back by a failed head, consumer lag."""
     from .inbox.consumer import consumer_group
+    from .worker.election import dispatcher
 
     with transaction(settings, "outbox-bridge status") as cur:
-        out = {"outbox": _outbox_status(cur, settings)}
+        out: dict[str, Any] = {"dispatcher": dispatcher(cur, settings.schema)}
+        out["outbox"] = _outbox_status(cur, settings)
         out["inbox"] = _inbox_status(cur, settings)
         cur.execute(render("ops.handler_topics", settings.schema))
         topics = [r[0] for r in cur.fetchall()]
@@ -86,13 +88,7 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
     (the records from the committed offset, or the low watermark, to the end)."""
     if not topics:
         return []
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": group,
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = Consumer(kafka_client(settings, **{"group.id": group, "enable.auto.commit": False}))
     try:
         meta = consumer.list_topics(timeout=10).topics
         partitions = [
@@ -225,7 +221,7 @@ def ensure_topics(
     from confluent_kafka import KafkaError
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(kafka_client(settings))
     futures = admin.create_topics([NewTopic(t, partitions, 1, config=config or {}) for t in topics])
     for future in futures.values():
         try:

@@ -48,6 +48,16 @@ class Source:
     retry_task: str
     max_retries: int
     batch_size: int = 0
+    # the Celery queue of the task when this process does not have it (None: default)
+    route: str | None = None
+
+    def apply(self, app: Any, name: str, args: tuple, **options: Any) -> None:
+        """Send task ``name``: as this process knows it, else by name to ``route``."""
+        task = app.tasks.get(name)
+        if task is not None:
+            task.apply_async(args, **options)
+        else:
+            app.send_task(name, args, queue=self.route, **options)
 
 
 # each side registers a function that lists its sources (when its tasks are imported)
@@ -64,6 +74,24 @@ def provides(finder: Callable[[Settings], list[Source]]) -> Callable[[Settings],
 def sources(settings: Settings) -> list[Source]:
     """Every registered source, in registration order."""
     return [source for finder in _finders for source in finder(settings)]
+
+
+# and a function that lists the sources some connected worker serves (from the database)
+_served: list[Callable[[Any, Settings], list[Source]]] = []
+
+
+def provides_served(
+    finder: Callable[[Any, Settings], list[Source]],
+) -> Callable[[Any, Settings], list[Source]]:
+    """Register ``finder(cur, settings) -> [Source]``: the sources the fleet serves, also
+    those this process lacks (the elected dispatcher serves them too)."""
+    if finder not in _served:
+        _served.append(finder)
+    return finder
+
+
+def served_sources(cur: Any, settings: Settings) -> list[Source]:
+    return [source for finder in _served for source in finder(cur, settings)]
 
 
 class Linger:

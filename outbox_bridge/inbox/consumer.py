@@ -26,7 +26,7 @@ from confluent_kafka import (
 )
 from psycopg2.extras import Json
 
-from ..config import Settings, kafka_connection, kafka_network
+from ..config import Settings, kafka_client, kafka_connection
 from ..db import channel, connect, is_transient, work
 from ..events import emit
 from ..loops import Heartbeat, run_forever
@@ -39,12 +39,14 @@ log = logging.getLogger(__name__)
 # ids of messages from producers that set no message_id header
 _NAMESPACE = uuid.UUID("5f1c3e1e-8a7b-4c1d-9a57-0b0f5e2d7c11")
 
-HandlerRow = tuple[str, str, "int | None"]  # (task name, topic, max_retries)
+# (task name, topic, max_retries, Celery queue or None: the default)
+HandlerRow = tuple[str, str, "int | None", "str | None"]
 
 
 def register_handlers(cur, settings: Settings, specs: Iterable[HandlerRow]) -> None:
-    """Record (name, topic, max_retries) of this worker's handlers in the database.
-    A handler receives the messages stored after its first registration."""
+    """Record (name, topic, max_retries, queue) of this worker's handlers in the database.
+    A handler receives the messages stored after its first registration; the elected
+    dispatcher sends its tasks to that queue, also from a worker that lacks it."""
     specs = sorted(specs)
     if specs:
         cur.execute(
@@ -64,18 +66,19 @@ def consumer_group(cur, settings: Settings) -> str:
 
 
 def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
-    conf = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "group.id": group,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "partition.assignment.strategy": "cooperative-sticky",
-        "topic.metadata.refresh.interval.ms": 5000,
-        # a crashed worker's partitions go to the others after 10 s, not 45 s
-        "session.timeout.ms": 10000,
-        "heartbeat.interval.ms": 3000,
-        **kafka_network(settings),
-    }
+    conf = kafka_client(
+        settings,
+        **{
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "topic.metadata.refresh.interval.ms": 5000,
+            # a crashed worker's partitions go to the others after 10 s, not 45 s
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 3000,
+        },
+    )
     conf.update(settings.consumer_config)
     return conf
 
@@ -238,7 +241,7 @@ class InboxConsumer:
     def __init__(self, settings: Settings, handlers: list[HandlerRow]):
         self.settings = settings
         self.handlers = handlers  # (name, topic, max_retries) of this worker's handlers
-        self.topics = sorted({topic for _name, topic, _retries in handlers})
+        self.topics = sorted({row[1] for row in handlers})
         self.stored = 0  # new inbox rows written, for tests and logs
         self.heartbeat = Heartbeat(settings, "consumer")
         self.checked_replay = False

@@ -42,6 +42,7 @@ from ..shardtask import (
     next_round,
     one_at_a_time,
     provides,
+    provides_served,
     reraise_database_error,
     transient_countdown,
 )
@@ -116,9 +117,31 @@ def handler_sources(settings: Settings) -> list[Source]:
     ]
 
 
-def handler_rows() -> list[tuple[str, str, int | None]]:
-    """(task name, topic, max_retries) of every handler, as the database registers them."""
-    return [(s.task.name, s.topic, s.task.max_retries) for s in handlers()]
+def handler_rows() -> list[tuple[str, str, int | None, str | None]]:
+    """(task name, topic, max_retries, queue) of every handler, as the database registers
+    them (queue: the handler's ``queue=``, None for the default queue)."""
+    return [
+        (s.task.name, s.topic, s.task.max_retries, getattr(s.task, "queue", None))
+        for s in handlers()
+    ]
+
+
+@provides_served
+def served_handler_sources(cur, settings: Settings) -> list[Source]:
+    """A queue per handler that some connected worker serves, also one this process
+    lacks: the elected dispatcher sends its tasks by name, to the recorded queue."""
+    cur.execute(render("inbox.served_handlers", settings.schema), {"schema": settings.schema})
+    return [
+        Source(
+            inbox_queue(settings, name),
+            name,
+            name,
+            max_retries if max_retries is not None else 10**9,
+            batch_size=settings.batch_size,
+            route=queue,
+        )
+        for name, max_retries, queue in cur.fetchall()
+    ]
 
 
 class HandlerTask(Task):

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 from kombu.utils.imports import symbol_by_name
 
-from ..config import Settings, kafka_connection, kafka_network
+from ..config import Settings, kafka_client, kafka_connection
 from ..message import kafka_headers, record_size
 from ..shardtask import HeldKeys
 from . import Row
@@ -85,22 +85,23 @@ class Outcome:
 
 
 def producer_config(settings: Settings) -> dict:
-    conf = {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "client.id": f"outbox-bridge-{socket.gethostname()}-{os.getpid()}",
-        "enable.idempotence": True,
-        "acks": "all",
-        # the Java client's partitioner: same key, same partition as Java producers
-        "partitioner": "murmur2_random",
-        "linger.ms": 5,
-        "batch.size": 1_000_000,
-        "queue.buffering.max.messages": 500_000,
-        # the relay's own delivery deadline (see Relay); the rows stay pending meanwhile
-        "message.timeout.ms": 30_000,
-        # a missing topic fails its messages soon (its topic pauses) instead of after 30 s
-        "topic.metadata.propagation.max.ms": 2_000,
-        **kafka_network(settings),
-    }
+    conf = kafka_client(
+        settings,
+        **{
+            "client.id": f"outbox-bridge-{socket.gethostname()}-{os.getpid()}",
+            "enable.idempotence": True,
+            "acks": "all",
+            # the Java client's partitioner: same key, same partition as Java producers
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            "batch.size": 1_000_000,
+            "queue.buffering.max.messages": 500_000,
+            # the relay's own delivery deadline (see Relay); the rows stay pending meanwhile
+            "message.timeout.ms": 30_000,
+            # a missing topic fails its messages soon (its topic pauses) instead of after 30 s
+            "topic.metadata.propagation.max.ms": 2_000,
+        },
+    )
     conf.update(settings.producer_config)
     return conf
 

@@ -36,7 +36,7 @@ from ..config import Settings
 from ..db import connect
 from ..loops import BEAT_EVERY, Heartbeat, run_forever
 from ..queries import render
-from ..shardtask import Source, sources
+from ..shardtask import Source, served_sources, sources
 from ..watchdog import guard
 from .election import Fleet, fleet_capacity
 from .maintenance import Maintainer, RedriveRetries, RepairHeld, WakeupBeat
@@ -55,6 +55,7 @@ BUSY_MEMORY = 1.0
 IDLE_AFTER = 1.0  # seconds without pending outbox rows before commits NOTIFY again
 BUSY_POLL = 0.05  # seconds between looks at every queue while one is busy
 CAPACITY_FOR = 2.0  # seconds a count of the fleet's pool processes is used
+SERVED_FOR = 2.0  # seconds a list of the handlers other workers serve is used
 
 
 def free_tasks(parallel_tasks: int, busy_queues: int, active: int) -> int:
@@ -66,9 +67,8 @@ def free_tasks(parallel_tasks: int, busy_queues: int, active: int) -> int:
 
 def send(app: Celery, source: Source, cur, shards: list[int], token: Any) -> bool:
     """Send the task of claimed ``shards``; False when it had nothing to hand out."""
-    task = app.tasks[source.task]
     if not source.batch_size:
-        task.apply_async((shards, str(token)))
+        source.apply(app, source.task, (shards, str(token)))
         return True
     ids, with_rows = source.queue.fetch_ids(cur, shards, source.batch_size)
     empty = [s for s in shards if s not in with_rows]
@@ -76,7 +76,7 @@ def send(app: Celery, source: Source, cur, shards: list[int], token: Any) -> boo
         source.queue.release(cur, empty, token, held=empty)
     if not ids:
         return False
-    task.apply_async((ids, str(token), sorted(with_rows)))
+    source.apply(app, source.task, (ids, str(token), sorted(with_rows)))
     return True
 
 
@@ -185,6 +185,8 @@ class Dispatcher:
         if not self.sources or self.sources[0].queue.name != "outbox":
             raise RuntimeError("the outbox's tasks are not imported (outbox_bridge.outbox.tasks)")
         self.outbox = self.sources[0].queue
+        self._local = list(self.sources)  # this process's; self.sources adds the fleet's
+        self._served_at = 0.0
         self.dispatched = 0  # tasks sent, for tests and logs
         self.leading = False  # elected: this one dispatches
         self.maintenance = Maintainer(
@@ -228,10 +230,9 @@ class Dispatcher:
         try:
             with conn.cursor() as cur:
                 cur.execute(render("worker.dispatcher_session", self.settings.schema))
-                for name in sorted({s.queue.channel for s in self.sources}):
-                    cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
-                for source in self.sources:
-                    source.queue.add_claims(cur, range(self.settings.shards))
+                listening: set[str] = set()
+                self.sources[:], self._served_at = self._local, 0.0
+                self._listen(cur, self.sources, listening)
                 poll = self.settings.wake_poll
                 sequence = SequenceWatch(cur, self.settings.schema) if poll > 0 else None
                 notified_when_idle = self.settings.wake == "notify"
@@ -243,6 +244,7 @@ class Dispatcher:
                     self.heartbeat.beat()
                     with guard(conn, self.settings.network_timeout, "watcher"):
                         if look == "all" or time.monotonic() >= next_full:
+                            self.serve_fleet(cur, listening)
                             self.dispatch(cur)
                             pause = self.settings.poll_interval if self.quiet() else BUSY_POLL
                             next_full = time.monotonic() + pause
@@ -275,6 +277,30 @@ class Dispatcher:
                 self.outbox.heartbeat(cur, alive=False)  # commits need not NOTIFY us now
         finally:
             conn.close()
+
+    def _listen(self, cur, new: list[Source], listening: set[str]) -> None:
+        for name in sorted({s.queue.channel for s in new} - listening):
+            cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+            listening.add(name)
+        for source in new:
+            source.queue.add_claims(cur, range(self.settings.shards))
+
+    def serve_fleet(self, cur, listening: set[str]) -> None:
+        """Serve the handlers that other workers of the fleet run and this one lacks
+        (their tasks go by name to the queue they registered); drop those that no
+        connected worker serves any more. At most every SERVED_FOR seconds."""
+        if time.monotonic() - self._served_at < SERVED_FOR:
+            return
+        self._served_at = time.monotonic()
+        local = {s.task for s in self._local}
+        known = {s.task for s in self.sources}
+        found = [s for s in served_sources(cur, self.settings) if s.task not in local]
+        new = [s for s in found if s.task not in known]
+        for source in new:
+            log.info("dispatching %s too: another worker of the fleet runs it", source.task)
+        self._listen(cur, new, listening)
+        # in place: the maintenance jobs hold this list
+        self.sources[:] = [*self._local, *found]
 
     def quiet(self) -> bool:
         """Idle, and no queue busy: the next look is the safety net's."""

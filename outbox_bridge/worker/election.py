@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import select
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 
 from ..config import Settings
 from ..db import connect_async, wait_ready
 from ..queries import render
+from ..shardtask import sources
 
 log = logging.getLogger(__name__)
 
 PREFIX = "outbox-bridge fleet"
 _CONCURRENCY = re.compile(r" c=(\d+)$")
+_PID = re.compile(r" p=(\d+) ")
 
 
 def schema_tag(schema: str) -> str:
@@ -41,15 +45,32 @@ def schema_tag(schema: str) -> str:
 
 
 def fleet_name(schema: str, concurrency: int) -> str:
-    """The ``application_name`` of a worker's fleet connection."""
-    return f"{PREFIX} {schema_tag(schema)} c={concurrency}"
+    """The ``application_name`` of a worker's fleet connection: its schema, the worker's
+    main process id (which one dispatches, for `status`) and its pool size."""
+    return f"{PREFIX} {schema_tag(schema)} p={os.getpid()} c={concurrency}"
+
+
+def _members(schema: str) -> dict[str, str]:
+    return {"prefix": f"{PREFIX} {schema_tag(schema)} %"}
 
 
 def fleet_capacity(cur, schema: str) -> int:
     """Pool processes of the workers connected to this database and schema now."""
-    cur.execute(render("worker.fleet", schema), {"prefix": f"{PREFIX} {schema_tag(schema)} c=%"})
+    cur.execute(render("worker.fleet", schema), _members(schema))
     found = (_CONCURRENCY.search(name) for (name,) in cur.fetchall())
     return sum(int(m.group(1)) for m in found if m)
+
+
+def dispatcher(cur, schema: str) -> dict[str, Any] | None:
+    """The worker that dispatches for this database now: its host (as PostgreSQL sees
+    it) and main process id; None while no worker holds the election."""
+    cur.execute(render("worker.dispatcher", schema), _members(schema))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    name, host = row
+    pid = _PID.search(name)
+    return {"host": host or "local socket", "pid": int(pid.group(1)) if pid else None}
 
 
 class Fleet:
@@ -59,10 +80,21 @@ class Fleet:
         self.settings = settings
         self.name = fleet_name(settings.schema, concurrency)
         self.lock = {"name": f"outbox_bridge.dispatcher:{settings.schema}"}
+        # the tasks this worker's pool runs: the elected dispatcher sends those it lacks
+        # (none for a dispatcher without a pool: `outbox-bridge watch`)
+        self.serves = sorted({s.task for s in sources(settings)}) if concurrency else []
         self.conn = None
 
     def join(self) -> None:
         self.conn = connect_async(self.settings, self.name)
+        if self.serves:
+            cur = self.conn.cursor()  # kept until the answer: psycopg2's async poll needs it
+            cur.execute(
+                render("worker.serve_handlers", self.settings.schema),
+                {"schema": self.settings.schema, "names": self.serves},
+            )
+            wait_ready(self.conn, self.settings.network_timeout or None)
+            cur.fetchall()
 
     def elect(self, stop: threading.Event, beat: Callable[[], None]) -> bool:
         """Wait until this worker holds the dispatcher's lock (True) or ``stop`` is set."""

@@ -264,8 +264,7 @@ class RedriveRetries(Job):
                 fire_dead(dead)  # once: after a commit that a crash cannot take back
                 continue
             try:
-                retry = self.app.tasks[source.retry_task]
-                retry.apply_async(([row_id], str(token)), retries=attempts)
+                source.apply(self.app, source.retry_task, ([row_id], str(token)), retries=attempts)
                 sent += 1
             except Exception as exc:  # noqa: BLE001 - retried at the next lease
                 log.warning(

@@ -3,6 +3,7 @@ seconds when its worker dies; every worker's pool adds capacity (real PostgreSQL
 Kafka, RabbitMQ and Celery workers)."""
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ import pytest
 from outbox_bridge import publish
 from outbox_bridge.queue import shard_of
 from outbox_bridge.worker.election import fleet_capacity
+from tests.acceptance.test_outbox import cli
 from tests.conftest import query, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq]
@@ -36,7 +38,8 @@ def _locks(db_url: str) -> list[tuple[bool, str]]:
         db_url,
         "SELECT l.granted, a.application_name FROM pg_locks l"
         " JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND a.application_name LIKE 'outbox-bridge fleet %%'"
+        " WHERE l.locktype = 'advisory' AND l.objsubid = 1"  # not the handlers' shared locks
+        " AND a.application_name LIKE 'outbox-bridge fleet %%'"
         " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         " ORDER BY l.granted DESC",
     )
@@ -60,6 +63,7 @@ def test_one_dispatcher_per_database_and_a_standby_takes_over_within_5s_of_a_sig
     assert [granted for granted, _name in _locks(db_url)] == [True, False]
     assert first.proc.poll() is None and second.proc.poll() is None
     assert ELECTED not in second.log_path.read_bytes()
+    assert _dispatcher(first) == first.proc.pid  # `status` names the one that dispatches
     reader = kafka_reader(topic)
     _commit(db_url, topic, 1)
     reader.read(1, timeout=30)
@@ -73,6 +77,14 @@ def test_one_dispatcher_per_database_and_a_standby_takes_over_within_5s_of_a_sig
     assert ELECTED in second.log_path.read_bytes()
     assert took <= 5, f"the standby dispatched {took:.1f}s after the leader's SIGKILL"
     assert [granted for granted, _name in _locks(db_url)] == [True]
+    assert _dispatcher(second) == second.proc.pid
+
+
+def _dispatcher(worker) -> int | None:
+    out = cli(worker.env, "status", "--json", "--no-kafka")
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)["dispatcher"]
+    return found and found["pid"]
 
 
 def test_a_worker_without_the_dispatcher_adds_its_pool_to_the_fleet(start_worker, db_url):

@@ -53,7 +53,9 @@ def test_duplicates_are_ignored_and_each_handler_gets_one_delivery(conn):
     mid = uuid.uuid4()
     header = [("message_id", str(mid).encode())]
     with conn, conn.cursor() as cur:
-        register_handlers(cur, settings, [("h1", "t", 5), ("h2", "t", 5), ("other", "u", 5)])
+        register_handlers(
+            cur, settings, [("h1", "t", 5, None), ("h2", "t", 5, None), ("other", "u", 5, None)]
+        )
         assert store(cur, settings, [FakeMessage(0, headers=header)] * 2) == 1
         assert store(cur, settings, [FakeMessage(5, headers=header)]) == 0
         cur.execute("SELECT handler, state FROM outbox_bridge.deliveries ORDER BY handler")
@@ -65,7 +67,7 @@ def test_a_message_the_database_refuses_becomes_dead_and_the_rest_is_stored(conn
     refused = FakeMessage(1, headers=[("bad\x00name", b"v")])  # jsonb refuses NUL
     batch = [FakeMessage(0), refused, FakeMessage(2)]
     with conn, conn.cursor() as cur:
-        register_handlers(cur, settings, [("h", "t", 5)])
+        register_handlers(cur, settings, [("h", "t", 5, None)])
     with conn, conn.cursor() as cur, pytest.raises(Exception, match="Unicode"):
         store(cur, settings, batch)
     with conn, conn.cursor() as cur:
@@ -104,7 +106,7 @@ def test_header_values_are_stored_readably_or_as_base64():
 
 def test_a_timestamp_python_cannot_hold_is_stored_as_null(conn):
     with conn, conn.cursor() as cur:
-        register_handlers(cur, get_settings(), [("h", "t", 5)])
+        register_handlers(cur, get_settings(), [("h", "t", 5, None)])
         store(cur, get_settings(), [FakeMessage(0, timestamp=300_000_000_000_000)])
         cur.execute('SELECT "timestamp" FROM outbox_bridge.inbox')
         assert cur.fetchall() == [(None,)]
@@ -115,7 +117,7 @@ def test_prune_forgets_only_old_fully_handled_messages(conn):
 
     settings = get_settings()
     with conn, conn.cursor() as cur:
-        register_handlers(cur, settings, [("h", "t", 5)])
+        register_handlers(cur, settings, [("h", "t", 5, None)])
         store(cur, settings, [FakeMessage(i) for i in range(3)])
         cur.execute(
             "UPDATE outbox_bridge.inbox SET received_at = now() - interval '8 days'"
@@ -141,7 +143,7 @@ def test_retention_prunes_in_batches_past_kept_rows_and_stops_at_the_window(conn
 
     settings = dataclasses.replace(get_settings(), prune_batch=3)
     with conn, conn.cursor() as cur:
-        register_handlers(cur, settings, [("h", "t", 5)])
+        register_handlers(cur, settings, [("h", "t", 5, None)])
         store(cur, settings, [FakeMessage(i) for i in range(15)])
         cur.execute("UPDATE outbox_bridge.deliveries SET state = 'done'")
         # 0-11 are older than the window; 4 and 9 have a dead delivery, 7 a retrying one
@@ -180,7 +182,7 @@ def test_deliveries_are_numbered_in_the_order_of_the_batch(conn):
     settings = get_settings()
     batch = [FakeMessage(i, key=str(i % 3).encode()) for i in range(200)]
     with conn, conn.cursor() as cur:
-        register_handlers(cur, settings, [(f"h{i}", "t", 5) for i in range(5)])
+        register_handlers(cur, settings, [(f"h{i}", "t", 5, None) for i in range(5)])
         store(cur, settings, batch)
         cur.execute(
             'SELECT d.handler, i."offset" FROM outbox_bridge.deliveries d'
@@ -210,7 +212,7 @@ def handler_task(conn):
     def claimed(count: int):
         with conn, conn.cursor() as cur:
             cur.execute("CREATE TABLE effects (n bigint)")
-            register_handlers(cur, settings, [(name, "t", 5)])
+            register_handlers(cur, settings, [(name, "t", 5, None)])
             store(cur, settings, [FakeMessage(n) for n in range(count)])
         queue = inbox_queue(settings, name)
         with conn, conn.cursor() as cur:

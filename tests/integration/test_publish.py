@@ -143,6 +143,7 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
         "0008_inbox_per_topic",
         "0009_recover_before",
         "0010_fleet",
+        "0011_handler_routes",
     ]
     assert migrate(odd) == []
     c = psycopg2.connect(db_url)

@@ -71,8 +71,7 @@ def test_a_silent_kafka_ends_the_round_within_its_lease_and_nothing_of_it_goes_o
             "a new producer to deliver after the silence",
         )
         # only what was delivered is in Kafka: the purged batch never went out
-        bootstrap = services["OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS"]
-        sent = {r[4] for r in read_topic(bootstrap, topic)}
+        sent = {r[4] for r in read_topic(settings, topic)}
         assert warm[0].message_id in sent and after[0].message_id in sent
         assert not sent & {r.message_id for r in stuck}, "a purged row reached Kafka"
     finally:

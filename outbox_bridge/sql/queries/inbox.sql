@@ -22,10 +22,20 @@ ON CONFLICT (message_id, handler) DO NOTHING
 {insert_deliveries} RETURNING handler, state, {dead_columns}
 
 -- name: register_handlers
-INSERT INTO {handlers} (name, topic, max_retries)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])
+INSERT INTO {handlers} (name, topic, max_retries, queue)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[])
 ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, max_retries = excluded.max_retries,
-    seen_at = now()
+    queue = excluded.queue, seen_at = now()
+
+-- name: served_handlers
+-- the registered handlers that a connected worker serves now: its fleet connection
+-- holds a shared advisory lock (schema, handler) for each (outbox_bridge/worker/election.py)
+SELECT name, max_retries, queue FROM {handlers} h
+WHERE EXISTS (SELECT 1 FROM pg_locks l
+              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND l.classid = hashtext(%(schema)s)::oid AND l.objid = hashtext(h.name)::oid)
+ORDER BY name
 
 -- name: identity
 SELECT current_database(), id FROM {schema}.identity

@@ -63,6 +63,21 @@ DELETE FROM {topic_pauses} WHERE until < now() - interval '1 day'
 SELECT application_name FROM pg_stat_activity
 WHERE datname = current_database() AND application_name LIKE %(prefix)s
 
+-- name: dispatcher
+-- the fleet connection that holds the dispatcher's lock (its one lock of one bigint key,
+-- objsubid 1; the handlers' shared locks have two keys, objsubid 2)
+SELECT application_name, host(client_addr) FROM pg_stat_activity a
+WHERE datname = current_database() AND application_name LIKE %(prefix)s
+  AND EXISTS (SELECT 1 FROM pg_locks l
+              WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.objsubid = 1
+                AND l.granted)
+
+-- name: serve_handlers
+-- a worker's fleet connection says which handlers its pool serves: a shared advisory
+-- lock (schema, handler) each, gone with the session (inbox.served_handlers reads them)
+SELECT count(pg_advisory_lock_shared(hashtext(%(schema)s), hashtext(name)))
+FROM unnest(%(names)s::text[]) AS name
+
 -- name: dispatcher_lock
 -- waits in PostgreSQL until this session holds the dispatcher's lock
 SELECT pg_advisory_lock(hashtext(%(name)s))

@@ -14,6 +14,7 @@ from typing import Any
 import click
 from confluent_kafka.admin import AdminClient
 
+from ...config import kafka_client
 from ...db import connect
 from ...inbox.consumer import consume_batch
 from ...outbox.publish import publish
@@ -49,7 +50,7 @@ class FleetFigures(Harness):
     def _group_stable(self, members: int, timeout: float = 120) -> None:
         """The bench's consumer group has ``members`` members and is stable: no rebalance
         will move partitions while the clock runs."""
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+        admin = AdminClient(kafka_client(self.settings))
         group = self.env()["OUTBOX_BRIDGE_CONSUMER_GROUP"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

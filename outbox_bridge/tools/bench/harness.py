@@ -21,7 +21,7 @@ import click
 import psycopg2
 from confluent_kafka import Consumer, TopicPartition
 
-from ...config import Settings
+from ...config import Settings, kafka_client
 from ...db import connect, recreate_database, transaction
 from ...migrate import migrate
 from ...ops import ensure_topics
@@ -193,12 +193,14 @@ class Harness:
         ensure_topics(self.settings, [topic], config={"message.timestamp.type": "LogAppendTime"})
         self._topics.add(topic)
         consumer = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "group.id": f"bench-{self.run_id}-{topic}",
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10,
-            }
+            kafka_client(
+                self.settings,
+                **{
+                    "group.id": f"bench-{self.run_id}-{topic}",
+                    "auto.offset.reset": "earliest",
+                    "fetch.wait.max.ms": 10,
+                },
+            )
         )
         assigned = threading.Event()
         consumer.subscribe([topic], on_assign=lambda _c, parts: parts and assigned.set())

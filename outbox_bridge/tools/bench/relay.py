@@ -12,6 +12,7 @@ from typing import Any
 import click
 from confluent_kafka import Consumer, Producer
 
+from ...config import kafka_client
 from ...db import connect
 from ...inbox.consumer import consume_batch
 from ...message import kafka_headers
@@ -104,10 +105,7 @@ class RelayFigures(Harness):
         # progress from Kafka's end offsets: counting a 1 GB table every few
         # milliseconds would take the CPU that the drain is measured on
         offsets = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                "group.id": f"bench-{self.run_id}-offsets",
-            }
+            kafka_client(self.settings, **{"group.id": f"bench-{self.run_id}-offsets"})
         )
         start = self._end_offsets(offsets, topic)
         with self.worker("--without-inbox-consumer") as proc, rss_peaks(proc.pid, out):

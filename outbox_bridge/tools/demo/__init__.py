@@ -8,7 +8,7 @@ from decimal import Decimal
 import click
 from confluent_kafka import Consumer, TopicPartition
 
-from ...config import Settings
+from ...config import Settings, kafka_client
 from ...db import connect
 from ...ops import ensure_topics
 from ...outbox.publish import publish
@@ -17,9 +17,7 @@ from ...queries import compose as q
 
 def _kafka_total(settings: Settings, topic: str) -> int:
     """Messages in ``topic`` so far (sum of high watermarks); 0 if it does not exist yet."""
-    consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "outbox-bridge-demo"}
-    )
+    consumer = Consumer(kafka_client(settings, **{"group.id": "outbox-bridge-demo"}))
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:

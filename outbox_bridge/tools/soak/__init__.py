@@ -22,10 +22,11 @@ from typing import Any
 import psycopg2
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from ...config import Settings
+from ...config import Settings, kafka_client
 from ...db import connect, recreate_database
 from ...migrate import migrate
-from .faults import KINDS, Faults, Worker, schedule
+from .cluster import Cluster
+from .faults import ALL_KINDS, BROKER_KINDS, CLUSTER_KINDS, KINDS, Faults, Worker, schedule
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
 from .proxy import Proxy
 from .reconcile import read_topic, reconcile
@@ -58,7 +59,10 @@ class Options:
     pool: str = "prefork"
     adapter: str = "psycopg2"
     faults: int = 6
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = ()  # (): KINDS, or CLUSTER_KINDS with ``cluster``
+    # on the three-broker cluster (``scripts/services up kafka-cluster``): its bootstrap
+    # servers from OUTBOX_BRIDGE_KAFKA_CLUSTER, topics with three replicas, broker faults
+    cluster: bool = False
     seed: int = 1
     rollback_rate: float = 0.1
     keyless_rate: float = 0.1
@@ -82,8 +86,22 @@ class Soak:
             raise ValueError(f"unknown pool {opts.pool!r}")
         if opts.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {opts.adapter!r}: one of {', '.join(ADAPTERS)}")
-        if set(opts.kinds) - set(KINDS):
-            raise ValueError(f"unknown fault kinds {set(opts.kinds) - set(KINDS)}: {KINDS}")
+        opts = replace(opts, kinds=opts.kinds or (CLUSTER_KINDS if opts.cluster else KINDS))
+        if set(opts.kinds) - set(ALL_KINDS):
+            raise ValueError(f"unknown fault kinds {set(opts.kinds) - set(ALL_KINDS)}: {ALL_KINDS}")
+        if opts.cluster:
+            if not os.environ.get("OUTBOX_BRIDGE_KAFKA_CLUSTER"):
+                raise ValueError(
+                    "--cluster needs OUTBOX_BRIDGE_KAFKA_CLUSTER (scripts/services up"
+                    ' kafka-cluster; eval "$(scripts/services env)")'
+                )
+            if {"kafka", "blackhole_kafka"} & set(opts.kinds):
+                raise ValueError("on the cluster, Kafka's faults are " + ", ".join(BROKER_KINDS))
+            settings = replace(
+                settings, kafka_bootstrap_servers=os.environ["OUTBOX_BRIDGE_KAFKA_CLUSTER"]
+            )
+        elif set(BROKER_KINDS) & set(opts.kinds):
+            raise ValueError(f"{', '.join(BROKER_KINDS)} need the cluster (--cluster)")
         if opts.workers < 2:
             raise ValueError("the soak needs at least two workers")
         if "blackhole_kafka" in opts.kinds and not os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED"):
@@ -91,7 +109,7 @@ class Soak:
                 "blackhole_kafka needs OUTBOX_BRIDGE_KAFKA_PROXIED (Kafka's listener"
                 ' behind the proxy: eval "$(scripts/services env)")'
             )
-        if {"kafka", "postgres", "rabbitmq"} & set(opts.kinds) and not os.access(
+        if {"kafka", "postgres", "rabbitmq", *BROKER_KINDS} & set(opts.kinds) and not os.access(
             opts.services, os.X_OK
         ):
             raise ValueError(f"service faults need {opts.services} (--services PATH)")
@@ -119,8 +137,10 @@ class Soak:
         with conn, conn.cursor() as cur:
             cur.execute(_SCHEMA)
         conn.close()
-        kafka = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
-        futures = kafka.create_topics([NewTopic(t, 3, 1) for t in (self.topic, self.chained)])
+        kafka = AdminClient(kafka_client(self.settings))
+        replicas = 3 if self.opts.cluster else 1
+        topics = [NewTopic(t, 3, replicas) for t in (self.topic, self.chained)]
+        futures = kafka.create_topics(topics)
         for future in futures.values():
             future.result(30)
 
@@ -136,7 +156,7 @@ class Soak:
             )
         }
         behind = os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXIED")
-        if behind:  # the listener that advertises the proxy's port
+        if behind and not self.opts.cluster:  # the listener that advertises the proxy's port
             host, port = behind.rsplit(":", 1)
             kafka = Proxy(
                 (host, int(port)), int(os.environ.get("OUTBOX_BRIDGE_KAFKA_PROXY_PORT", "9095"))
@@ -149,6 +169,7 @@ class Soak:
         return {
             **os.environ,
             "OUTBOX_BRIDGE_DATABASE_URL": self.url,
+            "OUTBOX_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka_bootstrap_servers,
             "OUTBOX_BRIDGE_CELERY_QUEUE": f"soak-{self.run_id}",
             "OUTBOX_BRIDGE_SOAK_TOPIC": self.topic,
             "OUTBOX_BRIDGE_SOAK_CHAINED": self.chained,
@@ -194,7 +215,7 @@ class Soak:
                 result["samples"] = self._samples()
             if result and not result["violations"]:  # else they are evidence: kept
                 # fewer partitions: Kafka's next restart recovers faster
-                kafka = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+                kafka = AdminClient(kafka_client(self.settings))
                 kafka.delete_topics([self.topic, self.chained])
 
     def _traffic(self, workers: list[Worker], spare: Worker) -> dict[str, Any]:
@@ -212,6 +233,10 @@ class Soak:
             "OUTBOX_BRIDGE_DATABASE_URL": self.url,
             "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", ""),
         }
+        cluster = None
+        if o.cluster:
+            state = Path(os.environ.get("OUTBOX_BRIDGE_KAFKA_CLUSTER_STATE", ".services"))
+            cluster = Cluster(self.settings, state, self.topic, o.services)
         faults = Faults(
             workers,
             spare,
@@ -220,6 +245,8 @@ class Soak:
             random.Random(o.seed),
             self.proxies,
             o.silence,
+            self._query,
+            cluster,
         )
         for at, kind in plan:
             time.sleep(max(0.0, t0 + at - time.monotonic()))
@@ -229,6 +256,8 @@ class Soak:
             result.update(planned=at, began=began, ended=self.now())
             say(f"  {result['detail']} (verified: {result['verified']})")
             self.fault_log.append(result)
+        if cluster is not None:
+            cluster.close()
         # traffic goes on a moment after the last fault, and for ``seconds`` at least
         time.sleep(max(2.0, t0 + o.seconds - time.monotonic()))
         stop.set()
@@ -354,8 +383,8 @@ class Soak:
     def _report(
         self, last_write: float, last_fault: float, drained: float | None, settled: dict[str, int]
     ) -> dict[str, Any]:
-        bootstrap = self.settings.kafka_bootstrap_servers
-        events, chained = read_topic(bootstrap, self.topic), read_topic(bootstrap, self.chained)
+        events = read_topic(self.settings, self.topic)
+        chained = read_topic(self.settings, self.chained)
         outbox = dict(self._query("SELECT state, count(*) FROM outbox_bridge.outbox GROUP BY 1"))
         deliveries: dict[str, dict[str, int]] = {}
         for handler, state, n in self._query(

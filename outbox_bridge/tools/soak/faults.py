@@ -4,6 +4,8 @@ Service faults go through ``scripts/services`` (``kill``: PostgreSQL in
 immediate mode, Kafka with SIGKILL; ``down``: RabbitMQ), then ``up``.
 Blackholes silence the proxy (``proxy.py``) between the workers and PostgreSQL
 or Kafka for ``silence`` seconds; the flows open meanwhile stay silent for good.
+``kill_dispatcher`` SIGKILLs the worker elected to dispatch and times the handover;
+the broker faults (``cluster.py``) need the three-broker cluster (``--cluster``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# the default kinds (one broker)
 KINDS = (
     "kill_child",
     "kill_worker",
@@ -29,6 +33,19 @@ KINDS = (
     "blackhole_postgres",
     "blackhole_kafka",
 )
+BROKER_KINDS = ("broker_leader", "broker_controller", "broker_isr")
+# the default kinds on the cluster: its brokers' faults instead of the one broker's
+CLUSTER_KINDS = (
+    "kill_child",
+    "kill_worker",
+    "kill_dispatcher",
+    "postgres",
+    "rabbitmq",
+    "rebalance",
+    "blackhole_postgres",
+    *BROKER_KINDS,
+)
+ALL_KINDS = (*KINDS, "kill_dispatcher", *BROKER_KINDS)
 
 
 class Worker:
@@ -150,10 +167,13 @@ class Faults:
         rng: random.Random,
         proxies: dict[str, Any] | None = None,
         silence: float = 60.0,
+        query: Callable[..., list[tuple]] | None = None,
+        cluster: Any = None,
     ) -> None:
         self.workers, self.spare, self.services = workers, spare, services
         self.urls, self.rng = urls, rng
         self.proxies, self.silence = proxies or {}, silence
+        self.query, self.cluster = query, cluster
 
     def inject(self, kind: str) -> dict[str, Any]:
         if kind == "kill_child" and self.workers[0].pool != "prefork":
@@ -184,6 +204,56 @@ class Faults:
         time.sleep(self.rng.uniform(0.5, 2))
         worker.start()
         return {"detail": f"SIGKILL {worker.name} (pids {pids}), restarted", "verified": ok}
+
+    def _dispatcher_pid(self) -> int | None:
+        """The main pid of the worker holding the dispatcher's election now."""
+        rows = self.query(
+            "SELECT a.application_name FROM pg_stat_activity a"
+            " WHERE a.datname = current_database()"
+            " AND a.application_name LIKE 'outbox-bridge fleet %%'"
+            " AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid"
+            " AND l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted)"
+        )
+        for (name,) in rows:
+            for part in name.split():
+                if part.startswith("p="):
+                    return int(part[2:])
+        return None
+
+    def kill_dispatcher(self) -> dict[str, Any]:
+        """SIGKILL the worker elected to dispatch; another worker takes over."""
+        holder = self._dispatcher_pid()
+        worker = next((w for w in self.workers if w.proc and w.proc.pid == holder), None)
+        if worker is None:
+            return {
+                "detail": f"no soak worker holds the election (pid {holder})",
+                "verified": False,
+            }
+        pids = worker.kill()
+        killed = time.monotonic()
+        ok = worker.proc.returncode == -signal.SIGKILL and all(gone(p) for p in pids)
+        others = {w.proc.pid for w in self.workers if w is not worker and w.proc}
+        deadline = killed + 60
+        while (new := self._dispatcher_pid()) not in others and time.monotonic() < deadline:
+            time.sleep(0.1)
+        took = time.monotonic() - killed
+        time.sleep(self.rng.uniform(0.5, 2))
+        worker.start()
+        return {
+            "detail": f"SIGKILL {worker.name}, the dispatcher (pid {holder}); the worker with"
+            f" pid {new} dispatches {took:.1f}s later; restarted",
+            "verified": ok and new in others,
+            "handover_s": round(took, 2),
+        }
+
+    def broker_leader(self) -> dict[str, Any]:
+        return self.cluster.kill_leader(self.rng.uniform(1, 4))
+
+    def broker_controller(self) -> dict[str, Any]:
+        return self.cluster.kill_controller(self.rng.uniform(1, 4))
+
+    def broker_isr(self) -> dict[str, Any]:
+        return self.cluster.stall_replica(self.rng.choice((1, 2, 3)))
 
     def _service(self, name: str, stop: str) -> dict[str, Any]:
         subprocess.run([self.services, stop, name], check=True, timeout=120, capture_output=True)

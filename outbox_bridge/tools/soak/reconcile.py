@@ -9,19 +9,16 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
+from ...config import Settings, kafka_client
 from .ledger import COMMITTED, ROLLED_BACK, Entry
 
 HANDLERS = ("soak.effect", "soak.flaky")
 
 
-def read_topic(bootstrap: str, topic: str) -> list[tuple[int, int, bytes | None, dict, str]]:
+def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, bytes | None, dict, str]]:
     """Every record of ``topic`` up to its end now: (partition, offset, key, value, id)."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"soak-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
+        kafka_client(settings, **{"group.id": f"soak-{uuid.uuid4()}", "enable.auto.commit": False})
     )
     try:
         partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
