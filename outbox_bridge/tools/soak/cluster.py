@@ -10,6 +10,7 @@ since a client's DescribeCluster names any broker as "the controller".
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from confluent_kafka import Consumer, TopicPartition
 from ...config import Settings, kafka_client
 
 NODES = (1, 2, 3)
+
+log = logging.getLogger(__name__)
 
 
 def _until(check: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
@@ -85,9 +88,17 @@ class Cluster:
         return not os.path.exists(f"/proc/{pid}") or _zombie(pid)
 
     def start(self, node: int) -> None:
-        subprocess.run(
-            [self.services, "up", f"kafka-{node}"], check=True, timeout=300, capture_output=True
-        )
+        """Restart the node; a start that fails (a node that exits while the quorum
+        elects, seen under load) is tried again, twice, and logged."""
+        for attempt in range(3):
+            up = subprocess.run(
+                [self.services, "up", f"kafka-{node}"], timeout=300, capture_output=True, text=True
+            )
+            if up.returncode == 0:
+                return
+            log.warning("kafka-%d did not start (attempt %d): %s", node, attempt + 1, up.stderr)
+            time.sleep(5)
+        raise RuntimeError(f"kafka-{node} did not come back: {up.stderr[-2000:]}")
 
     def rejoined(self, node: int, timeout: float = 180) -> bool:
         """Whether the node is back in the ISR of every partition of the topic."""
