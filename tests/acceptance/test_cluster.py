@@ -28,7 +28,9 @@ pytestmark = [
     pytest.mark.slow,
 ]
 SCRIPT = str(ROOT / "scripts" / "services")
-PORT = 41092  # nodes on 41092, 41192, 41292 (+1: their controllers): not the stack's
+# nodes on 29092, 29192, 29292 (+1: their controllers): not the stack's, and below the
+# ephemeral ports (a client reconnecting to a killed node could take its port)
+PORT = 29092
 
 
 @pytest.fixture
