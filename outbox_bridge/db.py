@@ -82,15 +82,13 @@ def wait_ready(conn: Any, timeout: float | None, tick=None) -> None:
 def connection_params(settings: Settings, name: str) -> dict[str, Any]:
     """libpq's parameters of a connection named ``name`` (``application_name``)."""
     dsn = psycopg2.extensions.parse_dsn(settings.database_url)
-    # Our transactions may wait on Kafka (up to message.timeout.ms) while idle: a
-    # server-wide idle_in_transaction_session_timeout below that must not cut them.
     options = " ".join(
         filter(
             None,
             (
                 *network_options(settings.network_timeout),
                 dsn.pop("options", ""),
-                "-c idle_in_transaction_session_timeout=0",
+                f"-c idle_in_transaction_session_timeout={idle_in_transaction_ms(settings)}",
             ),
         )
     )
@@ -100,6 +98,20 @@ def connection_params(settings: Settings, name: str) -> dict[str, Any]:
         "application_name": name,
         "options": options.strip(),
     }
+
+
+def idle_in_transaction_ms(settings: Settings) -> int:
+    """How long one of our sessions may sit idle inside a transaction: longer than any
+    wait of ours there (a handler's own code, up to ``handler_time_limit``; the relay's
+    wait on Kafka, within the lease) plus ``network_timeout``. Past that its client is
+    gone or frozen (a paused VM, a flow gone silent while the server's side of it stays
+    up, which no keepalive notices) and its row locks would hold back every later
+    attempt of those keys. Not a server-wide setting below that, which would cut our
+    waits on Kafka. 0 (never) without a network timeout or a handler time limit."""
+    if settings.network_timeout <= 0 or settings.handler_time_limit <= 0:
+        return 0
+    longest = max(settings.handler_time_limit, settings.lease_seconds)
+    return round((longest + settings.network_timeout) * 1000)
 
 
 def network_params(timeout: float) -> dict[str, int]:

@@ -126,3 +126,40 @@ def test_metric_files_of_exited_processes_fold_into_one_and_keep_their_totals(tm
     subprocess.run([sys.executable, "-c", count], env=env, check=True)  # one more, then fold
     assert metrics.compact(str(tmp_path)) == 2
     assert totals()["outbox_bridge_handled_total"] == 21.0
+
+
+def test_a_session_of_ours_frozen_inside_a_transaction_ends_and_frees_its_locks(db_url):
+    """A client that froze mid-transaction (a paused VM, a flow gone silent while the
+    server's side stays up) would hold its row locks for good: the session ends once
+    it has been idle in the transaction past every wait of ours (here 1 + 1 s)."""
+    import psycopg2
+
+    from outbox_bridge.db import connect
+    from tests.conftest import query, wait_for
+
+    settings = Settings(
+        database_url=db_url, network_timeout=1.0, handler_time_limit=1.0, lease_seconds=1.0
+    )
+    frozen = connect(settings, name="outbox-bridge frozen")
+    with frozen.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS frozen_rows (id int PRIMARY KEY)")
+        cur.execute("INSERT INTO frozen_rows VALUES (1) ON CONFLICT DO NOTHING")
+    frozen.commit()
+    with frozen.cursor() as cur:
+        cur.execute("SELECT id FROM frozen_rows WHERE id = 1 FOR UPDATE")  # holds the row
+        cur.execute("SELECT pg_backend_pid()")
+        (pid,) = cur.fetchone()
+    # the lock is held: another session cannot take the row now
+    assert query(db_url, "SELECT id FROM frozen_rows FOR UPDATE SKIP LOCKED") == []
+    wait_for(
+        lambda: (
+            query(db_url, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)) == [(0,)]
+        ),
+        15,
+        "the frozen session to end",
+    )
+    assert query(db_url, "SELECT id FROM frozen_rows FOR UPDATE SKIP LOCKED") == [(1,)]
+    # its client learns it at its next statement
+    with pytest.raises(psycopg2.Error), frozen.cursor() as cur:
+        cur.execute("SELECT 1")
+    frozen.close()
