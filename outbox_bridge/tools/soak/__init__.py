@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -184,6 +186,9 @@ class Soak:
             f"run {self.run_id}: {o.seconds:.0f}s at {o.rate:.0f}/s, {o.writers} writers"
             f" ({o.adapter}), {o.workers} workers (-P {o.pool}), {o.faults} faults, seed {o.seed}"
         )
+        # SIGTERM (a timeout, an operator) ends the run through its `finally`: the
+        # workers it started are stopped, not left running against the services
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         self.prepare()
         env = self.worker_env(self.open_proxies())
         make = lambda name: Worker(name, env, o.logdir, o.pool, o.concurrency)  # noqa: E731
