@@ -63,6 +63,8 @@ def test_a_service_that_dies_while_starting_shows_its_log_tail(tmp_path):
         OUTBOX_BRIDGE_KAFKA_PORT=str(free_port()),
         OUTBOX_BRIDGE_KAFKA_CONTROLLER_PORT=str(free_port()),
         OUTBOX_BRIDGE_KAFKA_PROXIED_PORT=str(free_port()),
+        OUTBOX_BRIDGE_KAFKA_SASL_PORT=str(free_port()),
+        OUTBOX_BRIDGE_KAFKA_TLS_PORT=str(free_port()),
     )
     assert out.returncode == 1
     assert "services: kafka did not start:" in out.stderr
