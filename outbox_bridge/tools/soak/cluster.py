@@ -107,30 +107,35 @@ class Cluster:
         )
 
     # -- the faults -----------------------------------------------------------
+    def _crash(self, node: int, held: float, changed: Callable[[], Any]) -> tuple[bool, Any, bool]:
+        """SIGKILL ``node``, wait (60 s at most) for ``changed()`` to show the cluster
+        moved on, restart it after ``held`` seconds and wait for it to rejoin the ISR:
+        (its process ended, what changed, rejoined)."""
+        ended = self.kill(node)
+        moved = _until(changed, 60)
+        time.sleep(held)
+        self.start(node)
+        return ended, moved, self.rejoined(node)
+
     def kill_leader(self, held: float) -> dict[str, Any]:
         """SIGKILL the leader of the busiest partition; another replica leads it."""
         part = self.busiest()
         leader = self.partitions()[part][0]
-        ended = self.kill(leader)
-        moved = _until(lambda: self.partitions()[part][0] not in (leader, -1), 60)
-        time.sleep(held)
-        self.start(leader)
-        back = self.rejoined(leader)
+        ended, moved, back = self._crash(
+            leader, held, lambda: (now := self.partitions()[part][0]) not in (leader, -1) and now
+        )
         return {
             "detail": f"SIGKILL kafka-{leader}, leader of partition {part}; leader now"
-            f" {moved and self.partitions()[part][0]}; restarted after {held:.1f}s,"
-            f" back in the ISR: {back}",
+            f" {moved}; restarted after {held:.1f}s, back in the ISR: {back}",
             "verified": ended and bool(moved) and back,
         }
 
     def kill_controller(self, held: float) -> dict[str, Any]:
         """SIGKILL the active controller; the quorum elects another."""
         leader, epoch = self.controller()
-        ended = self.kill(leader)
-        new = _until(lambda: (c := self.controller())[1] > epoch and c[0] != leader and c, 60)
-        time.sleep(held)
-        self.start(leader)
-        back = self.rejoined(leader)
+        ended, new, back = self._crash(
+            leader, held, lambda: (c := self.controller())[1] > epoch and c[0] != leader and c
+        )
         return {
             "detail": f"SIGKILL kafka-{leader}, the active controller (epoch {epoch}); now"
             f" {new and f'kafka-{new[0]} (epoch {new[1]})'}; restarted, back in the ISR: {back}",
