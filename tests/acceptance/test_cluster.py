@@ -107,12 +107,14 @@ def test_the_relay_loses_nothing_and_keeps_key_order_through_broker_and_controll
         assert leader["verified"], leader["detail"]
         controller = nodes.kill_controller(held=2)
         assert controller["verified"], controller["detail"]
+        frozen = nodes.stall_leader()
+        assert frozen["verified"], frozen["detail"]
         time.sleep(2)
     finally:
         stop.set()
         writer.join()
         nodes.close()
-    print(leader["detail"], controller["detail"], sep="\n")
+    print(leader["detail"], controller["detail"], frozen["detail"], sep="\n")
     wait_for(
         lambda: query(db_url, "SELECT count(*) FROM outbox_bridge.outbox") == [(0,)],
         120,

@@ -142,6 +142,11 @@ class Cluster:
             "verified": ended and bool(new) and back,
         }
 
+    def stall_leader(self) -> dict[str, Any]:
+        """SIGSTOP the leader of the busiest partition (a paused VM, a long GC) until
+        it leaves the ISR, then SIGKILL and restart it."""
+        return self.stall_replica(self.partitions()[self.busiest()][0])
+
     def stall_replica(self, node: int) -> dict[str, Any]:
         """SIGSTOP a node until it leaves the ISR of a partition of the topic, then
         SIGKILL and restart it: it catches up and rejoins."""
