@@ -69,6 +69,12 @@ def _make() -> Any:
             ["queue"],
         )
         dead = Counter("outbox_bridge_dead", "Messages that became dead", ["queue"])
+        out_of_order = Counter(
+            "outbox_bridge_out_of_order",
+            "Outbox rows Kafka acknowledged after an earlier row of their key was not"
+            " (the key is out of order in the topic; alert on any)",
+            ["queue"],
+        )
         handled = Counter(
             "outbox_bridge_handled",
             "Deliveries handled (the handler's writes committed)",
@@ -114,7 +120,8 @@ def delivered(rows: Iterable[Any], acked_at: float) -> None:
 
 
 def count(counter: str, queue: str, n: int = 1) -> None:
-    """Add ``n`` to the counter ``failed``, ``retried``, ``dead`` or ``handled`` of ``queue``."""
+    """Add ``n`` to the counter ``failed``, ``retried``, ``dead``, ``handled`` or
+    ``out_of_order`` of ``queue``."""
     if n and (m := _on()):
         getattr(m, counter).labels(queue).inc(n)
 

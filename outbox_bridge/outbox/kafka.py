@@ -82,6 +82,28 @@ class Outcome:
     paused_topics: dict[str, str] = field(default_factory=dict)  # topic -> why
     skipped: list[int] = field(default_factory=list)  # held back behind a failed key
     fatal: str | None = None  # the producer broke; it is rebuilt
+    errors: dict[int, str] = field(default_factory=dict)  # row id -> Kafka's report, not delivered
+    # (row not delivered, a later row of its key that was): Kafka has the key out of order
+    out_of_order: list[tuple[int, int]] = field(default_factory=list)
+
+
+def order_breaks(rows: Sequence[Row], outcome: Outcome) -> list[tuple[int, int]]:
+    """Pairs (earlier row, later row) of one key where Kafka acknowledged the later
+    row but not the earlier one: the key is out of order in the topic, which
+    cannot be undone. The idempotent producer should make this impossible; the
+    relay checks every batch so that it is seen (logged, counted) if it is not."""
+    delivered = set(outcome.delivered)
+    missing: dict[tuple[str, bytes], int] = {}
+    breaks = []
+    for row in rows:
+        if row.key is None:
+            continue
+        k = (row.topic, row.key)
+        if row.id not in delivered:
+            missing.setdefault(k, row.id)
+        elif k in missing:
+            breaks.append((missing[k], row.id))
+    return breaks
 
 
 def producer_config(settings: Settings) -> dict:
@@ -261,10 +283,20 @@ class Relay:
         if outcome.fatal:
             self.broken = True
             log.error("the Kafka producer hit a fatal error (%s); it is rebuilt", outcome.fatal)
+        outcome.out_of_order = order_breaks(rows, outcome)
+        for earlier, later in outcome.out_of_order:
+            log.error(
+                "key order broken in Kafka: row %d was not delivered (%s) but row %d of its"
+                " key, after it, was",
+                earlier,
+                outcome.errors.get(earlier, "held back or not sent"),
+                later,
+            )
         return outcome
 
     @staticmethod
     def _classify(outcome: Outcome, row: Row, err: KafkaError) -> None:
+        outcome.errors[row.id] = describe(err)
         if _is_fatal(err):
             outcome.fatal = outcome.fatal or describe(err)
             outcome.later.append(row.id)

@@ -247,6 +247,7 @@ def _record(queue: str, rows: list, outcome: Outcome, acked_at: float) -> None:
     ids = set(outcome.delivered)
     emit("delivered", (r for r in rows if r.id in ids), acked_at)
     emit("counted", "failed", queue, len(outcome.failed))
+    emit("counted", "out_of_order", queue, len(outcome.out_of_order))
 
 
 def _release_quietly(queue: Queue, shards: list[int], token: str, settings: Settings) -> None:

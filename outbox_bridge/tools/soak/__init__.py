@@ -435,6 +435,13 @@ class Soak:
         unverified = [f for f in self.fault_log if not f["verified"]]
         if unverified:
             violations.append(f"{len(unverified)} faults not shown to have happened: {unverified}")
+        # what the relays said they saw (kafka.order_breaks): the why of a violation
+        broken = [
+            line.strip()
+            for path in sorted(self.opts.logdir.glob(f"*-{self.run_id}.log"))
+            for line in path.read_text(errors="replace").splitlines()
+            if "key order broken in Kafka" in line
+        ]
         missing_kinds = {k for _, k in self.plan} - {f["kind"] for f in self.fault_log}
         if self.opts.pool != "prefork":
             missing_kinds.discard("kill_child")  # run as kill_worker: no pool processes
@@ -457,6 +464,7 @@ class Soak:
             "last_write_s": last_write,
             "last_fault_s": last_fault,
             "drained_after_s": drained,
+            "relay_order_breaks": {"count": len(broken), "first": broken[:5]},
             "drained_after_last_write_s": None
             if drained is None
             else round(max(last_write, last_fault) + drained - last_write, 1),
@@ -504,6 +512,10 @@ def summary(r: dict[str, Any]) -> str:
         for name, (start, end) in sorted(moved.items()):
             if name.startswith(("rss_mb", "fds", "pg_")) or (end or 0) >= 1024:
                 lines.append(f"  {name}: {start} -> {end} (after warm-up -> end)")
+    breaks = r.get("relay_order_breaks") or {}
+    if breaks.get("count"):
+        lines.append(f"relays reported {breaks['count']} key order breaks, first:")
+        lines += [f"  {b}" for b in breaks["first"]]
     lines.append("violations: " + ("none" if not r["violations"] else ""))
     lines += [f"  - {v}" for v in r["violations"]]
     return "\n".join(lines)
