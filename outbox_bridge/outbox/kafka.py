@@ -59,6 +59,7 @@ TOPIC_UNAVAILABLE = frozenset(
 )
 
 BACKSTOP_SECONDS = 60.0  # librdkafka's message timeout beyond the relay's deadline
+ORDER_BROKEN = "key order broken in Kafka"  # the soak looks for it in the workers' logs
 PURGE_REPORT_SECONDS = 5.0  # purged messages report at once; more means a broken producer
 TOPIC_INFO_SECONDS = 30.0  # how long a topic's limits are trusted
 UNDESCRIBED_TOPIC_SECONDS = 2.0  # how soon a topic without an answer is asked again
@@ -82,7 +83,6 @@ class Outcome:
     paused_topics: dict[str, str] = field(default_factory=dict)  # topic -> why
     skipped: list[int] = field(default_factory=list)  # held back behind a failed key
     fatal: str | None = None  # the producer broke; it is rebuilt
-    errors: dict[int, str] = field(default_factory=dict)  # row id -> Kafka's report, not delivered
     # (row not delivered, a later row of its key that was): Kafka has the key out of order
     out_of_order: list[tuple[int, int]] = field(default_factory=list)
 
@@ -92,6 +92,8 @@ def order_breaks(rows: Sequence[Row], outcome: Outcome) -> list[tuple[int, int]]
     row but not the earlier one: the key is out of order in the topic, which
     cannot be undone. The idempotent producer should make this impossible; the
     relay checks every batch so that it is seen (logged, counted) if it is not."""
+    if len(outcome.delivered) == len(rows):
+        return []  # the usual batch: all of it delivered
     delivered = set(outcome.delivered)
     missing: dict[tuple[str, bytes], int] = {}
     breaks = []
@@ -284,19 +286,23 @@ class Relay:
             self.broken = True
             log.error("the Kafka producer hit a fatal error (%s); it is rebuilt", outcome.fatal)
         outcome.out_of_order = order_breaks(rows, outcome)
-        for earlier, later in outcome.out_of_order:
-            log.error(
-                "key order broken in Kafka: row %d was not delivered (%s) but row %d of its"
-                " key, after it, was",
-                earlier,
-                outcome.errors.get(earlier, "held back or not sent"),
-                later,
-            )
+        if outcome.out_of_order:
+            topic_of = {row.id: row.topic for row in rows}
+            for earlier, later in outcome.out_of_order:
+                why = outcome.failed.get(earlier) or outcome.paused_topics.get(
+                    topic_of[earlier], outcome.fatal or "held back or not sent"
+                )
+                log.error(
+                    "%s: row %d was not delivered (%s) but row %d of its key, after it, was",
+                    ORDER_BROKEN,
+                    earlier,
+                    why,
+                    later,
+                )
         return outcome
 
     @staticmethod
     def _classify(outcome: Outcome, row: Row, err: KafkaError) -> None:
-        outcome.errors[row.id] = describe(err)
         if _is_fatal(err):
             outcome.fatal = outcome.fatal or describe(err)
             outcome.later.append(row.id)

@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from ...config import Settings, kafka_client
 from ...db import connect, recreate_database
 from ...migrate import migrate
+from ...outbox.kafka import ORDER_BROKEN
 from .cluster import Cluster
 from .faults import ALL_KINDS, BROKER_KINDS, CLUSTER_KINDS, KINDS, Faults, Worker, schedule
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
@@ -440,7 +441,7 @@ class Soak:
             line.strip()
             for path in sorted(self.opts.logdir.glob(f"*-{self.run_id}.log"))
             for line in path.read_text(errors="replace").splitlines()
-            if "key order broken in Kafka" in line
+            if ORDER_BROKEN in line
         ]
         missing_kinds = {k for _, k in self.plan} - {f["kind"] for f in self.fault_log}
         if self.opts.pool != "prefork":
