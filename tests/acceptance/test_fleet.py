@@ -14,7 +14,8 @@ import pytest
 
 from outbox_bridge import publish
 from outbox_bridge.queue import shard_of
-from outbox_bridge.worker.election import fleet_capacity
+from outbox_bridge.tools.soak.proxy import Proxy
+from outbox_bridge.worker.election import dispatcher, fleet_capacity, timings
 from tests.acceptance.test_outbox import cli
 from tests.conftest import query, wait_for
 
@@ -78,6 +79,64 @@ def test_one_dispatcher_per_database_and_a_standby_takes_over_within_5s_of_a_sig
     assert took <= 5, f"the standby dispatched {took:.1f}s after the leader's SIGKILL"
     assert [granted for granted, _name in _locks(db_url)] == [True]
     assert _dispatcher(second) == second.proc.pid
+
+
+def _holder(db_url: str) -> int | None:
+    """The main pid of the worker whose fleet session holds the lock, as PostgreSQL sees it."""
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            found = dispatcher(cur, "outbox_bridge")
+            return found and found["pid"]
+    finally:
+        conn.close()
+
+
+DEADLINE = 5.0  # the workers' network_timeout here
+
+
+def test_a_lock_granted_to_a_standby_behind_a_silent_flow_is_given_up_and_another_dispatches(
+    start_worker, db_url, topic, kafka_reader
+):
+    """A standby waits for the lock; its flow goes silent (both ends still open: the
+    proxy), and the holder dies: PostgreSQL grants the lock to a session whose worker
+    will never hear of it. The server ends that idle session, and a worker dispatches."""
+    dsn = psycopg2.extensions.parse_dsn(db_url)
+    pg = Proxy((dsn.get("host", "127.0.0.1"), int(dsn.get("port", 5432))))
+    through = psycopg2.extensions.make_dsn(**{**dsn, "host": "127.0.0.1", "port": str(pg.port)})
+    env = {"OUTBOX_BRIDGE_DATABASE_URL": through, "OUTBOX_BRIDGE_NETWORK_TIMEOUT": str(DEADLINE)}
+    workers = []
+    try:
+        workers.append(first := start_worker(**env))
+        wait_for(lambda: ELECTED in first.log_path.read_bytes(), 30, "the first worker's election")
+        workers.append(second := start_worker(**env))
+        wait_for(lambda: len(_locks(db_url)) == 2, 30, "the second worker to wait for the lock")
+        reader = kafka_reader(topic)
+        _commit(db_url, topic, 1)
+        reader.read(1, timeout=30)
+
+        assert pg.silence() >= 4, "the workers' sessions do not come through the proxy"
+        _kill(first)  # its sockets close: the proxy closes its sessions, the lock is free
+        killed = time.monotonic()
+        # the fault: the lock went to the second worker's session, which hears nothing
+        wait_for(lambda: _holder(db_url) == second.proc.pid, 10, "the lock granted to the second")
+        assert ELECTED not in second.log_path.read_bytes()
+        assert second.proc.poll() is None and pg.open_flows()[0] == 0
+        pg.speak()
+        workers.append(third := start_worker(**env))
+        _commit(db_url, topic, 2)
+        reader.read(2, timeout=60)
+        took = time.monotonic() - killed
+        # the server ends the session idle after `idle` seconds; the second worker gives
+        # its wait up after `stand` and its deadline; then a reconnect (its backoff)
+        bound = timings(DEADLINE)["idle"] + 15
+        assert took <= bound, f"a worker dispatched {took:.1f}s after the holder's SIGKILL"
+        assert _holder(db_url) in (second.proc.pid, third.proc.pid)
+        assert second.proc.poll() is None and third.proc.poll() is None
+    finally:
+        for w in workers:
+            w.stop()
+        pg.close()
 
 
 def _dispatcher(worker) -> int | None:

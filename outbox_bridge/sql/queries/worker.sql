@@ -78,6 +78,19 @@ WHERE datname = current_database() AND application_name LIKE %(prefix)s
 SELECT count(pg_advisory_lock_shared(hashtext(%(schema)s), hashtext(name)))
 FROM unnest(%(names)s::text[]) AS name
 
+-- name: fleet_session
+-- a wait for the dispatcher's lock ends now and then (lock_timeout: the worker hears
+-- that its session is alive, and asks again); a session idle for long ends
+-- (idle_session_timeout, PostgreSQL 14 on): a holder that can no longer be heard,
+-- behind a flow gone silent that the server still sees open, frees the lock
+SELECT set_config('lock_timeout', %(lock_ms)s, false),
+       CASE WHEN current_setting('server_version_num')::int >= 140000
+            THEN set_config('idle_session_timeout', %(idle_ms)s, false) END
+
+-- name: fleet_ping
+-- the holder's and the members' sign of life on the fleet session
+SELECT 1
+
 -- name: dispatcher_lock
 -- waits in PostgreSQL until this session holds the dispatcher's lock
 SELECT pg_advisory_lock(hashtext(%(name)s))
