@@ -23,6 +23,7 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from outbox_bridge.config import Settings, reset_settings
+from outbox_bridge.db import channel
 from outbox_bridge.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,16 +253,12 @@ def query(url: str, sql: str, params: tuple = ()) -> list[tuple]:
         c.close()
 
 
-def watcher_idle_since(url: str, since) -> bool:
-    """The watcher set the outbox idle after ``since``: it has looked (the flag goes
-    off at its first look), found nothing for a second, and waits for NOTIFY or its
-    timer. (The flag is true by default, hence ``since``.)"""
-    found = query(
-        url,
-        "SELECT idle AND seen_at > %s FROM outbox_bridge.wakeup WHERE queue = 'outbox'",
-        (since,),
-    )
-    return bool(found and found[0][0])
+def watcher_idle(url: str) -> bool:
+    """An idle dispatcher holds the outbox's idle lock: it has looked, found nothing
+    for a second, and waits for NOTIFY or its timer. Asked as a writer asks it."""
+    lock = "SELECT NOT pg_try_advisory_xact_lock_shared(hashtext(%s || ' idle'))"
+    found = query(url, lock, (channel("outbox_bridge", "outbox"),))
+    return bool(found[0][0])
 
 
 def rows(url: str, where: str = "true") -> list[tuple]:

@@ -41,8 +41,8 @@ def _row(r: tuple) -> Row:
 
 @dataclass(frozen=True)
 class OutboxQueue(Queue):
-    """The outbox's queue: rows fetched whole for the relay, and the flag that tells
-    committing writers whether an idle dispatcher waits for their NOTIFY."""
+    """The outbox's queue: rows fetched whole for the relay, and the idle lock that
+    tells committing writers whether an idle dispatcher waits for their NOTIFY."""
 
     def fetch(
         self,
@@ -69,13 +69,13 @@ class OutboxQueue(Queue):
         )
         return [(_row(r[:7]), r[7], r[8]) for r in cur.fetchall()]
 
-    def set_idle(self, cur, idle: bool) -> None:
-        """Whether commits should NOTIFY (only while no dispatch is under way)."""
-        self._run(cur, "outbox.set_idle", idle=idle)
-
-    def heartbeat(self, cur, alive: bool = True) -> None:
-        """A watcher is alive (or stops): commits skip NOTIFY when none is."""
-        self._run(cur, "outbox.heartbeat", alive=alive)
+    def set_idle(self, cur, idle: bool) -> bool:
+        """Take the idle lock (commits of ``wake = "notify"`` NOTIFY while it is held)
+        or give it back; True if this session holds it now. Taking it fails while a
+        transaction that published without a NOTIFY is open: still busy, then."""
+        self._run(cur, "outbox.idle_lock" if idle else "outbox.idle_unlock")
+        (result,) = cur.fetchone()
+        return bool(result) if idle else False
 
 
 def outbox_queue(settings: Settings) -> OutboxQueue:

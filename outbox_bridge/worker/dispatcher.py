@@ -5,18 +5,21 @@ others stand by at no cost. The elected one learns of new outbox rows by reading
 the outbox id sequence every ``wake_poll`` seconds (one cheap query, no cost to
 writers). With the setting ``wake = "notify"``:
 
-- **idle** (no pending outbox rows for IDLE_AFTER seconds): it raises the idle
-  flag, and ``publish()``'s own INSERT NOTIFYs it while the flag is up. Nothing
-  is polled, but a full look at every queue every ``poll_interval`` (a safety
-  net: writes that bypass publish(), a notification lost with a connection);
-- **busy**: the flag is down, commits NOTIFY nobody (a NOTIFY serializes commits
-  behind one lock of the cluster), and it reads the sequence as above.
+- **idle** (no pending outbox rows for IDLE_AFTER seconds): it holds the outbox's
+  idle lock (a session advisory lock), and ``publish()``'s own INSERT, which tries
+  that lock shared, NOTIFYs it when refused. Nothing is polled, but a full look at
+  every queue every ``poll_interval`` (a safety net: writes that bypass publish(),
+  a notification lost with a connection);
+- **busy**: the lock is free, commits take it shared and NOTIFY nobody (a NOTIFY
+  serializes commits behind one lock of the cluster), and it reads the sequence
+  as above.
 
-Writers that read the flag just before it went up sent no NOTIFY: after the flip
-it keeps reading the sequence until the transactions open then have ended (at
-most SETTLE_SECONDS). It also LISTENs for the inbox consumer's one NOTIFY per
-batch and for tasks giving shards back. Claims are taken with SKIP LOCKED, so two
-dispatchers for a moment (a handover) deliver each row once all the same.
+A writer that published without a NOTIFY holds the lock shared until its
+transaction ends, so the dispatcher can go idle only once every such transaction
+has ended: their rows are visible to the look it makes then. It also LISTENs for
+the inbox consumer's one NOTIFY per batch and for tasks giving shards back. Claims
+are taken with SKIP LOCKED, so two dispatchers for a moment (a handover) deliver
+each row once all the same.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from ..queries import render
 from ..shardtask import Source, served_sources, sources
 from ..watchdog import guard
 from .election import Fleet, fleet_capacity
-from .maintenance import Maintainer, RedriveRetries, RepairHeld, WakeupBeat
+from .maintenance import Maintainer, RedriveRetries, RepairHeld
 
 log = logging.getLogger(__name__)
 
@@ -147,29 +150,6 @@ class SequenceWatch:
         return self.moves[0][1] if self.moves else self.value
 
 
-class FlipWatch:
-    """The idle flag just went up. A writer whose INSERT read it before (in a
-    transaction open at the flip: a READ COMMITTED statement that started before,
-    a REPEATABLE READ snapshot) sent no NOTIFY, and may commit any time:
-    ``settled()`` is False while such a transaction is still open, for at most
-    SETTLE_SECONDS, and the dispatcher reads the sequence meanwhile as if busy."""
-
-    def __init__(self, cur, schema: str):
-        self.schema = schema
-        cur.execute(render("worker.open_transactions", schema))
-        self.open = set(cur.fetchall())
-        self.until = time.monotonic() + SETTLE_SECONDS
-
-    def settled(self, cur) -> bool:
-        if self.open and time.monotonic() < self.until:
-            pids = [pid for pid, _started in self.open]
-            cur.execute(render("worker.still_open", self.schema), {"pids": pids})
-            self.open &= set(cur.fetchall())
-        else:
-            self.open = set()
-        return not self.open
-
-
 class Dispatcher:
     """Dispatches claimed shards, and re-drives lost retries, as Celery tasks: of the
     outbox and of every handler, the sources the sides register (``shardtask``).
@@ -191,13 +171,12 @@ class Dispatcher:
         self.leading = False  # elected: this one dispatches
         self.maintenance = Maintainer(
             [
-                WakeupBeat(self.outbox, settings),
                 RedriveRetries(app, self.sources, settings),
                 RepairHeld(self.sources, settings),
             ]
         )
-        self.idle: bool | None = None  # as the flag stands; None: write it at the first look
-        self._flipped = False  # the flag went up at the last look
+        self.idle = False  # this session holds the idle lock
+        self._flipped = False  # it took the lock at this look
         self._quiet_since: float | None = None
         self._busy_until: dict[str, float] = {}  # queue -> until when it counts as busy
         self._per_task: dict[str, int] = {}  # queue -> shares.per_task as written
@@ -226,7 +205,7 @@ class Dispatcher:
 
     def _watch(self, stop: threading.Event, fleet: Fleet) -> None:
         conn = connect(self.settings, autocommit=True, name="outbox-bridge watcher")
-        self.idle, self._quiet_since, self._per_task = None, None, {}
+        self.idle, self._quiet_since, self._per_task = False, None, {}
         try:
             with conn.cursor() as cur:
                 cur.execute(render("worker.dispatcher_session", self.settings.schema))
@@ -239,7 +218,6 @@ class Dispatcher:
                 log.info("watcher listening for %d queues", len(self.sources))
                 next_full = 0.0  # the next look at every queue
                 look: str | None = "all"
-                flip: FlipWatch | None = None
                 while not stop.is_set():
                     self.heartbeat.beat()
                     with guard(conn, self.settings.network_timeout, "watcher"):
@@ -251,15 +229,9 @@ class Dispatcher:
                         elif look == "outbox":
                             self.dispatch(cur, self.sources[:1])
                         self.dispatched += self.maintenance.run_due(cur)  # re-sent retries
-                        if self._flipped:
-                            self._flipped = False
-                            flip = FlipWatch(cur, self.settings.schema)
+                        self._flipped = False
                         # busy: commits do not NOTIFY, read the sequence; idle: they do
-                        reading = sequence is not None and (
-                            not notified_when_idle
-                            or not self.idle
-                            or (flip is not None and not flip.settled(cur))
-                        )
+                        reading = sequence is not None and not (notified_when_idle and self.idle)
                         due = min(next_full, self.maintenance.next_due())
                         wait = min(BEAT_EVERY, max(0.0, due - time.monotonic()))
                         if reading:
@@ -274,7 +246,6 @@ class Dispatcher:
                         moved = reading and sequence.moved(cur)
                         self.since = sequence.since() if sequence is not None else None
                     look = "all" if notified else "outbox" if moved else None
-                self.outbox.heartbeat(cur, alive=False)  # commits need not NOTIFY us now
         finally:
             conn.close()
 
@@ -353,7 +324,7 @@ class Dispatcher:
             if queue is self.outbox and not shards:
                 self._outbox_idle(cur, False, now)
                 if self._flipped:
-                    # a row committed before the flag went up sent no NOTIFY: look again
+                    # a row committed before the lock was taken sent no NOTIFY: look again
                     shards = queue.ready_shards(cur, since)
             if shards:
                 self._busy_until[queue.name] = now + BUSY_MEMORY
@@ -371,16 +342,17 @@ class Dispatcher:
 
     def _outbox_idle(self, cur, found: bool, now: float) -> None:
         """Commits NOTIFY only once the outbox has been empty for IDLE_AFTER seconds:
-        under steady load the flag stays off and writers skip NOTIFY's global lock."""
+        under steady load the lock is free and writers skip NOTIFY's global lock."""
         if found:
             self._quiet_since = None
         elif self._quiet_since is None:
             self._quiet_since = now
         idle = not found and now - self._quiet_since >= IDLE_AFTER
-        if idle != self.idle:
-            self.outbox.set_idle(cur, idle)
-            self._flipped = idle
-            self.idle = idle
+        if idle and not self.idle:
+            # refused while a writer that sent no NOTIFY is open: still busy
+            self.idle = self._flipped = self.outbox.set_idle(cur, True)
+        elif not idle and self.idle:
+            self.idle = self.outbox.set_idle(cur, False)
 
     def _active(self, cur) -> dict[str, int]:
         """Tasks at work per queue: tokens whose claims were renewed lately. A task

@@ -1,6 +1,6 @@
 """Maintenance: jobs of one shape (``Job``: an interval and ``run_once(cur)``), run
 by a ``Maintainer`` in the loop that owns their connection. The dispatcher runs
-the re-drive of lost retries, the wake-up beat and the repair of held rows; the
+the re-drive of lost retries and the repair of held rows; the
 retention loop runs ``Forget`` (old bookkeeping) and ``Prune``.
 
 Retention: the worker forgets handled inbox messages after the dedupe window.
@@ -39,7 +39,6 @@ from ..config import Settings
 from ..db import connect
 from ..events import emit
 from ..loops import Heartbeat, run_forever, wait
-from ..outbox import OutboxQueue
 from ..queries import render
 from ..queue import fire_dead
 from ..shardtask import Source
@@ -271,21 +270,6 @@ class RedriveRetries(Job):
                     "could not re-send the retry of %s row %d: %s", source.queue.name, row_id, exc
                 )
         return sent
-
-
-class WakeupBeat(Job):
-    """Tells commits a dispatcher is alive: they skip NOTIFY 30 s after the last beat
-    (every dispatcher gone: nobody to wake)."""
-
-    name = "wakeup"
-    interval = 10.0
-
-    def __init__(self, outbox: OutboxQueue, settings: Settings):
-        self.outbox = outbox
-
-    def run_once(self, cur: Any) -> int:
-        self.outbox.heartbeat(cur)
-        return 0
 
 
 class RepairHeld(Job):

@@ -254,7 +254,7 @@ def test_a_slow_writers_row_on_a_shard_held_by_a_dead_key_goes_within_seconds(
     start_worker, db_url, topic, kafka_reader
 ):
     from outbox_bridge.queue import shard_of
-    from tests.conftest import watcher_idle_since
+    from tests.conftest import watcher_idle
 
     shard = shard_of(topic, b"dead", 16)
     other = next(
@@ -262,9 +262,8 @@ def test_a_slow_writers_row_on_a_shard_held_by_a_dead_key_goes_within_seconds(
     )
     (head,) = commit(db_url, [(topic, {"n": "head"}, "dead")])
     query(db_url, "UPDATE outbox_bridge.outbox SET state = 'dead' WHERE message_id = %s", (head,))
-    started = query(db_url, "SELECT now()")[0][0]
     start_worker(concurrency=2)
-    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to be idle")
+    wait_for(lambda: watcher_idle(db_url), 30, "the watcher to be idle")
     slow = psycopg2.connect(db_url)
     try:
         cur = slow.cursor()

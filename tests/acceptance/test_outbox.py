@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 
 from outbox_bridge import publish
-from tests.conftest import ROOT, query, rows, wait_for, watcher_idle_since
+from tests.conftest import ROOT, rows, wait_for, watcher_idle
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -216,12 +216,11 @@ def test_rows_committed_while_no_watcher_runs_are_sent_when_it_starts(
 def test_a_missed_wake_up_is_caught_by_the_fallback_timer(
     start_worker, db_url, topic, kafka_reader
 ):
-    (started,) = query(db_url, "SELECT now()")[0]
     # no sequence reads and no NOTIFY trigger: only the fallback timer can find a row
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="1", OUTBOX_BRIDGE_WAKE_POLL="0")
     # the watcher has looked (the flag went off at its first look), found nothing for
     # IDLE_AFTER and waits idle
-    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to be idle")
+    wait_for(lambda: watcher_idle(db_url), 30, "the watcher to be idle")
     commit(db_url, topic, [{"n": 1}])
     assert len(kafka_reader(topic).read(1, timeout=10)) == 1
 

@@ -22,7 +22,7 @@ from outbox_bridge import publish
 from outbox_bridge.config import Settings, reset_settings
 from outbox_bridge.migrate import notify_trigger
 from outbox_bridge.outbox.tasks import outbox_queue
-from tests.conftest import ROOT, query, rows, wait_for, watcher_idle_since
+from tests.conftest import ROOT, query, rows, wait_for, watcher_idle
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -185,9 +185,8 @@ def test_a_commit_wakes_the_idle_watcher_with_the_fallback_poll_at_60s(
     if wake_up == "trigger":  # the opt-in: NOTIFY from the writer, no sequence reads
         _notify_trigger(db_url, on=True)
         env["OUTBOX_BRIDGE_WAKE_POLL"] = "0"
-    (started,) = query(db_url, "SELECT now()")[0]
     start_worker(**env)
-    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")
+    wait_for(lambda: watcher_idle(db_url), 30, "the watcher to wait idle")
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         publish(cur, topic, {"n": 1})
@@ -202,39 +201,44 @@ def _notify_mode(monkeypatch) -> None:
     reset_settings()
 
 
-def _flag(url: str) -> bool:
-    return query(url, "SELECT idle FROM outbox_bridge.wakeup WHERE queue = 'outbox'")[0][0]
+def _watcher_query(url: str) -> tuple:
+    """(query_start, now - query_start, query) of the dispatcher's session."""
+    return query(
+        url,
+        "SELECT query_start, clock_timestamp() - query_start, query FROM pg_stat_activity"
+        " WHERE application_name = 'outbox-bridge watcher'",
+    )[0]
 
 
-@pytest.mark.parametrize("isolation", ["READ COMMITTED", "REPEATABLE READ"])
-def test_a_row_written_while_the_dispatcher_was_busy_and_committed_after_it_went_idle_is_found(
-    start_worker, db_url, topic, kafka_reader, isolation, monkeypatch
+def test_the_dispatcher_goes_idle_only_once_a_writer_that_sent_no_notify_has_ended(
+    start_worker, db_url, topic, kafka_reader, monkeypatch
 ):
-    """The writer's INSERT read the idle flag down (no NOTIFY at its commit); the flag
-    went up before it committed: the dispatcher reads the sequence until the
-    transactions open at the flip have ended, so the row goes out at once, not at
-    the 60 s safety net (wake = "notify")."""
+    """A writer that published while the dispatcher was busy sent no NOTIFY and holds
+    the idle lock shared until it ends: the dispatcher cannot go idle meanwhile, keeps
+    reading the sequence, and sends the row at once after the commit, not at the 60 s
+    safety net (wake = "notify"); then it goes idle."""
     _notify_mode(monkeypatch)
-    (started,) = query(db_url, "SELECT now()")[0]
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60", OUTBOX_BRIDGE_WAKE="notify")
-    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the dispatcher to wait idle")
+    wait_for(lambda: watcher_idle(db_url), 30, "the dispatcher to wait idle")
     reader = kafka_reader(topic)
     listener = _listen(db_url)
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         publish(cur, topic, {"n": 1})
     reader.read(1, timeout=20)
-    wait_for(lambda: not _flag(db_url), 20, "the flag to go down (busy with row 1)")
     wait_for(lambda: "" in _payloads(listener), 20, "the NOTIFY of row 1")
-    c.set_session(isolation_level=isolation)
     with c, c.cursor() as cur:
-        publish(cur, topic, {"n": 2})
-        cur.execute("SELECT idle FROM outbox_bridge.wakeup WHERE queue = 'outbox'")
-        assert cur.fetchone() == (False,)  # what the INSERT read: it will not NOTIFY
-        wait_for(lambda: _flag(db_url), 20, "the flag to go up while the writer is open")
+        publish(cur, topic, {"n": 2})  # busy: the lock is free, taken shared, no NOTIFY
+        opened = time.monotonic()
+        # a window of observation: past IDLE_AFTER (1 s), many looks that try the lock
+        while time.monotonic() - opened < 3:
+            assert not watcher_idle(db_url)  # refused: the writer holds the lock shared
+            time.sleep(0.2)
+        assert _watcher_query(db_url)[1].total_seconds() < 1  # still looking, as busy
     c.close()
     reader.read(2, timeout=20)  # well before the 60 s timer
     assert "" not in _payloads(listener)  # and not by a NOTIFY: the commit sent none
+    wait_for(lambda: watcher_idle(db_url), 30, "the dispatcher to go idle after the writer")
     listener.close()
 
 
@@ -258,18 +262,13 @@ def test_an_idle_dispatcher_sends_no_query_until_a_commit_wakes_it(
     start_worker, db_url, topic, kafka_reader, monkeypatch
 ):
     _notify_mode(monkeypatch)  # wake = "notify": publish() NOTIFYs the idle dispatcher
-    (started,) = query(db_url, "SELECT now()")[0]
     start_worker(OUTBOX_BRIDGE_POLL_INTERVAL="60", OUTBOX_BRIDGE_WAKE="notify")
-    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the dispatcher to wait idle")
+    wait_for(lambda: watcher_idle(db_url), 30, "the dispatcher to wait idle")
 
     def last_query():
-        return query(
-            db_url,
-            "SELECT query_start, clock_timestamp() - query_start, query FROM pg_stat_activity"
-            " WHERE application_name = 'outbox-bridge watcher'",
-        )[0]
+        return _watcher_query(db_url)
 
-    # settled: no statement for 3 s (the flip's watch lasts at most 2 s)
+    # settled: no statement for 3 s
     wait_for(lambda: last_query()[1].total_seconds() > 3, 30, "the dispatcher to settle")
     before = last_query()[0]
     seen = {last_query()[0]: last_query()[2]}
@@ -278,8 +277,7 @@ def test_an_idle_dispatcher_sends_no_query_until_a_commit_wakes_it(
         at, _age, text = last_query()
         seen[at] = text
         time.sleep(0.2)
-    # nothing but its beat (every 10 s: commits NOTIFY only while a dispatcher lives)
-    assert [t for t in seen.values() if "seen_at" not in t][1:] == [], seen
+    assert list(seen) == [before], seen  # not one statement
     c = psycopg2.connect(db_url)
     with c, c.cursor() as cur:
         publish(cur, topic, {"n": 1})
@@ -295,7 +293,7 @@ def _notify_trigger(url: str, on: bool) -> None:
     c.close()
 
 
-def test_commits_skip_notify_once_the_watchers_heartbeat_expired(
+def test_commits_skip_notify_once_the_idle_dispatcher_is_gone(
     start_worker, db_url, topic, kafka_reader
 ):
     channel = outbox_queue(Settings(database_url=db_url)).channel
@@ -317,24 +315,15 @@ def test_commits_skip_notify_once_the_watchers_heartbeat_expired(
         c.close()
 
     _notify_trigger(db_url, on=True)  # the opt-in writer-side NOTIFY
-    (started,) = query(db_url, "SELECT now()")[0]
     worker = start_worker()
-    wait_for(lambda: watcher_idle_since(db_url, started), 30, "the watcher to wait idle")
+    wait_for(lambda: watcher_idle(db_url), 30, "the watcher to wait idle")
     notified()
     commit(1)
     wait_for(notified, 10, "the commit's NOTIFY while a watcher is alive")
     reader = kafka_reader(topic)
     reader.read(1, timeout=30)
-    _kill(worker)  # no goodbye: its heartbeat stays until it expires (30 s)
-    wait_for(
-        lambda: query(
-            db_url,
-            "SELECT seen_at < now() - interval '30 seconds'"
-            " FROM outbox_bridge.wakeup WHERE queue = 'outbox'",
-        )[0][0],
-        60,
-        "the heartbeat to expire",
-    )
+    _kill(worker)  # no goodbye: its idle lock goes with its session
+    wait_for(lambda: not watcher_idle(db_url), 30, "the idle lock to be free")
     notified()
     commit(2)
     listener.cursor().execute(f"NOTIFY \"{channel}\", 'marker'")  # sent after the commit

@@ -144,6 +144,7 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
         "0009_recover_before",
         "0010_fleet",
         "0011_handler_routes",
+        "0012_idle_lock",
     ]
     assert migrate(odd) == []
     c = psycopg2.connect(db_url)

@@ -37,8 +37,9 @@ def _raw_insert(cur, n: int) -> None:
 def test_commits_notify_only_while_a_dispatcher_is_alive_and_idle(
     db_url, conn, writer, monkeypatch
 ):
-    """With wake = "notify", publish()'s own INSERT NOTIFYs while the flag is up and the
-    beat fresh; with the opt-in trigger, a write that bypasses publish() does the same."""
+    """With wake = "notify", publish()'s own INSERT NOTIFYs while a dispatcher's session
+    holds the idle lock; with the opt-in trigger, a write that bypasses publish() does
+    the same. A writer that sent no NOTIFY keeps the dispatcher from going idle."""
     monkeypatch.setenv("OUTBOX_BRIDGE_WAKE", "notify")
     reset_settings()
     queue = outbox_queue(get_settings())
@@ -55,25 +56,27 @@ def test_commits_notify_only_while_a_dispatcher_is_alive_and_idle(
     listener = psycopg2.connect(db_url)
     listener.autocommit = True
     listener.cursor().execute(f'LISTEN "{queue.channel}"')
+    dispatcher = psycopg2.connect(db_url)
+    dispatcher.autocommit = True
+    lock = dispatcher.cursor()
     with conn, conn.cursor() as cur:
         write(cur, 0)
-    assert not _notified(listener)  # no dispatcher has ever beaten: nobody to wake
-    with conn, conn.cursor() as cur:
-        queue.heartbeat(cur)
+    assert not _notified(listener)  # no dispatcher idle: nobody to wake
+    assert queue.set_idle(lock, True)
     with conn, conn.cursor() as cur:
         write(cur, 1)
-    assert _notified(listener)  # alive, and idle (the flag's default)
-    with conn, conn.cursor() as cur:
-        queue.set_idle(cur, False)
+    assert _notified(listener)  # idle
+    assert not queue.set_idle(lock, False)
     with conn, conn.cursor() as cur:
         write(cur, 2)
+        assert not queue.set_idle(lock, True)  # a writer that sent no NOTIFY is open
     assert not _notified(listener)  # busy: it reads the sequence, commits skip NOTIFY
+    assert queue.set_idle(lock, True)  # it has ended
     with conn, conn.cursor() as cur:
-        queue.set_idle(cur, True)
         write(cur, 3)
     assert _notified(listener)
+    dispatcher.close()  # its session ends, and its lock with it
     with conn, conn.cursor() as cur:
-        queue.heartbeat(cur, alive=False)  # its goodbye
         write(cur, 4)
     assert not _notified(listener)
     with conn, conn.cursor() as cur:
@@ -90,9 +93,9 @@ def test_by_default_and_without_the_trigger_commits_do_not_notify(db_url, conn, 
     listener = psycopg2.connect(db_url)
     listener.autocommit = True
     listener.cursor().execute(f'LISTEN "{queue.channel}"')
-    with conn, conn.cursor() as cur:
-        queue.heartbeat(cur)
-        queue.set_idle(cur, True)
+    dispatcher = psycopg2.connect(db_url)
+    dispatcher.autocommit = True
+    assert queue.set_idle(dispatcher.cursor(), True)
     with conn, conn.cursor() as cur:
         if writer == "publish":
             publish(cur, "t", 0)
@@ -100,6 +103,7 @@ def test_by_default_and_without_the_trigger_commits_do_not_notify(db_url, conn, 
             _raw_insert(cur, 0)
     assert not _notified(listener)
     listener.close()
+    dispatcher.close()
 
 
 def test_a_shard_is_claimed_by_one_watcher_at_a_time(db_url, conn):

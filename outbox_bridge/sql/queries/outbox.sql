@@ -9,15 +9,16 @@ INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)
 VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb), %s)
 
 -- name: insert_notify
--- The same for the setting wake = "notify". While the dispatcher is idle (its flag raised, its beat fresh) the same statement
--- NOTIFYs it: no trigger, no second round trip. While it is busy nothing is sent:
--- a transaction that NOTIFYs commits behind one lock of the whole cluster.
+-- The same for the setting wake = "notify". An idle dispatcher holds the outbox's idle
+-- lock (idle_lock); the statement tries the lock shared: granted (no dispatcher idle),
+-- nothing is sent and the lock is held to the commit; refused, it NOTIFYs. No trigger,
+-- no second round trip, no other relation read. While busy nothing is sent: a
+-- transaction that NOTIFYs commits behind one lock of the whole cluster.
 INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)
-SELECT CAST(%s AS uuid), CAST(%s AS text), CAST(%s AS bytea), CAST(%s AS bytea),
-       CAST(CAST(%s AS text) AS jsonb), CAST(%s AS smallint)
-FROM (SELECT count(pg_notify({outbox_channel}, '')) AS woken FROM {wakeup}
-      WHERE queue = 'outbox' AND idle AND seen_at > now() - interval '30 seconds') w
-WHERE w.woken >= 0
+VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb),
+        CAST(%s AS smallint)
+        + CASE WHEN pg_try_advisory_xact_lock_shared(hashtext({outbox_channel} || ' idle'))
+               THEN 0 ELSE length(CAST(pg_notify({outbox_channel}, '') AS text)) END)
 
 -- name: insert_receipt
 INSERT INTO {send_receipts} (message_id) VALUES (%s)
@@ -54,9 +55,10 @@ SELECT {row_columns}, o.attempts, o.shard FROM {table} o
 WHERE o.id = ANY(%(ids)s) AND o.state = 'retrying' AND o.claim_token = %(token)s
 ORDER BY o.id FOR UPDATE
 
--- name: set_idle
-UPDATE {wakeup} SET idle = %(idle)s, seen_at = now() WHERE queue = %(queue)s AND idle <> %(idle)s
+-- name: idle_lock
+-- the dispatcher goes idle: it can take the lock only once every transaction that
+-- published without a NOTIFY (holding it shared) has ended, and their rows are visible
+SELECT pg_try_advisory_lock(hashtext({outbox_channel} || ' idle'))
 
--- name: heartbeat
-UPDATE {wakeup} SET seen_at = CASE WHEN %(alive)s THEN now() ELSE '-infinity' END
-WHERE queue = %(queue)s
+-- name: idle_unlock
+SELECT pg_advisory_unlock(hashtext({outbox_channel} || ' idle'))

@@ -95,15 +95,6 @@ SELECT 1
 -- waits in PostgreSQL until this session holds the dispatcher's lock
 SELECT pg_advisory_lock(hashtext(%(name)s))
 
--- name: open_transactions
--- transactions open now, but the fleet's lock waits and this session's own
-SELECT pid, xact_start::text FROM pg_stat_activity
-WHERE datname = current_database() AND xact_start IS NOT NULL AND pid <> pg_backend_pid()
-  AND application_name NOT LIKE 'outbox-bridge fleet %%'
-
--- name: still_open
-SELECT pid, xact_start::text FROM pg_stat_activity WHERE pid = ANY(%(pids)s)
-
 -- name: dispatcher_session
 -- The dispatcher's commits are claims and flags: one lost in a crash of PostgreSQL
 -- leaves a shard free again (its task's renewal then finds it stale and changes

@@ -205,14 +205,20 @@ class CostFigures(Harness):
             f'INSERT INTO "{schema}".outbox (message_id, topic, key, value, headers, shard)'
             f" VALUES ({values});\n"
         )
-        # publish()'s own statement: its sub-select reads the idle flag (down: busy)
-        insert = statement("outbox.insert")
-        select_list = insert[insert.index("SELECT") : insert.index("FROM")]
+        # publish()'s statement for wake = "notify": it tries the idle lock shared (free
+        # while the dispatcher is busy: taken, no NOTIFY); bench values for its parameters
+        insert = statement("outbox.insert_notify")
+        params = insert[
+            insert.index("VALUES (") + len("VALUES (") : insert.index("CAST(%s AS smallint)")
+        ]
         published = self.logdir / "publish.sql"
         published.write_text(
             "\\set k random(0, 99)\n"
             + plain(
-                insert.replace(select_list, f"SELECT {values}\n"), self.settings.schema
+                insert.replace(params, values.removesuffix(":k % 16") + " ").replace(
+                    "CAST(%s AS smallint)", "CAST(:k % 16 AS smallint)"
+                ),
+                self.settings.schema,
             ).replace("\n", " ")
             + ";\n"
         )
@@ -282,8 +288,7 @@ class CostFigures(Harness):
                 conn.close()
 
         samples: dict[str, list[float]] = {"none": [], "publish": [], "trigger": [], "sequence": []}
-        # a dispatcher alive and busy: the flag down, its beat fresh (commits skip NOTIFY)
-        self.sql("UPDATE {wakeup} SET idle = false, seen_at = now() + interval '1 hour'")
+        # no dispatcher holds the idle lock: as while busy (commits skip NOTIFY)
         # interleaved and repeated: runs drift (WAL, autovacuum) as much as a wake-up costs
         for _ in range(pairs):
             for kind in samples:
@@ -295,7 +300,6 @@ class CostFigures(Harness):
                         samples[kind].append(run(kind))
                 else:
                     samples[kind].append(run(kind))
-        self.sql("UPDATE {wakeup} SET idle = true, seen_at = '-infinity'")
         trigger(False)
         self.sql("TRUNCATE {outbox}")
         out: dict[str, Any] = {}
