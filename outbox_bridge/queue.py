@@ -194,6 +194,11 @@ class Queue:
         """These shards of ours are past what their dead owner may have had in hand."""
         self._run(cur, "recovered", shards=list(shards), token=token)
 
+    def still_recovering(self, cur, shards: Sequence[int], token: Any) -> None:
+        """These shards of ours go back before their recovery is over: the next owner
+        runs the rest of what their dead owner may have had one row at a time."""
+        self._run(cur, "still_recovering", shards=list(shards), token=token)
+
     def _fetch(
         self,
         cur,

@@ -266,29 +266,49 @@ def one_at_a_time(
     what: str,
     token: Any,
     owned: list[int],
+    recovering: list[int],
     ids: list[int],
     lease: float,
     attempt: Callable[[int, str], float | None],
     retry: Callable[[int, str, float], None],
-) -> bool:
+    deadline: float,
+) -> str:
     """Run ``ids`` one per transaction: each becomes a retrying head of its own and
     its attempt is counted (committed) before ``attempt(id, retry_token)`` runs it,
     so one that kills its process again, hangs or fails at COMMIT is retried on
     its own schedule and dead after its retries, while the other keys go on.
     ``attempt`` returns None when it went through, else the countdown of its retry
     (``retry(id, retry_token, countdown)`` sends it); the later rows of its key
-    wait. False: the shards are no longer ours."""
+    wait. Then the ``recovering`` shards are past what their dead owner had.
+
+    Returns "done"; "cut" when the task's ``deadline`` (monotonic) came first: the
+    shards are given back still recovering, and their next owner goes on with the
+    rest (a region of a whole batch, a row per transaction, can outlast the task's
+    time limit: ended there, it would start again from the same rows); "stale": the
+    shards are no longer ours."""
     conn = task_connection(settings)
     with work(conn, settings, what) as cur:
         keys = queue.keys_of(cur, ids)
     held = HeldKeys()
-    for row_id in ids:
+    for n, row_id in enumerate(ids):
         if row_id not in keys or held.holds(*keys[row_id]):
             continue  # gone, or behind its key's head that failed just now
+        if n and time.monotonic() > deadline:
+            log.info(
+                "%s: shards %s given back at the task's deadline; its recovery goes on"
+                " in the next task (%d deliveries left)",
+                what,
+                owned,
+                len(ids) - n,
+            )
+            with work(conn, settings, what) as cur:
+                queue.still_recovering(cur, recovering, token)
+                queue.release(cur, owned, token)
+            return "cut"
         retry_token = str(uuid.uuid4())
         with work(conn, settings, what) as cur:
             if not queue.renew(cur, owned, token, settings.lease_seconds):
-                return False
+                return "stale"
             queue.hold(cur, {row_id: "runs on its own"}, retry_token, lease, count=False)
             started = queue.start_held(cur, [row_id], retry_token, lease)
         if not started:
@@ -297,7 +317,9 @@ def one_at_a_time(
         if countdown is not None:
             held.add(*keys[row_id])
             retry(row_id, retry_token, countdown)
-    return True
+    with work(conn, settings, what) as cur:
+        queue.recovered(cur, recovering, token)
+    return "done"
 
 
 def enqueue_retry(task: Any, ids: list[int], token: Any, *, countdown: float, retries: int) -> None:

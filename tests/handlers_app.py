@@ -235,4 +235,6 @@ if os.environ.get("TEST_POISON_TOPIC"):
             time.sleep(value["hang"])
         if value.get("orphan"):
             tx.execute("INSERT INTO children (parent) VALUES (-1)")  # no such parent
+        if value.get("pause"):  # slow, but well within the time limit
+            time.sleep(value["pause"])
         _effect(tx, "poison", message)

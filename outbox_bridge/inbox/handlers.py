@@ -240,7 +240,7 @@ def _attempt(task, spec, token, shards, clock, suspect: bool) -> dict:
         log.warning("%s: %s; its deliveries run one per transaction", task.name, exc)
         result = _run_round(task, spec, token, shards, False, clock, True)
     if "solo" in result:
-        result = _solo(task, spec, token, result)
+        result = _solo(task, spec, token, result, clock)
     return result
 
 
@@ -291,7 +291,7 @@ def _held_attempt(task: Task, spec: HandlerSpec, ids: list[int], token: str, lea
     return totals
 
 
-def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
+def _solo(task: Task, spec: HandlerSpec, token: str, result: dict, clock: Linger) -> dict:
     """The deliveries that a dead owner of these shards may have had in hand (or a
     batch whose COMMIT failed), one per transaction (``shardtask.one_at_a_time``)."""
     settings = get_settings()
@@ -312,13 +312,25 @@ def _solo(task: Task, spec: HandlerSpec, token: str, result: dict) -> dict:
     def again(delivery_id: int, retry_token: str, countdown: float) -> None:
         enqueue_retry(task, [delivery_id], retry_token, countdown=countdown, retries=1)
 
-    if not one_at_a_time(
-        queue, settings, task.name, token, result["owned"], result["solo"], lease, attempt, again
-    ):
+    owned = result["owned"]
+    ended = one_at_a_time(
+        queue,
+        settings,
+        task.name,
+        token,
+        owned,
+        result["recovering"],
+        result["solo"],
+        lease,
+        attempt,
+        again,
+        clock.deadline,
+    )
+    if ended == "stale":
         return {**totals, "stale": True}
-    with work(task_connection(settings), settings, task.name) as cur:
-        queue.recovered(cur, result["recovering"], token)
-    return {**totals, "owned": result["owned"]}
+    if ended == "cut":
+        return {**totals, "released": True}
+    return {**totals, "owned": owned}
 
 
 @dataclass

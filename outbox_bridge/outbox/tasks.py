@@ -183,11 +183,14 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 continue
             if found.solo:
                 # what its dead owner may have had in hand: one at a time
-                delivered = _solo(settings, queue, owned, token, found.solo, found.recovering)
-                if delivered is None:
-                    stats["stale"] = True
-                    return stats
+                delivered, ended = _solo(
+                    settings, queue, owned, token, found.solo, found.recovering, clock
+                )
                 stats["delivered"] += delivered
+                if ended == "stale":
+                    stats["stale"] = True
+                if ended != "done":
+                    return stats
                 continue
             if sent is not None:  # committed
                 _record("outbox", *sent)
@@ -386,10 +389,12 @@ def _retry_round(
     return rows, outcome, acked_at, pause
 
 
-def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) -> int | None:
+def _solo(
+    settings: Settings, queue: Queue, owned, token, region, recovering, clock: Linger
+) -> tuple[int, str]:
     """The rows that a dead owner of these shards may have had in hand, one at a
-    time (``shardtask.one_at_a_time``). Returns the rows delivered (None: the
-    shards are no longer ours)."""
+    time (``shardtask.one_at_a_time``). Returns the rows delivered and how it ended
+    ("done", "cut": the shards went back, "stale": they are no longer ours)."""
     lease = lease_for(retry, 0, settings.lease_seconds)
     delivered = 0
 
@@ -411,13 +416,20 @@ def _solo(settings: Settings, queue: Queue, owned, token, region, recovering) ->
     def again(row_id: int, retry_token: str, countdown: float) -> None:
         enqueue_retry(retry, [row_id], retry_token, retries=1, countdown=countdown)
 
-    if not one_at_a_time(
-        queue, settings, "outbox task", token, owned, region, lease, attempt, again
-    ):
-        return None
-    with work(task_connection(settings), settings, "outbox task") as cur:
-        queue.recovered(cur, recovering, token)
-    return delivered
+    ended = one_at_a_time(
+        queue,
+        settings,
+        "outbox task",
+        token,
+        owned,
+        recovering,
+        region,
+        lease,
+        attempt,
+        again,
+        clock.deadline,
+    )
+    return delivered, ended
 
 
 @signals.task_failure.connect

@@ -165,6 +165,56 @@ def test_handlers_that_exit_or_hang_their_process_become_dead_and_the_rest_goes_
     )
 
 
+def test_a_recovery_longer_than_a_task_goes_on_in_the_next_task_not_past_the_time_limit(
+    inbox, kafka_admin, topic
+):
+    """A process that dies in a batch leaves its shard recovering: the next owner runs
+    that batch a delivery per transaction. One that takes longer than the time limit
+    (3 s) is handed over at the task's deadline (a third of the lease: 2 s), still
+    recovering, to a new task that goes on; not killed by the limit and started again
+    (the delivery under way then would run again, a second counted attempt)."""
+    poison_topic = topic + "-poison"
+    create_topic(kafka_admin, poison_topic, partitions=1)  # stored in the order produced
+    # all in Kafka before the worker starts: one batch, whose first delivery exits
+    messages = [(b"exits", json.dumps({"k": "exits", "seq": 0, "exit": True}).encode(), None)]
+    slow = []
+    for seq in range(40):  # 40 x 0.15 s = 6 s, one at a time
+        slow.append(str(uuid.uuid4()))
+        body = json.dumps({"k": f"k{seq % 8}", "seq": seq, "pause": 0.15}).encode()
+        messages.append((f"k{seq % 8}".encode(), body, [("message_id", slow[-1].encode())]))
+    inbox.produce(messages, topic=poison_topic)
+    worker = inbox.start(
+        concurrency=2,
+        TEST_POISON_TOPIC=poison_topic,
+        OUTBOX_BRIDGE_LEASE_SECONDS="6",
+        OUTBOX_BRIDGE_SHARDS="1",  # one shard: the whole batch is the dead owner's region
+    )
+    wait_for(lambda: len(inbox.effects("poison")) >= len(slow), 120, "the slow messages")
+    log = worker.log_tail(20000)
+    # the faults happened: the batch's process died, and its recovery was handed over
+    assert "WorkerLostError" in log
+    # no slow delivery was ended by the time limit: each ran once, its attempt counted
+    attempts = inbox.query(
+        "SELECT d.state, d.attempts, count(*) FROM outbox_bridge.deliveries d"
+        " WHERE d.handler = 'outbox.tests.poison' AND d.key <> 'exits'"
+        " GROUP BY d.state, d.attempts"
+    )
+    assert attempts == [("done", 1, len(slow))], attempts
+    assert log.count("its recovery goes on in the next task") >= 2
+    effects = inbox.effects("poison")
+    assert sorted(str(m) for m, _k, _s in effects) == sorted(slow)  # each once
+    per_key = defaultdict(list)
+    for _m, k, seq in effects:
+        per_key[k].append(seq)
+    assert per_key == {f"k{k}": list(range(k, 40, 8)) for k in range(8)}  # in order
+    states = wait_for(
+        lambda: (s := _delivery_states(inbox)) and s["exits"][0] == "dead" and s,
+        120,
+        "the message that exits to be dead",
+    )
+    assert states["exits"][1] == 3  # its attempts, each counted before it ran
+
+
 # -- 4. a failure at COMMIT -------------------------------------------------------
 def test_a_deferred_foreign_key_broken_by_a_handler_fails_that_delivery_alone(
     inbox, kafka_admin, topic

@@ -204,6 +204,11 @@ UPDATE {claims} SET idle_above = NULL WHERE (queue, shard) IN (
 UPDATE {claims} SET recovering = false, recover_before = NULL
 WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s AND recovering
 
+-- name: still_recovering
+-- (a redelivered task's suspect shards were not flagged: their region is all, as then)
+UPDATE {claims} SET recovering = true
+WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s
+
 -- name: release
 UPDATE {claims} c SET token = NULL,
   lease_until = now() + %(pause)s * interval '1s',
