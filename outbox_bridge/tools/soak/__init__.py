@@ -29,7 +29,16 @@ from ...db import connect, recreate_database
 from ...migrate import migrate
 from ...outbox.kafka import ORDER_BROKEN
 from .cluster import Cluster
-from .faults import ALL_KINDS, BROKER_KINDS, CLUSTER_KINDS, KINDS, Faults, Worker, schedule
+from .faults import (
+    ALL_KINDS,
+    BROKER_KINDS,
+    CLUSTER_KINDS,
+    ELECTED_WITHIN,
+    KINDS,
+    Faults,
+    Worker,
+    schedule,
+)
 from .ledger import COMMITTED, ROLLED_BACK, UNKNOWN, Ledger
 from .proxy import Proxy
 from .reconcile import read_topic, reconcile
@@ -433,6 +442,12 @@ class Soak:
                 f"too little traffic to judge: {counts[COMMITTED]} committed"
                 f" (writers' errors: {self.writer_errors})"
             )
+        unelected = [
+            f for f in self.fault_log if "elected_after_s" in f and f["elected_after_s"] is None
+        ]
+        if unelected:
+            which = [f"{f['kind']}@{f['began']}s" for f in unelected]
+            violations.append(f"no dispatcher elected within {ELECTED_WITHIN:.0f}s after {which}")
         unverified = [f for f in self.fault_log if not f["verified"]]
         if unverified:
             violations.append(f"{len(unverified)} faults not shown to have happened: {unverified}")

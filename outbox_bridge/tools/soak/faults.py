@@ -46,6 +46,10 @@ CLUSTER_KINDS = (
     *BROKER_KINDS,
 )
 ALL_KINDS = (*KINDS, "kill_dispatcher", *BROKER_KINDS)
+# a dispatcher is elected again this soon after a fault ends (a restarted PostgreSQL:
+# the workers' reconnect backoff; a silence: network_timeout and the election's own
+# timings, worker/election.py), or the soak says so
+ELECTED_WITHIN = 60.0
 
 
 class Worker:
@@ -220,14 +224,28 @@ class Faults:
                     return int(part[2:])
         return None
 
+    def _elected(self, within: float) -> tuple[int | None, float]:
+        """Wait until a soak worker holds the election (at most ``within`` seconds):
+        its pid (None: none did) and the seconds waited."""
+        started = time.monotonic()
+        while True:
+            holder = self._dispatcher_pid()
+            mine = any(w.proc and w.proc.pid == holder for w in self.workers)
+            waited = time.monotonic() - started
+            if mine or waited > within:
+                return (holder if mine else None), waited
+            time.sleep(0.1)
+
     def kill_dispatcher(self) -> dict[str, Any]:
-        """SIGKILL the worker elected to dispatch; another worker takes over."""
-        holder = self._dispatcher_pid()
+        """SIGKILL the worker elected to dispatch (once one is: an earlier fault may
+        have just ended); another worker takes over."""
+        holder, waited = self._elected(ELECTED_WITHIN)
         worker = next((w for w in self.workers if w.proc and w.proc.pid == holder), None)
         if worker is None:
             return {
-                "detail": f"no soak worker holds the election (pid {holder})",
+                "detail": f"no soak worker held the election within {ELECTED_WITHIN:.0f}s",
                 "verified": False,
+                "elected_after_s": None,
             }
         pids = worker.kill()
         killed = time.monotonic()
@@ -240,8 +258,9 @@ class Faults:
         time.sleep(self.rng.uniform(0.5, 2))
         worker.start()
         return {
-            "detail": f"SIGKILL {worker.name}, the dispatcher (pid {holder}); the worker with"
-            f" pid {new} dispatches {took:.1f}s later; restarted",
+            "detail": f"SIGKILL {worker.name}, the dispatcher (pid {holder}, elected"
+            f" {waited:.1f}s after the fault began); the worker with pid {new} dispatches"
+            f" {took:.1f}s later; restarted",
             "verified": ok and new in others,
             "handover_s": round(took, 2),
         }
@@ -304,7 +323,18 @@ class Faults:
         }
 
     def blackhole_postgres(self) -> dict[str, Any]:
-        return self._blackhole("postgres")
+        """The silence, then how long until a worker dispatches again (the holder's
+        session may be one the server still sees: ``elected_after_s``, a violation
+        past ELECTED_WITHIN)."""
+        result = self._blackhole("postgres")
+        holder, waited = self._elected(ELECTED_WITHIN)
+        result["elected_after_s"] = None if holder is None else round(waited, 1)
+        result["detail"] += (
+            f"; a dispatcher elected {waited:.1f}s after"
+            if holder is not None
+            else f"; no dispatcher within {ELECTED_WITHIN:.0f}s after"
+        )
+        return result
 
     def blackhole_kafka(self) -> dict[str, Any]:
         return self._blackhole("kafka")
