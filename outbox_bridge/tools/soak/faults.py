@@ -210,11 +210,14 @@ class Faults:
         return {"detail": f"SIGKILL {worker.name} (pids {pids}), restarted", "verified": ok}
 
     def _dispatcher_pid(self) -> int | None:
-        """The main pid of the worker holding the dispatcher's election now."""
+        """The main pid of the worker holding the dispatcher's election now, heard from
+        lately: a holder pings its session every few seconds (worker/election.py), and
+        one behind a silent flow, which the server still sees, is not a dispatcher."""
         rows = self.query(
             "SELECT a.application_name FROM pg_stat_activity a"
             " WHERE a.datname = current_database()"
             " AND a.application_name LIKE 'outbox-bridge fleet %%'"
+            " AND a.state_change > now() - interval '15 seconds'"
             " AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid"
             " AND l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted)"
         )
