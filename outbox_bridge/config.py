@@ -62,7 +62,7 @@ class Settings:
     # How the dispatcher learns of new outbox rows: "poll" reads the outbox id sequence
     # every wake_poll seconds, idle or busy (commits pay nothing); "notify": while it
     # is idle, publish()'s INSERT NOTIFYs it and nothing is polled (each publish()
-    # then reads the idle flag: a cost to writers, see docs/benchmarks.md)
+    # then tries the dispatcher's idle lock shared, see docs/benchmarks.md)
     wake: str = "poll"
     # Dispatcher: seconds between reads of the outbox id sequence (with "notify":
     # while busy); 0: never, for writes that bypass publish() with the opt-in trigger
