@@ -3,9 +3,10 @@ and for the inbox's deliveries (one queue per handler)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .config import Settings, kafka_client
 from .db import transaction
@@ -83,6 +84,30 @@ def _inbox_status(cur, settings: Settings) -> dict[str, Any]:
     return {"handlers": handlers}
 
 
+_COORDINATOR_MOVING = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+}
+
+
+def _committed(consumer: Consumer, partitions: list, deadline: float) -> list:
+    """The group's committed offsets; asked again while its coordinator moves or
+    loads (a broker just started or restarted), until ``deadline`` (monotonic)."""
+    while True:
+        try:
+            found = consumer.committed(partitions, timeout=max(0.1, deadline - time.monotonic()))
+            error = next((tp.error for tp in found if tp.error is not None), None)
+        except KafkaException as exc:
+            error = exc.args[0]
+        if error is None:
+            return found
+        # no offset is not "nothing committed": the lag would read as the whole topic
+        if error.code() not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+            raise KafkaException(error)
+        time.sleep(0.2)
+
+
 def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict[str, Any]]:
     """Per partition: the consumer group's committed offset, the end offset and the lag
     (the records from the committed offset, or the low watermark, to the end)."""
@@ -95,11 +120,7 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
             TopicPartition(t, p) for t in sorted(topics) if t in meta for p in meta[t].partitions
         ]
         lag = []
-        for tp in consumer.committed(partitions, timeout=10):
-            if tp.error is not None:
-                # the coordinator is loading (a broker restarted): no offset is not
-                # "nothing committed", and the lag would read as the whole topic
-                raise KafkaException(tp.error)
+        for tp in _committed(consumer, partitions, time.monotonic() + 10):
             low, high = consumer.get_watermark_offsets(tp, timeout=10)
             committed = tp.offset if tp.offset >= 0 else None
             # what the group still has to read: records before the low watermark are

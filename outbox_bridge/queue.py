@@ -16,7 +16,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .db import channel
 from .events import emit
@@ -64,6 +64,20 @@ def fire_dead(dead: Iterable[DeadMessage]) -> None:
     signal, the dead hook, metrics); call only after their change committed."""
     for message in dead:
         emit("dead", message)
+
+
+class Renewed(NamedTuple):
+    """A renewed claim: the shards still ours, those of them recovering, and each
+    one's round limit (see ``renew``; None: unknown)."""
+
+    owned: list[int]
+    recovering: list[int]
+    limits: dict[int, int | None]
+
+    def region_limit(self, shards: Sequence[int], default: int) -> int:
+        """The most rows a round of the dead owners of ``shards`` fetched."""
+        found = [self.limits.get(s) for s in shards]
+        return default if None in found or not found else min(default, max(found))
 
 
 @dataclass(frozen=True)
@@ -170,29 +184,46 @@ class Queue:
 
     # -- the shard task's side ----------------------------------------------
     def renew(
-        self, cur, shards: Sequence[int], token: Any, lease: float, adopt: bool = False
+        self,
+        cur,
+        shards: Sequence[int],
+        token: Any,
+        lease: float,
+        adopt: bool = False,
+        limit: int | None = None,
     ) -> list[int]:
         """Extend our claim; the shards still ours (none: a stale task). With
-        ``adopt``, also claim free shards that have become ready."""
-        return self.renew_round(cur, shards, token, lease, adopt)[0]
+        ``adopt``, also claim free shards that have become ready. ``limit``: the
+        most rows our rounds fetch until the next renewal commits (None: as before)."""
+        return self.renew_round(cur, shards, token, lease, adopt, limit).owned
 
     def renew_round(
-        self, cur, shards: Sequence[int], token: Any, lease: float, adopt: bool = False
-    ) -> tuple[list[int], list[int]]:
+        self,
+        cur,
+        shards: Sequence[int],
+        token: Any,
+        lease: float,
+        adopt: bool = False,
+        limit: int | None = None,
+    ) -> Renewed:
         """``renew``, and which of the shards are recovering: their previous owner
         died with a batch in hand (see ``start_held``)."""
-        if adopt:
-            self._run(cur, "renew_adopt", shards=list(shards), token=token, lease=lease)
-        else:
-            self._run(cur, "renew", shards=list(shards), token=token, lease=lease)
+        params = {"shards": list(shards), "token": token, "lease": lease, "limit": limit}
+        pieces = {"round_limit": "queue.round_limit"}
+        self._run(cur, "renew_adopt" if adopt else "renew", pieces, **params)
         found = cur.fetchall()
         if found and found[0][2]:  # shards over the queue's share went back: claim them
             self._notify(cur, "released")
-        return sorted(r[0] for r in found), sorted(r[0] for r in found if r[1])
+        return Renewed(
+            sorted(r[0] for r in found),
+            sorted(r[0] for r in found if r[1]),
+            {r[0]: r[3] for r in found},
+        )
 
-    def recovered(self, cur, shards: Sequence[int], token: Any) -> None:
-        """These shards of ours are past what their dead owner may have had in hand."""
-        self._run(cur, "recovered", shards=list(shards), token=token)
+    def recovered(self, cur, shards: Sequence[int], token: Any, limit: int | None = None) -> None:
+        """These shards of ours are past what their dead owner may have had in hand;
+        ``limit`` is what our rounds fetch from now on (see ``renew``)."""
+        self._run(cur, "recovered", shards=list(shards), token=token, limit=limit)
 
     def still_recovering(self, cur, shards: Sequence[int], token: Any) -> None:
         """These shards of ours go back before their recovery is over: the next owner

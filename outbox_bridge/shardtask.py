@@ -204,6 +204,37 @@ class Round:
     stale: bool = False
 
 
+class RoundSize:
+    """How many rows a round of a shard task fetches: at most ``most``; after a round
+    that its budget (``ROUND_SECONDS``) cut, what ran in it; doubled after a full
+    round done in half of it. Kept per task name in this process, so that a new
+    task starts where the last one ended.
+
+    Each round's renewal records ``bound`` with the claim (``Queue.renew``): when the
+    owner dies, only that many rows of its shard run one per transaction before the
+    shard goes on in batches (``one_at_a_time``), not a whole ``batch_size``."""
+
+    last: dict[str, int] = {}
+
+    def __init__(self, name: str, most: int, first: int = 64):
+        self.name = name
+        self.most = max(1, most)
+        self.n = min(self.most, self.last.get(name, first))
+
+    @property
+    def bound(self) -> int:
+        """At least this round's size and the next one's."""
+        return min(self.most, 2 * self.n)
+
+    def after(self, fetched: int, ran: int, cut: bool, seconds: float) -> None:
+        """Size the next round by this one: ``fetched`` rows, ``ran`` of them run."""
+        if cut:
+            self.n = max(1, min(self.most, ran))
+        elif fetched >= self.n and seconds < ROUND_SECONDS / 2:
+            self.n = min(self.most, 2 * self.n)
+        self.last[self.name] = self.n
+
+
 def next_round(
     cur: Any,
     queue: Queue,
@@ -211,28 +242,36 @@ def next_round(
     token: Any,
     owned: list[int],
     clock: Linger,
-    fetch: Callable[[Any, list[int], list[str]], tuple[list[Any], bool]],
+    fetch: Callable[[Any, list[int], list[str], int], tuple[list[Any], bool]],
     suspect: bool = False,
     skip: dict[str, float] | None = None,
+    size: RoundSize | None = None,
 ) -> Round:
     """The first half of every round, in the round's transaction: renew the claim
     (taking on ready free shards while lingering), find what a dead owner of a
     recovering shard may have had in hand (``suspect``: treat every shard so, a
-    redelivered task message), else ``fetch(cur, owned, skip_topics)`` the next
-    batch; with none, linger or give the shards back as all held. ``skip``:
-    paused topics and the seconds their pause still runs."""
+    redelivered task message), else ``fetch(cur, owned, skip_topics, limit)`` the
+    next batch of at most ``limit`` rows (``size``; None: ``batch_size``); with
+    none, linger or give the shards back as all held. ``skip``: paused topics and
+    the seconds their pause still runs."""
     skip = skip or {}
-    owned, recovering = queue.renew_round(cur, owned, token, settings.lease_seconds, clock.adopt)
+    limit, bound = (size.n, size.bound) if size else (settings.batch_size, settings.batch_size)
+    # a redelivered task keeps the bound its first run recorded: that run's region
+    renewed = queue.renew_round(
+        cur, owned, token, settings.lease_seconds, clock.adopt, None if suspect else bound
+    )
+    owned, recovering = renewed.owned, renewed.recovering
     if not owned:
         return Round(owned, stale=True)
     if suspect:
         recovering = owned
     if recovering:
-        region = queue.suspects(cur, recovering, settings.batch_size, skip_topics=list(skip))
+        most = renewed.region_limit(recovering, settings.batch_size)
+        region = queue.suspects(cur, recovering, most, skip_topics=list(skip))
         if region:
             return Round(owned, solo=region, recovering=recovering)
-        queue.recovered(cur, recovering, token)
-    batch, full = fetch(cur, owned, list(skip))
+        queue.recovered(cur, recovering, token, bound)
+    batch, full = fetch(cur, owned, list(skip), limit)
     if batch:
         clock.busy()
         return Round(owned, batch, full)
@@ -318,7 +357,7 @@ def one_at_a_time(
             held.add(*keys[row_id])
             retry(row_id, retry_token, countdown)
     with work(conn, settings, what) as cur:
-        queue.recovered(cur, recovering, token)
+        queue.recovered(cur, recovering, token)  # the next round's renewal records its bound
     return "done"
 
 

@@ -33,6 +33,7 @@ from ..shardtask import (
     ROUND_SECONDS,
     HeldKeys,
     Linger,
+    RoundSize,
     Source,
     again_later,
     backoff,
@@ -208,12 +209,13 @@ def run_deliveries(
             return _retry(task, spec, ids, token)
         settings = get_settings()
         clock = Linger(settings)
+        size = RoundSize(task.name, settings.batch_size)
         totals = {"done": 0, "failed": 0, "dead": 0, "batches": 0}
         owned = list(shards)
         # a task message delivered again: its first run may have died inside a batch
         suspect = bool((task.request.delivery_info or {}).get("redelivered"))
         while True:
-            result = _attempt(task, spec, token, owned, clock, suspect)
+            result = _attempt(task, spec, token, owned, clock, size, suspect)
             suspect = False
             for name in totals:
                 totals[name] += result.get(name, 0)
@@ -227,18 +229,18 @@ def run_deliveries(
         raise
 
 
-def _attempt(task, spec, token, shards, clock, suspect: bool) -> dict:
+def _attempt(task, spec, token, shards, clock, size, suspect: bool) -> dict:
     """One round of a shard task: fast; careful after a handler raised; one delivery
     per transaction after a COMMIT failed or on a shard whose owner died."""
     try:
         try:
-            result = _run_round(task, spec, token, shards, False, clock, suspect)
+            result = _run_round(task, spec, token, shards, False, clock, size, suspect)
         except _NeedsSavepoints:
             task_connection(get_settings()).rollback()
-            result = _run_round(task, spec, token, shards, True, clock)
+            result = _run_round(task, spec, token, shards, True, clock, size)
     except _CommitFailed as exc:
         log.warning("%s: %s; its deliveries run one per transaction", task.name, exc)
-        result = _run_round(task, spec, token, shards, False, clock, True)
+        result = _run_round(task, spec, token, shards, False, clock, size, True)
     if "solo" in result:
         result = _solo(task, spec, token, result, clock)
     return result
@@ -455,7 +457,9 @@ def _counted(task: Task, handled: _Handled) -> None:
     emit("batch", task.name, handled.count)
 
 
-def _run_round(task, spec, token, shards, careful: bool, clock: Linger, solo=False) -> dict:
+def _run_round(
+    task, spec, token, shards, careful: bool, clock: Linger, size: RoundSize, solo=False
+) -> dict:
     """One round of a shard task (``shardtask.next_round``), its handlers in one
     transaction with the claim; failures become retrying heads with a retry task."""
     settings = get_settings()
@@ -463,14 +467,14 @@ def _run_round(task, spec, token, shards, careful: bool, clock: Linger, solo=Fal
     retry_token = uuid.uuid4()
     result: dict[str, Any] = {}
 
-    def fetch(cur, owned: list[int], skip: list[str]) -> tuple[list[int], bool]:
-        ids, _with_rows = queue.fetch_ids(cur, owned, settings.batch_size, skip)
-        return ids, len(ids) >= settings.batch_size
+    def fetch(cur, owned: list[int], skip: list[str], limit: int) -> tuple[list[int], bool]:
+        ids, _with_rows = queue.fetch_ids(cur, owned, limit, skip)
+        return ids, len(ids) >= limit
 
     with _handlers_transaction(task, spec) as (cur, handled_flag):
         # locked until commit: a handler slower than the lease still finishes; one
         # that hangs is ended by the task's time limit (handler_time_limit)
-        found = next_round(cur, queue, settings, token, shards, clock, fetch, solo)
+        found = next_round(cur, queue, settings, token, shards, clock, fetch, solo, size=size)
         if found.stale:
             return {"stale": True}
         owned = result["owned"] = found.owned
@@ -480,12 +484,14 @@ def _run_round(task, spec, token, shards, careful: bool, clock: Linger, solo=Fal
             return {**result, "idle": True}
         if found.released:
             return {"released": True}
+        started = time.monotonic()
         handled = _run_handlers(cur, task, spec, found.batch, owned, careful, ROUND_SECONDS)
+        size.after(len(found.batch), handled.count, handled.cut, time.monotonic() - started)
         queue.complete(cur, handled.done)  # in the handlers' transaction: done iff their writes
         lease = lease_for(task, 0, settings.lease_seconds)
         queue.hold(cur, {**handled.failed, **handled.dead}, retry_token, lease)
         buried = queue.bury(cur, list(handled.dead), retry_token, None)
-        if clock.over(handled.cut or len(found.batch) >= settings.batch_size):
+        if clock.over(handled.cut or found.full):
             queue.release(cur, owned, token)
             result["released"] = True
         handled_flag[0] = True

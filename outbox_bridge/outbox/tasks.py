@@ -133,8 +133,8 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
     # a task message delivered again: its first run may have died inside a batch
     suspect = bool((self.request.delivery_info or {}).get("redelivered"))
 
-    def fetch(cur, owned: list[int], skip: list[str]) -> tuple[list, bool]:
-        rows, full = queue.fetch(cur, owned, settings.batch_size, settings.batch_bytes, skip)
+    def fetch(cur, owned: list[int], skip: list[str], limit: int) -> tuple[list, bool]:
+        rows, full = queue.fetch(cur, owned, limit, settings.batch_bytes, skip)
         return rows, bool(full)
 
     try:

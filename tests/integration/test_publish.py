@@ -145,6 +145,7 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
         "0010_fleet",
         "0011_handler_routes",
         "0012_idle_lock",
+        "0013_round_limit",
     ]
     assert migrate(odd) == []
     c = psycopg2.connect(db_url)

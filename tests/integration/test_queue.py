@@ -144,7 +144,7 @@ def test_a_task_keeps_at_most_its_share_of_shards_and_gives_the_rest_back(db_url
         queue.set_share(cur, 4)
     (first, token), (second, other) = claims
     with conn, conn.cursor() as cur:
-        kept, _recovering = queue.renew_round(cur, first, token, 30, adopt=True)
+        kept = queue.renew(cur, first, token, 30, adopt=True)
     assert kept == first[:4]
     assert _notified(listener)  # "released": the dispatcher looks again
     with conn, conn.cursor() as cur:
@@ -153,7 +153,7 @@ def test_a_task_keeps_at_most_its_share_of_shards_and_gives_the_rest_back(db_url
             " AND token IS NULL AND lease_until < now() ORDER BY shard"
         )
         assert [r[0] for r in cur.fetchall()] == first[4:]
-        kept, _recovering = queue.renew_round(cur, second, other, 30, adopt=True)
+        kept = queue.renew(cur, second, other, 30, adopt=True)
     assert kept == second[:4]  # within its share it takes on nothing more either
     with conn, conn.cursor() as cur:
         new = queue.claim(cur, list(range(16)), 30, groups=2, per_group=2)
@@ -410,7 +410,7 @@ def test_after_a_takeover_only_the_rows_the_dead_owner_may_have_had_are_suspects
             publish(cur, "t", 100 + n, key="a")
     with conn, conn.cursor() as cur:
         ((_shards, new_owner),) = queue.claim(cur, [shard], 30)
-        owned, recovering = queue.renew_round(cur, [shard], new_owner, 30)
+        owned, recovering, _limits = queue.renew_round(cur, [shard], new_owner, 30)
         assert new_owner != dead_owner and owned == recovering == [shard]
         suspects = queue.suspects(cur, recovering, 2000)
         every, _ = queue.fetch_ids(cur, recovering, 2000)
@@ -418,9 +418,46 @@ def test_after_a_takeover_only_the_rows_the_dead_owner_may_have_had_are_suspects
     assert [_row_message(db_url, i) for i in suspects] == [str(m) for m in ids]
     with conn, conn.cursor() as cur:
         queue.recovered(cur, recovering, new_owner)
-        assert queue.renew_round(cur, [shard], new_owner, 30) == ([shard], [])
+        assert queue.renew_round(cur, [shard], new_owner, 30)[:2] == ([shard], [])
         cur.execute("SELECT recover_before FROM outbox_bridge.claims WHERE shard = %s", (shard,))
         assert cur.fetchone() == (None,)
+
+
+def test_a_takeover_suspects_only_as_many_rows_as_a_round_of_the_dead_owner_fetched(db_url, conn):
+    """A handler's rounds fetch what runs in a second: its recovery runs that many rows
+    one per transaction, not a whole batch_size."""
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        for n in range(30):
+            publish(cur, "t", n, key="a")
+        ids = _ids(cur)
+        (shard,) = queue.ready_shards(cur)
+        ((_shards, dead_owner),) = queue.claim(cur, [shard], 30)
+    with conn, conn.cursor() as cur:
+        assert queue.renew(cur, [shard], dead_owner, 30, limit=5) == [shard]  # committed
+    with conn, conn.cursor() as cur:
+        queue.renew(cur, [shard], dead_owner, 30, limit=400)  # its next round: it died in it
+        conn.rollback()
+        cur.execute(
+            "UPDATE outbox_bridge.claims SET lease_until = now() - interval '10s' WHERE shard = %s",
+            (shard,),
+        )
+        cur.execute("UPDATE outbox_bridge.outbox SET created_at = now() - interval '41s'")
+    with conn, conn.cursor() as cur:
+        ((_shards, new_owner),) = queue.claim(cur, [shard], 30)
+        renewed = queue.renew_round(cur, [shard], new_owner, 30, limit=100)
+        assert renewed.recovering == [shard]
+        most = renewed.region_limit(renewed.recovering, 2000)
+        assert most == 5  # the dead owner's, not the new owner's 100
+        assert queue.suspects(cur, renewed.recovering, most) == ids[:5]
+    with conn, conn.cursor() as cur:
+        # not yet recovered: a renewal keeps the dead owner's limit
+        assert queue.renew_round(cur, [shard], new_owner, 30, limit=100).limits == {shard: 5}
+        queue.recovered(cur, [shard], new_owner, 100)
+        assert queue.renew_round(cur, [shard], new_owner, 30).limits == {shard: 100}
+        assert queue.renew_round(cur, [shard], new_owner, 30, limit=7).recovering == []
+        cur.execute("SELECT round_limit FROM outbox_bridge.claims WHERE shard = %s", (shard,))
+        assert cur.fetchone() == (7,)
 
 
 def _ids(cur) -> list[int]:

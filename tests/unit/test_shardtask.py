@@ -15,6 +15,7 @@ from outbox_bridge import shardtask
 from outbox_bridge.config import Settings
 from outbox_bridge.outbox import Row, kafka
 from outbox_bridge.outbox.tasks import first_per_key
+from outbox_bridge.queue import Renewed
 from outbox_bridge.worker import maintenance
 from outbox_bridge.worker.dispatcher import free_tasks
 
@@ -108,32 +109,34 @@ class FakeQueue:
     region: list[int] = field(default_factory=list)
     calls: list[tuple] = field(default_factory=list)
 
-    def renew_round(self, cur, shards, token, lease, adopt):
-        self.calls.append(("renew", adopt))
-        return self.owned, self.recovering
+    limits: dict[int, int | None] = field(default_factory=dict)
+
+    def renew_round(self, cur, shards, token, lease, adopt, limit=None):
+        self.calls.append(("renew", adopt, limit))
+        return Renewed(self.owned, self.recovering, self.limits)
 
     def suspects(self, cur, shards, limit, skip_topics=()):
-        self.calls.append(("suspects", list(shards)))
+        self.calls.append(("suspects", list(shards), limit))
         return self.region
 
-    def recovered(self, cur, shards, token):
-        self.calls.append(("recovered", list(shards)))
+    def recovered(self, cur, shards, token, limit=None):
+        self.calls.append(("recovered", list(shards), limit))
 
     def release(self, cur, shards, token, pause=0.0, held=(), recheck=None, skip_topics=()):
         self.calls.append(("release", list(held), recheck, list(skip_topics)))
 
 
 def fetcher(batch):
-    def fetch(cur, owned, skip):
-        return batch, False
+    def fetch(cur, owned, skip, limit):
+        return batch[:limit], False
 
     return fetch
 
 
-def round_of(queue, batch=(), suspect=False, skip=None, linger=0.0):
+def round_of(queue, batch=(), suspect=False, skip=None, linger=0.0, size=None):
     clock = shardtask.Linger(Settings(linger_seconds=linger))
     return shardtask.next_round(
-        None, queue, Settings(), "tok", [1, 2], clock, fetcher(list(batch)), suspect, skip
+        None, queue, Settings(), "tok", [1, 2], clock, fetcher(list(batch)), suspect, skip, size
     )
 
 
@@ -155,13 +158,40 @@ def test_a_recovering_shard_first_runs_what_its_dead_owner_had_one_at_a_time():
     assert found.solo == [7, 8] and found.recovering == [2] and not found.batch
     queue = FakeQueue(recovering=[2], region=[])
     assert round_of(queue, [10]).batch == [10]
-    assert ("recovered", [2]) in queue.calls  # nothing suspect left: recovered
+    assert ("recovered", [2], Settings().batch_size) in queue.calls  # nothing suspect left
+
+
+def test_a_recovery_region_is_what_a_round_of_the_dead_owner_fetched():
+    size = shardtask.RoundSize("unit.region", 2000, first=50)
+    queue = FakeQueue(recovering=[2], region=[7], limits={1: None, 2: 120})
+    round_of(queue, [10], size=size)
+    # the renewal records this task's bound (this round and the next), the region is
+    # the dead owner's, and nothing is fetched
+    assert queue.calls == [("renew", False, 100), ("suspects", [2], 120)]
+    queue = FakeQueue(recovering=[2], region=[7], limits={2: None})
+    round_of(queue, [10], size=size)
+    assert queue.calls[-1] == ("suspects", [2], Settings().batch_size)  # unknown: a batch
+
+
+def test_a_round_size_follows_what_runs_in_the_round_budget():
+    size = shardtask.RoundSize("unit.size", 2000, first=64)
+    size.after(fetched=64, ran=64, cut=False, seconds=0.1)
+    assert (size.n, size.bound) == (128, 256)  # full and quick: double
+    size.after(fetched=128, ran=128, cut=False, seconds=0.7)
+    assert size.n == 128  # full, more than half the budget: keep
+    size.after(fetched=128, ran=90, cut=True, seconds=1.0)
+    assert size.n == 90  # cut by the budget: what ran
+    size.after(fetched=30, ran=30, cut=False, seconds=0.1)
+    assert size.n == 90  # not full: keep
+    assert shardtask.RoundSize("unit.size", 2000).n == 90  # the next task starts there
+    assert shardtask.RoundSize("unit.small", 10).bound == 10  # never past batch_size
 
 
 def test_a_redelivered_task_treats_every_shard_as_recovering():
     queue = FakeQueue(region=[7])
     found = round_of(queue, [10], suspect=True)
     assert found.solo == [7] and found.recovering == [1, 2]
+    assert queue.calls[0] == ("renew", False, None)  # its first run's bound is kept
 
 
 def test_an_empty_round_lingers_then_gives_the_shards_back_as_held():

@@ -152,21 +152,28 @@ WITH cap AS (
 ), mine AS (
     UPDATE {claims} c SET token = %(token)s, lease_until = now() + %(lease)s * interval '1s',
         idle_above = NULL, idle_until = NULL,
+        round_limit = {round_limit},
         recovering = c.recovering OR coalesce(c.token <> %(token)s, false),
         recover_before = CASE WHEN coalesce(c.token <> %(token)s, false)
             THEN greatest(c.recover_before, {recover_before}) ELSE c.recover_before END
     WHERE c.queue = %(queue)s
       AND (c.shard IN (SELECT shard FROM kept) OR c.shard IN (SELECT shard FROM free))
-    RETURNING c.shard, c.recovering
+    RETURNING c.shard, c.recovering, c.round_limit
 ), woken AS (
     DELETE FROM {wakes} w USING free WHERE w.queue = %(queue)s AND w.shard = free.shard
 )
-SELECT shard, recovering, (SELECT count(*) FROM surplus) FROM mine
+SELECT shard, recovering, (SELECT count(*) FROM surplus), round_limit FROM mine
 
 -- name: renew
-UPDATE {claims} SET lease_until = now() + %(lease)s * interval '1s'
+UPDATE {claims} c SET lease_until = now() + %(lease)s * interval '1s', round_limit = {round_limit}
 WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s
-RETURNING shard, recovering, 0
+RETURNING shard, recovering, 0, round_limit
+
+-- name: round_limit
+-- what this round's renewal records (%(limit)s NULL: keep): not over a recovering
+-- shard's, which bounds what its dead owner may have had in hand until it is recovered
+CASE WHEN c.recovering OR coalesce(c.token <> %(token)s, false) THEN c.round_limit
+     ELSE coalesce(%(limit)s::int, c.round_limit) END
 
 -- name: set_share
 -- the most shards one task of the queue keeps (renew_adopt), as the dispatcher sees it
@@ -201,8 +208,11 @@ UPDATE {claims} SET idle_above = NULL WHERE (queue, shard) IN (
   FOR UPDATE SKIP LOCKED)
 
 -- name: recovered
-UPDATE {claims} SET recovering = false, recover_before = NULL
-WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s AND recovering
+-- (a redelivered task's suspect shards were not flagged: only their limit is ours now)
+UPDATE {claims} SET recovering = false, recover_before = NULL,
+    round_limit = coalesce(%(limit)s::int, round_limit)
+WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s
+  AND (recovering OR round_limit IS DISTINCT FROM coalesce(%(limit)s::int, round_limit))
 
 -- name: still_recovering
 -- (a redelivered task's suspect shards were not flagged: their region is all, as then)
