@@ -215,6 +215,50 @@ def test_a_recovery_longer_than_a_task_goes_on_in_the_next_task_not_past_the_tim
     assert states["exits"][1] == 3  # its attempts, each counted before it ran
 
 
+def test_after_a_death_only_what_the_dead_owners_round_fetched_runs_one_at_a_time(
+    inbox, kafka_admin, topic
+):
+    """Rounds fetch what runs in their one-second budget, growing from 64 rows while
+    they are quick, and each renewal records that bound: the process that dies in
+    the third round (rows 192-447) leaves a recovery of at most 256 rows per death
+    of the poison, not the rest of a 2,000-row backlog one per transaction."""
+    poison_topic = topic + "-poison"
+    create_topic(kafka_admin, poison_topic, partitions=1)  # stored in the order produced
+    fast = []
+    messages = []
+    for seq in range(2000):
+        if seq == 400:
+            body = {"k": "exits", "seq": 0, "exit": True}
+            messages.append((b"exits", json.dumps(body).encode(), None))
+        fast.append(str(uuid.uuid4()))
+        body = json.dumps({"k": f"k{seq % 8}", "seq": seq}).encode()
+        messages.append((f"k{seq % 8}".encode(), body, [("message_id", fast[-1].encode())]))
+    inbox.produce(messages, topic=poison_topic)
+    worker = inbox.start(concurrency=2, TEST_POISON_TOPIC=poison_topic, OUTBOX_BRIDGE_SHARDS="1")
+    wait_for(lambda: len(inbox.effects("poison")) >= len(fast), 180, "the fast messages")
+    assert "WorkerLostError" in worker.log_tail(20000)  # the fault happened
+    ran = dict(
+        inbox.query(
+            "SELECT d.attempts > 0, count(*) FROM outbox_bridge.deliveries d"
+            " WHERE d.handler = 'outbox.tests.poison' AND d.state = 'done' GROUP BY 1"
+        )
+    )
+    # a delivery run one per transaction has its attempt counted; one of a batch not
+    assert 0 < ran.get(True, 0) <= 3 * 256 and ran[False] >= len(fast) - 3 * 256, ran
+    effects = inbox.effects("poison")
+    assert sorted(str(m) for m, _k, _s in effects) == sorted(fast)  # each once
+    per_key = defaultdict(list)
+    for _m, k, seq in effects:
+        per_key[k].append(seq)
+    assert per_key == {f"k{k}": list(range(k, 2000, 8)) for k in range(8)}  # in order
+    states = wait_for(
+        lambda: (s := _delivery_states(inbox)) and s["exits"][0] == "dead" and s,
+        120,
+        "the message that exits to be dead",
+    )
+    assert states["exits"][1] == 3
+
+
 # -- 4. a failure at COMMIT -------------------------------------------------------
 def test_a_deferred_foreign_key_broken_by_a_handler_fails_that_delivery_alone(
     inbox, kafka_admin, topic

@@ -46,6 +46,13 @@ class Cluster:
     """The cluster's nodes (by their ``scripts/services`` names) and the soak's topic."""
 
     def __init__(self, settings: Settings, state: Path, topic: str, services: str) -> None:
+        missing = [n for n in NODES if not (state / f"kafka-{n}" / "server.pid").exists()]
+        if missing:  # the faults would find no node to kill, minutes into the run
+            raise RuntimeError(
+                f"the cluster's state directory {state} has no running kafka-{missing[0]}:"
+                " start it with `scripts/services up kafka-cluster` and take"
+                " OUTBOX_BRIDGE_KAFKA_CLUSTER_STATE from `scripts/services env`"
+            )
         self.state, self.topic, self.services = state, topic, services
         self.client = Consumer(kafka_client(settings, **{"group.id": f"soak-cluster-{topic}"}))
 
