@@ -115,6 +115,12 @@ def producer_config(settings: Settings) -> dict:
             "client.id": f"outbox-bridge-{socket.gethostname()}-{os.getpid()}",
             "enable.idempotence": True,
             "acks": "all",
+            # one request in flight per broker: a key's later row is never sent while
+            # an earlier one's request is open, so a leader change mid-request cannot
+            # reorder them (librdkafka's idempotent producer has reordered and duplicated
+            # around leader transitions, confluentinc/librdkafka#4953); the relay's
+            # backlog drain measured 8% slower (within the run-to-run spread)
+            "max.in.flight.requests.per.connection": 1,
             # the Java client's partitioner: same key, same partition as Java producers
             "partitioner": "murmur2_random",
             "linger.ms": 5,
