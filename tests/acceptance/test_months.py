@@ -165,6 +165,26 @@ def test_handlers_that_exit_or_hang_their_process_become_dead_and_the_rest_goes_
     )
 
 
+def _assert_each_once_in_key_order(inbox, ids: list[str]) -> None:
+    """Each message of ``ids`` (seq n, key k{n % 8}) handled once, each key in order."""
+    effects = inbox.effects("poison")
+    assert sorted(str(m) for m, _k, _s in effects) == sorted(ids)  # each once
+    per_key = defaultdict(list)
+    for _m, k, seq in effects:
+        per_key[k].append(seq)
+    assert per_key == {f"k{k}": list(range(k, len(ids), 8)) for k in range(8)}  # in order
+
+
+def _dead_exits(inbox) -> tuple:
+    """The state of the delivery that exits its process, once it is dead."""
+    states = wait_for(
+        lambda: (s := _delivery_states(inbox)) and s["exits"][0] == "dead" and s,
+        120,
+        "the message that exits to be dead",
+    )
+    return states["exits"]
+
+
 def test_a_recovery_longer_than_a_task_goes_on_in_the_next_task_not_past_the_time_limit(
     inbox, kafka_admin, topic
 ):
@@ -201,18 +221,8 @@ def test_a_recovery_longer_than_a_task_goes_on_in_the_next_task_not_past_the_tim
     )
     assert attempts == [("done", 1, len(slow))], attempts
     assert log.count("its recovery goes on in the next task") >= 2
-    effects = inbox.effects("poison")
-    assert sorted(str(m) for m, _k, _s in effects) == sorted(slow)  # each once
-    per_key = defaultdict(list)
-    for _m, k, seq in effects:
-        per_key[k].append(seq)
-    assert per_key == {f"k{k}": list(range(k, 40, 8)) for k in range(8)}  # in order
-    states = wait_for(
-        lambda: (s := _delivery_states(inbox)) and s["exits"][0] == "dead" and s,
-        120,
-        "the message that exits to be dead",
-    )
-    assert states["exits"][1] == 3  # its attempts, each counted before it ran
+    _assert_each_once_in_key_order(inbox, slow)
+    assert _dead_exits(inbox)[1] == 3  # its attempts, each counted before it ran
 
 
 def test_after_a_death_only_what_the_dead_owners_round_fetched_runs_one_at_a_time(
@@ -245,18 +255,8 @@ def test_after_a_death_only_what_the_dead_owners_round_fetched_runs_one_at_a_tim
     )
     # a delivery run one per transaction has its attempt counted; one of a batch not
     assert 0 < ran.get(True, 0) <= 3 * 256 and ran[False] >= len(fast) - 3 * 256, ran
-    effects = inbox.effects("poison")
-    assert sorted(str(m) for m, _k, _s in effects) == sorted(fast)  # each once
-    per_key = defaultdict(list)
-    for _m, k, seq in effects:
-        per_key[k].append(seq)
-    assert per_key == {f"k{k}": list(range(k, 2000, 8)) for k in range(8)}  # in order
-    states = wait_for(
-        lambda: (s := _delivery_states(inbox)) and s["exits"][0] == "dead" and s,
-        120,
-        "the message that exits to be dead",
-    )
-    assert states["exits"][1] == 3
+    _assert_each_once_in_key_order(inbox, fast)
+    assert _dead_exits(inbox)[1] == 3
 
 
 # -- 4. a failure at COMMIT -------------------------------------------------------
