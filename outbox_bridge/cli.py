@@ -62,6 +62,8 @@ def _status_lines(data: dict) -> list[str]:
         lines = [f"{name}: " + ", ".join(f"{k} {v}" for k, v in q["counts"].items())]
         age = q.get("oldest_pending_seconds")
         lines.append(f"  oldest pending: {'-' if age is None else f'{age:.1f}s'}")
+        if q.get("next_due_seconds") is not None:
+            lines.append(f"  next delayed message due in {max(0.0, q['next_due_seconds']):.1f}s")
         for b in q.get("blocked_keys", []):
             lines.append(
                 f"  blocked key {b['topic']}/{b['key']}: head {b['state']} after"
@@ -107,7 +109,7 @@ def dead_list(topic, key, ids, handler, as_json) -> None:
     rows = ops.dead_list(get_settings(), topic, key, ids, handler)
     text = "\n".join(
         f"{r['queue']} {r['id']} {r['message_id']} {r['topic']}/{r['key']}"
-        f" attempts={r['attempts']}"
+        f" {r['state']} attempts={r['attempts']}"
         f" dead_at={r['dead_at'] and r['dead_at'].strftime('%Y-%m-%d %H:%M:%S')}"
         f" {r['last_error']}"
         for r in rows
@@ -119,7 +121,9 @@ def dead_list(topic, key, ids, handler, as_json) -> None:
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dead_retry(topic, key, ids, handler, as_json) -> None:
-    """Send dead messages (and re-run dead deliveries) again, in their original order."""
+    """Send dead messages (and re-run dead deliveries) again, in their original order.
+
+    Expired messages are left as they are: purge them, or publish them again."""
     count = ops.dead_retry(get_settings(), topic, key, ids, handler)
     _emit({"retried": count}, as_json, f"retried {count} dead messages")
 

@@ -221,6 +221,7 @@ def transaction(
 # the tables that SQL templates name as {outbox}, {claims}, ...
 TABLES = (
     "outbox",
+    "scheduled",
     "claims",
     "wakeup",
     "migrations",

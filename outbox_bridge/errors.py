@@ -25,6 +25,11 @@ class MessageTooLarge(InvalidMessage):
     """Value, key and headers together exceed ``outbox_bridge_max_message_bytes``."""
 
 
+class InvalidTime(InvalidMessage):
+    """``deliver_at``, ``delay``, ``expires_at`` or ``ttl`` cannot be used as given (a
+    naive datetime, a time in the past, a negative delay, an expiry before delivery)."""
+
+
 class DecodeError(OutboxBridgeError, ValueError):
     """A consumed value cannot be decoded by the handler's serializer."""
 

@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -15,6 +15,9 @@ from .errors import DecodeError, InvalidHeaders, InvalidKey, InvalidTopic, NotSe
 
 # The Kafka header that carries the outbox message id, for deduplication.
 MESSAGE_ID_HEADER = "message_id"
+# The Kafka header that carries a message's expiry (``publish(..., ttl=)``), an ISO 8601
+# UTC time such as 2026-12-04T21:30:00.000Z, so that any consumer can honour it.
+EXPIRES_HEADER = "expires_at"
 # Longest key whose order outbox-bridge keeps: with the topic it must fit a
 # btree index entry (2704 bytes) of the held-keys index.
 MAX_KEY_BYTES = 2000
@@ -40,6 +43,51 @@ class Message:
     partition: int | None = None
     offset: int | None = None
     timestamp: datetime | None = None
+
+    def header(self, name: str) -> str | None:
+        """The first header ``name`` as text (None: absent or empty)."""
+        for found, value in self.headers:
+            if found == name and value is not None:
+                return value.decode("utf-8", errors="replace")
+        return None
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When the message expires (its ``expires_at`` header), or None."""
+        when = parse_time(self.header(EXPIRES_HEADER))
+        return None if when is None else datetime.fromtimestamp(when, timezone.utc)
+
+
+def format_time(when: datetime) -> str:
+    """An aware datetime as carried in headers: ISO 8601 in UTC, milliseconds, "Z"."""
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> float | None:
+    """Epoch seconds of a header time (None: absent, or not a time with a zone)."""
+    if not text:
+        return None
+    text = text.strip()
+    if text[-1:] in ("Z", "z"):  # Python 3.10's fromisoformat does not read "Z"
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return None if when.tzinfo is None else when.timestamp()
+
+
+def stored_value(stored: list[list[Any]] | None, name: str) -> str | None:
+    """The first text value of header ``name`` in stored headers."""
+    for pair in stored or ():
+        if pair[0] == name and isinstance(pair[1], str):
+            return pair[1]
+    return None
+
+
+def expiry_of(stored: list[list[Any]] | None) -> float | None:
+    """Epoch seconds at which a message with these stored headers expires, or None."""
+    return parse_time(stored_value(stored, EXPIRES_HEADER)) if stored else None
 
 
 class Serializer(Protocol):

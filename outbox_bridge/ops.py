@@ -69,7 +69,18 @@ def _queue_status(cur, settings: Settings, queue: Queue, done: bool) -> dict[str
 
 
 def _outbox_status(cur, settings: Settings) -> dict[str, Any]:
-    return _queue_status(cur, settings, outbox_queue(settings), done=False)
+    out = _queue_status(cur, settings, outbox_queue(settings), done=False)
+    count, next_due = scheduled(cur, settings)
+    out["counts"]["scheduled"] = count
+    out["next_due_seconds"] = next_due
+    return out
+
+
+def scheduled(cur, settings: Settings, cap: int | None = None) -> tuple[int, float | None]:
+    """Delayed messages waiting (bounded by ``cap``), and seconds until the next is due."""
+    cur.execute(render("ops.scheduled", settings.schema), {"cap": cap})
+    count, next_due = cur.fetchone()
+    return count, None if next_due is None else float(next_due)
 
 
 def _inbox_status(cur, settings: Settings) -> dict[str, Any]:
@@ -140,9 +151,15 @@ def consumer_lag(settings: Settings, group: str, topics: list[str]) -> list[dict
         consumer.close()
 
 
-def _match(topic, key, ids, handler) -> dict[str, Any]:
+# what the dead commands name: both kinds of dead; retry re-drives only the failed ones
+DEAD_STATES = ["dead", "expired"]
+RETRY_STATES = ["dead"]
+
+
+def _match(topic, key, ids, handler, states=DEAD_STATES) -> dict[str, Any]:
     """The parameters of ``ops.dead_match`` (and the handler filter)."""
     return {
+        "states": list(states),
         "topic": topic or None,
         "key": None if key is None else parse_key(key),
         "ids": [str(i) for i in ids],
@@ -161,7 +178,8 @@ def _tables(handler: str | None) -> list[str]:
 def dead_list(
     settings: Settings, topic=None, key=None, ids=(), handler=None, limit: int = 1000
 ) -> list[dict]:
-    """Dead outbox rows and dead deliveries (``queue`` says which), oldest first."""
+    """Dead outbox rows and dead deliveries (``queue`` says which), oldest first;
+    ``state`` is "dead" (failed) or "expired" (past its ``expires_at``)."""
     found: list[dict] = []
     params = {**_match(topic, key, ids, handler), "limit": limit}
     with transaction(settings, "outbox-bridge dead") as cur:
@@ -176,18 +194,20 @@ def dead_list(
 
 
 def dead_retry(settings: Settings, topic=None, key=None, ids=(), handler=None) -> int:
-    """Dead rows become pending again, keeping their ids, so per-key order holds."""
+    """Dead rows become pending again, keeping their ids, so per-key order holds.
+    Expired ones stay as they are: their time has passed (purge them, or publish
+    them again)."""
     return _change(settings, topic, key, ids, handler, retry=True)
 
 
 def dead_purge(settings: Settings, topic=None, key=None, ids=(), handler=None) -> int:
-    """Delete dead rows for good; their keys flow again."""
+    """Delete dead (and expired) rows for good; their keys flow again."""
     return _change(settings, topic, key, ids, handler, retry=False)
 
 
 def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
     total = 0
-    params = _match(topic, key, ids, handler)
+    params = _match(topic, key, ids, handler, RETRY_STATES if retry else DEAD_STATES)
     with transaction(settings, "outbox-bridge dead") as cur:
         for table in _tables(handler):
             statement = ("ops.retry_" if retry else "ops.purge_") + table

@@ -426,9 +426,18 @@ class Queue:
         )
         return dead_messages(self.scope or self.name, cur.fetchall())
 
+    def expire(self, cur, ids: Sequence[int]) -> list[DeadMessage]:
+        """These rows' expiry passed before they were sent or handled: they become
+        'expired', dead with the reason "expired" and holding no key. Returns those
+        that did, for ``fire_dead`` after the commit."""
+        if not ids:
+            return []
+        self._run(cur, "expire", ids=list(ids))
+        return dead_messages(self.scope or self.name, cur.fetchall())
+
     # -- what the commands and the metrics show ---------------------------------
     def counts(self, cur, cap: int | None = None, done: bool = False) -> dict[str, int]:
-        """Rows per state (pending, waiting, retrying, dead; ``done`` too), each count
+        """Rows per state (pending, waiting, retrying, dead, expired; ``done`` too), each count
         bounded by ``cap`` (None: exact)."""
         self._run(cur, "counts", cap=cap)
         found = dict(cur.fetchall())

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..config import Settings
 from ..inbox import inbox_queue
+from ..ops import scheduled
 from ..outbox import outbox_queue
 from ..queries import render
 
@@ -428,6 +429,10 @@ class DatabaseCollector:
             "Consecutive pauses of the topic (breaker state)",
             labels=["topic"],
         )
+        overdue = GaugeMetricFamily(
+            "outbox_bridge_scheduled_overdue_seconds",
+            "How long the oldest due delayed message has waited past its deliver_at (0: none)",
+        )
         cap, shards = self.settings.metrics_count_limit, self.settings.shards
         with self._cursor() as cur:
             cur.execute(render("ops.handler_names", schema))
@@ -441,12 +446,15 @@ class DatabaseCollector:
                 if age is not None:
                     oldest.add_metric([name], age)
                 blocked.add_metric([name], float(queue.blocked_count(cur, cap)))
+            count, next_due = scheduled(cur, self.settings, cap)
+            rows.add_metric(["outbox", "scheduled"], count)
+            overdue.add_metric([], max(0.0, -(next_due if next_due is not None else 0.0)))
             cur.execute(render("metrics.topic_pauses", schema))
             for topic, active, n in cur.fetchall():
                 paused.add_metric([topic], 1 if active else 0)
                 pauses.add_metric([topic], n)
         self._start_lag()
-        return [rows, oldest, blocked, paused, pauses]
+        return [rows, oldest, blocked, paused, pauses, overdue]
 
     # consumer lag: sampled in a thread, so a scrape never waits for Kafka
     def _start_lag(self) -> None:

@@ -26,7 +26,7 @@ from ..config import Settings, get_settings
 from ..db import task_connection, work
 from ..errors import DecodeError, OutboxBridgeError, TransientError
 from ..events import active, around, emit
-from ..message import JSONSerializer, Message, Serializer, decode_stored
+from ..message import JSONSerializer, Message, Serializer, decode_stored, expiry_of
 from ..queries import render
 from ..queue import fire_dead
 from ..shardtask import (
@@ -343,18 +343,20 @@ class _Handled:
     done: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     dead: dict[int, str] = field(default_factory=dict)
+    expired: list[int] = field(default_factory=list)  # past their expiry: not handled
     key_of: dict[int, tuple[int, str, bytes | None]] = field(default_factory=dict)
     cut: bool = False  # the round's budget ended it before its last delivery
 
     @property
     def count(self) -> int:
-        return len(self.done) + len(self.failed) + len(self.dead)
+        return len(self.done) + len(self.failed) + len(self.dead) + len(self.expired)
 
     def totals(self) -> dict[str, int]:
         return {
             "done": len(self.done),
             "failed": len(self.failed),
             "dead": len(self.dead),
+            "expired": len(self.expired),
             "batches": 1,
         }
 
@@ -394,6 +396,10 @@ def _run_handlers(
         if until is not None and out.count and time.monotonic() > until:
             out.cut = True  # this one and the later ones: the next round
             break
+        expires = expiry_of(row[7])
+        if expires is not None and expires <= time.time():
+            out.expired.append(delivery_id)  # holds no key: its key's later ones go on
+            continue
         try:
             value = spec.serializer.loads(bytes(row[6])) if row[6] is not None else None
         except Exception as exc:  # noqa: BLE001 - any decoder error makes it dead
@@ -491,6 +497,7 @@ def _run_round(
         lease = lease_for(task, 0, settings.lease_seconds)
         queue.hold(cur, {**handled.failed, **handled.dead}, retry_token, lease)
         buried = queue.bury(cur, list(handled.dead), retry_token, None)
+        buried += queue.expire(cur, handled.expired)
         if clock.over(handled.cut or found.full):
             queue.release(cur, owned, token)
             result["released"] = True
@@ -517,9 +524,11 @@ def _run_held(task, spec, ids: list[int], token: str, careful: bool) -> dict:
         lease = lease_for(task, task.request.retries, settings.lease_seconds)
         queue.hold(cur, {**handled.failed, **handled.dead}, token, lease, count=False)
         buried = queue.bury(cur, list(handled.dead), token, None)
-        if handled.done:  # released heads: the rows parked behind them go on now, in order
-            queue.unpark(cur, (handled.key_of[i] for i in handled.done))
-            queue.wake_shards(cur, (handled.key_of[i][0] for i in handled.done))
+        buried += queue.expire(cur, handled.expired)
+        released = [*handled.done, *handled.expired]
+        if released:  # released heads: the rows parked behind them go on now, in order
+            queue.unpark(cur, (handled.key_of[i] for i in released))
+            queue.wake_shards(cur, (handled.key_of[i][0] for i in released))
         handled_flag[0] = True
     # committed
     fire_dead(buried)

@@ -1,6 +1,7 @@
 """One idempotent Kafka producer per task thread, and batch delivery.
 
-What Kafka says about a row falls in one of three kinds. *Delivered*. *Failed*:
+A row whose expiry (its ``expires_at`` header) has passed is not produced at all
+(*expired*). What Kafka says about a row falls in one of three kinds. *Delivered*. *Failed*:
 the message itself is refused (too large, invalid), which costs an attempt and
 holds its key. *Later*: the topic cannot take messages right now (unknown
 topic, no leader, not enough replicas, not authorized, timed out) or the
@@ -24,7 +25,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from kombu.utils.imports import symbol_by_name
 
 from ..config import Settings, kafka_client, kafka_connection
-from ..message import kafka_headers, record_size
+from ..message import expiry_of, kafka_headers, record_size
 from ..shardtask import HeldKeys
 from . import Row
 
@@ -82,6 +83,7 @@ class Outcome:
     later: list[int] = field(default_factory=list)  # not charged: wait for the topic/producer
     paused_topics: dict[str, str] = field(default_factory=dict)  # topic -> why
     skipped: list[int] = field(default_factory=list)  # held back behind a failed key
+    expired: list[int] = field(default_factory=list)  # past their expiry: not produced
     fatal: str | None = None  # the producer broke; it is rebuilt
     # (row not delivered, a later row of its key that was): Kafka has the key out of order
     out_of_order: list[tuple[int, int]] = field(default_factory=list)
@@ -94,7 +96,7 @@ def order_breaks(rows: Sequence[Row], outcome: Outcome) -> list[tuple[int, int]]
     relay checks every batch so that it is seen (logged, counted) if it is not."""
     if len(outcome.delivered) == len(rows):
         return []  # the usual batch: all of it delivered
-    delivered = set(outcome.delivered)
+    delivered = set(outcome.delivered) | set(outcome.expired)  # expired: never to be sent
     missing: dict[tuple[str, bytes], int] = {}
     breaks = []
     for row in rows:
@@ -239,7 +241,13 @@ class Relay:
                 self._classify(outcome, row, err)
 
         hook = self.before_produce
+        now = time.time()
         for row in rows:
+            if row.headers is not None:
+                expires = expiry_of(row.headers)
+                if expires is not None and expires <= now:
+                    outcome.expired.append(row.id)  # holds no key: the later rows go on
+                    continue
             if held.holds(row.topic, row.key):
                 outcome.skipped.append(row.id)
                 continue

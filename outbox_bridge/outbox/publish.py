@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
@@ -13,15 +16,18 @@ import psycopg2
 
 from ..config import Settings, get_settings
 from ..db import connect, is_transient
-from ..errors import MessageTooLarge
+from ..errors import InvalidHeaders, InvalidTime, MessageTooLarge
 from ..events import publishing
 from ..message import (
+    EXPIRES_HEADER,
     Headers,
     JSONSerializer,
     Serializer,
     check_topic,
     encode_headers,
     encode_key,
+    format_time,
+    parse_time,
     record_size,
 )
 from ..queries import render_text
@@ -33,6 +39,95 @@ log = logging.getLogger(__name__)
 _json = JSONSerializer()
 
 
+# A deliver_at this far in the past (clocks of two hosts disagree) is sent at once;
+# further back it is refused: a time computed wrongly should not go unnoticed.
+PAST_TOLERANCE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When a message may go (``due``: None, now) and until when (``expires``)."""
+
+    due: datetime | None = None
+    expires: datetime | None = None
+
+
+NOW = Timing()
+
+
+def _seconds(value: Any, name: str) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise InvalidTime(f"{name} must be a timedelta or seconds, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidTime(f"{name} must be zero or more seconds, got {value!r}")
+    return seconds
+
+
+def _aware(value: Any, name: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidTime(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidTime(
+            f"{name} {value.isoformat()} has no time zone: give an aware datetime"
+            " (datetime.now(timezone.utc) + ...)"
+        )
+    return value.astimezone(timezone.utc)
+
+
+def timing(deliver_at: Any, delay: Any, expires_at: Any, ttl: Any) -> Timing:
+    """The checked times of a message; InvalidTime names what is wrong."""
+    if deliver_at is None and delay is None and expires_at is None and ttl is None:
+        return NOW
+    now = datetime.now(timezone.utc)
+    if deliver_at is not None and delay is not None:
+        raise InvalidTime("give deliver_at or delay, not both")
+    if expires_at is not None and ttl is not None:
+        raise InvalidTime("give expires_at or ttl, not both")
+    due = None
+    if delay is not None:
+        due = now + timedelta(seconds=_seconds(delay, "delay"))
+    elif deliver_at is not None:
+        due = _aware(deliver_at, "deliver_at")
+        if due < now - PAST_TOLERANCE:
+            raise InvalidTime(
+                f"deliver_at {format_time(due)} is {(now - due).total_seconds():.0f}s in the"
+                f" past (more than {PAST_TOLERANCE.total_seconds():.0f}s): not sent"
+            )
+    start = max(now, due) if due is not None else now
+    expires = None
+    if ttl is not None:
+        seconds = _seconds(ttl, "ttl")
+        if seconds == 0:
+            raise InvalidTime("ttl must be more than zero seconds")
+        expires = start + timedelta(seconds=seconds)
+    elif expires_at is not None:
+        expires = _aware(expires_at, "expires_at")
+        if expires <= start:
+            raise InvalidTime(
+                f"expires_at {format_time(expires)} is not after "
+                + (f"deliver_at {format_time(start)}" if due is not None else "now")
+            )
+    return Timing(due if due is not None and due > now else None, expires)
+
+
+def _with_expiry(stored: list, expires: datetime | None) -> list:
+    given = [pair for pair in stored if pair[0] == EXPIRES_HEADER]
+    if given and expires is not None:
+        raise InvalidHeaders(f"header {EXPIRES_HEADER!r} is set by expires_at= or ttl=; not both")
+    for _name, value in given:
+        if not isinstance(value, str) or parse_time(value) is None:
+            raise InvalidHeaders(
+                f"header {EXPIRES_HEADER!r} must be an ISO 8601 time with a zone, got {value!r}"
+            )
+    if expires is None:
+        return stored
+    return [*stored, [EXPIRES_HEADER, format_time(expires)]]
+
+
 def _row(
     topic: str,
     value: Any,
@@ -41,10 +136,11 @@ def _row(
     serializer: Serializer | None,
     settings: Settings,
     message_id: UUID,
+    when: Timing = NOW,
 ) -> tuple:
     check_topic(topic)
     key_bytes = encode_key(key)
-    stored_headers = publishing(encode_headers(headers))
+    stored_headers = publishing(_with_expiry(encode_headers(headers), when.expires))
     data = (serializer or _json).dumps(value)
     size = record_size(key_bytes, data, stored_headers)
     if size > settings.max_message_bytes:
@@ -54,11 +150,18 @@ def _row(
         )
     shard = shard_of(topic, key_bytes, settings.shards)
     headers_json = json.dumps(stored_headers, separators=(",", ":"))
-    return (str(message_id), topic, key_bytes, data, headers_json, shard)
+    row = (str(message_id), topic, key_bytes, data, headers_json, shard)
+    return row if when.due is None else (*row, when.due.isoformat())
 
 
-# the statement that writes a message, by the ``wake`` setting
+# the statement that writes a message, by the ``wake`` setting (and delayed or not)
 INSERT = {"poll": "outbox.insert", "notify": "outbox.insert_notify"}
+INSERT_SCHEDULED = {"poll": "outbox.insert_scheduled", "notify": "outbox.insert_scheduled_notify"}
+
+
+def _insert(settings: Settings, row: tuple) -> str:
+    names = INSERT if len(row) == 6 else INSERT_SCHEDULED
+    return render_text(names[settings.wake], settings.schema)
 
 
 def publish(
@@ -69,6 +172,10 @@ def publish(
     key: str | bytes | None = None,
     headers: Headers | None = None,
     serializer: Serializer | None = None,
+    deliver_at: datetime | None = None,
+    delay: timedelta | float | None = None,
+    expires_at: datetime | None = None,
+    ttl: timedelta | float | None = None,
 ) -> UUID:
     """Write a message to the outbox inside the caller's transaction.
 
@@ -82,11 +189,24 @@ def publish(
     ``serializer`` is given. Returns the message id, which travels to Kafka as
     the ``message_id`` header.
 
+    ``delay`` (a ``timedelta`` or seconds from now) or ``deliver_at`` (an aware
+    ``datetime``) delays the message: it reaches Kafka no earlier than that, and
+    stands outside its key's order until then (later messages of its key are not
+    held back; once due it queues behind what its key has queued so far).
+    ``ttl`` (from when it may be sent) or ``expires_at``: a message still not sent
+    then is not sent at all; it is dead with the reason "expired" and holds no
+    key. The expiry travels as the ``expires_at`` header, and handlers do not get
+    a message whose expiry has passed.
+
     Raises an ``InvalidMessage`` (a ``ValueError``) naming the problem, and
     writes nothing, for an illegal topic, a key or header of the wrong type, an
-    unserializable value or a message over ``outbox_bridge_max_message_bytes``.
+    unserializable value, a message over ``outbox_bridge_max_message_bytes``, or
+    times it cannot keep (``InvalidTime``: a naive datetime, a ``deliver_at`` more
+    than a minute past, a negative delay, an expiry not after delivery).
     """
-    message_id, sql, row = _prepare(topic, value, key, headers, serializer)
+    message_id, sql, row = _prepare(
+        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl)
+    )
     adapters.execute(tx, sql, row)
     return message_id
 
@@ -99,20 +219,27 @@ async def publish_async(
     key: str | bytes | None = None,
     headers: Headers | None = None,
     serializer: Serializer | None = None,
+    deliver_at: datetime | None = None,
+    delay: timedelta | float | None = None,
+    expires_at: datetime | None = None,
+    ttl: timedelta | float | None = None,
 ) -> UUID:
     """:func:`publish` for asynchronous code: ``tx`` is an asyncpg connection, a
     psycopg 3 ``AsyncConnection`` or ``AsyncCursor``, or a SQLAlchemy
-    ``AsyncSession`` or ``AsyncConnection``. Same validation, errors and guarantees."""
-    message_id, sql, row = _prepare(topic, value, key, headers, serializer)
+    ``AsyncSession`` or ``AsyncConnection``. Same arguments, validation, errors and
+    guarantees."""
+    message_id, sql, row = _prepare(
+        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl)
+    )
     await adapters.execute_async(tx, sql, row)
     return message_id
 
 
-def _prepare(topic, value, key, headers, serializer) -> tuple[UUID, str, tuple]:
+def _prepare(topic, value, key, headers, serializer, when: Timing) -> tuple[UUID, str, tuple]:
     settings = get_settings()
     message_id = uuid.uuid4()
-    row = _row(topic, value, key, headers, serializer, settings, message_id)
-    return message_id, render_text(INSERT[settings.wake], settings.schema), row
+    row = _row(topic, value, key, headers, serializer, settings, message_id, when)
+    return message_id, _insert(settings, row), row
 
 
 def sent(cur: Any, settings: Settings, message_id: UUID) -> bool:
@@ -132,6 +259,10 @@ def send(
     headers: Headers | None = None,
     serializer: Serializer | None = None,
     retries: int | None = None,
+    deliver_at: datetime | None = None,
+    delay: timedelta | float | None = None,
+    expires_at: datetime | None = None,
+    ttl: timedelta | float | None = None,
 ) -> UUID:
     """Write a message to the outbox in a transaction of its own, and commit it.
 
@@ -143,11 +274,13 @@ def send(
     next attempt writes the message again only if that receipt is not there.
     (Not ``txid_status()`` alone: after a crash that lost the commit,
     PostgreSQL can give the same transaction id to a later transaction.)
-    Invalid input raises as in :func:`publish`, before any connection is made.
+    Invalid input raises as in :func:`publish`, before any connection is made;
+    ``deliver_at``, ``delay``, ``expires_at`` and ``ttl`` are as there.
     """
     settings = get_settings()
     message_id = uuid.uuid4()
-    row = _row(topic, value, key, headers, serializer, settings, message_id)
+    when = timing(deliver_at, delay, expires_at, ttl)
+    row = _row(topic, value, key, headers, serializer, settings, message_id, when)
     attempts = 1 + (settings.send_retries if retries is None else retries)
     unknown: tuple[int, int] | None = None  # (txid, backend pid) of a commit we did not hear
     for attempt in range(1, attempts + 1):
@@ -172,7 +305,7 @@ def send(
                     unknown = None  # it did not commit: write it again
                 cur.execute("SELECT txid_current(), pg_backend_pid()")
                 txid = cur.fetchone()
-                cur.execute(render_text(INSERT[settings.wake], settings.schema), row)
+                cur.execute(_insert(settings, row), row)
                 cur.execute(
                     render_text("outbox.insert_receipt", settings.schema),
                     (str(message_id),),

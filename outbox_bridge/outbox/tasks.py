@@ -144,6 +144,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
             sent: tuple | None = None  # (rows, outcome, acked at), for the metrics
+            expired: list = []  # rows past their expiry, dead once this commits
             with work(conn, settings, "outbox task") as cur:
                 known = paused_topics(cur, settings)
                 skip = {t: left for t, left in known.items() if left > 0}
@@ -159,6 +160,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                         outcome: Outcome = relay.deliver(rows, until)
                     sent = (rows, outcome, time.time())
                     queue.complete(cur, outcome.delivered)
+                    expired = queue.expire(cur, outcome.expired)
                     stats["delivered"] += len(outcome.delivered)
                     heads = _book(
                         cur, settings, queue, owned, rows, outcome, known, retry_token, first_lease
@@ -194,6 +196,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 continue
             if sent is not None:  # committed
                 _record("outbox", *sent)
+                fire_dead(expired)
             if retry_ids:
                 enqueue_retry(retry, retry_ids, retry_token, retries=1, countdown=backoff(retry, 0))
             if done:
@@ -355,15 +358,15 @@ def _retry_round(
             outcome = relay.deliver(rows, until)
         acked_at = time.time()
         queue.complete(cur, outcome.delivered)
+        expired = queue.expire(cur, outcome.expired)
         pause = settings.pause_seconds
         cur.execute("SAVEPOINT outbox_bridge_book")  # see _book
         try:
             by_id = {row.id: row for row in rows}
-            queue.unpark(
-                cur, [(shard_of[i], by_id[i].topic, by_id[i].key) for i in outcome.delivered]
-            )
-            if outcome.delivered:
-                queue.wake_shards(cur, (shard_of[i] for i in outcome.delivered))
+            released = [*outcome.delivered, *outcome.expired]  # their keys go on
+            queue.unpark(cur, [(shard_of[i], by_id[i].topic, by_id[i].key) for i in released])
+            if released:
+                queue.wake_shards(cur, (shard_of[i] for i in released))
             if outcome.later:
                 if outcome.paused_topics:
                     pause = max(s for _t, s in pause_topics(cur, settings, outcome.paused_topics))
@@ -386,6 +389,7 @@ def _retry_round(
             log.exception(
                 "outbox bookkeeping of a retry failed; its rows come back after their lease"
             )
+    fire_dead(expired)  # committed
     return rows, outcome, acked_at, pause
 
 

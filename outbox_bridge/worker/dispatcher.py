@@ -42,7 +42,7 @@ from ..queries import render
 from ..shardtask import Source, served_sources, sources
 from ..watchdog import guard
 from .election import Fleet, fleet_capacity
-from .maintenance import Maintainer, RedriveRetries, RepairHeld
+from .maintenance import Maintainer, MoveDue, RedriveRetries, RepairHeld
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,12 @@ class Dispatcher:
         self._served_at = 0.0
         self.dispatched = 0  # tasks sent, for tests and logs
         self.leading = False  # elected: this one dispatches
+        self.due = MoveDue(settings)
         self.maintenance = Maintainer(
             [
                 RedriveRetries(app, self.sources, settings),
                 RepairHeld(self.sources, settings),
+                self.due,
             ]
         )
         self.idle = False  # this session holds the idle lock
@@ -229,6 +231,7 @@ class Dispatcher:
                         elif look == "outbox":
                             self.dispatch(cur, self.sources[:1])
                         self.dispatched += self.maintenance.run_due(cur)  # re-sent retries
+                        due_moved = self.due.take_moved() > 0  # delayed rows joined the outbox
                         self._flipped = False
                         # busy: commits do not NOTIFY, read the sequence; idle: they do
                         reading = sequence is not None and not (notified_when_idle and self.idle)
@@ -236,6 +239,8 @@ class Dispatcher:
                         wait = min(BEAT_EVERY, max(0.0, due - time.monotonic()))
                         if reading:
                             wait = min(wait, poll)
+                        if due_moved:
+                            wait = 0.0
                         if not conn.notifies:
                             ready, _, _ = select.select([conn, fleet.conn], [], [], wait)
                             if conn in ready:
@@ -245,7 +250,9 @@ class Dispatcher:
                         conn.notifies.clear()
                         moved = reading and sequence.moved(cur)
                         self.since = sequence.since() if sequence is not None else None
-                    look = "all" if notified else "outbox" if moved else None
+                        if notified or moved:  # a delayed message may be due sooner
+                            self.maintenance.poke(self.due.name)
+                    look = "all" if notified else "outbox" if moved or due_moved else None
         finally:
             conn.close()
 

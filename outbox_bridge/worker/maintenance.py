@@ -1,6 +1,7 @@
 """Maintenance: jobs of one shape (``Job``: an interval and ``run_once(cur)``), run
 by a ``Maintainer`` in the loop that owns their connection. The dispatcher runs
-the re-drive of lost retries and the repair of held rows; the
+the re-drive of lost retries, the repair of held rows and the move of due
+delayed messages into the outbox; the
 retention loop runs ``Forget`` (old bookkeeping) and ``Prune``.
 
 Retention: the worker forgets handled inbox messages after the dedupe window.
@@ -158,6 +159,11 @@ class Maintainer:
         """When (``time.monotonic()``) the next job is due."""
         return min(self.next_run.values(), default=float("inf"))
 
+    def poke(self, name: str) -> None:
+        """Run job ``name`` at the next ``run_due``: something it waits for may be there."""
+        if name in self.next_run:
+            self.next_run[name] = 0.0
+
     def run_due(self, cur: Any) -> int:
         """Run every job whose time has come; the work they did, summed."""
         done = 0
@@ -168,6 +174,7 @@ class Maintainer:
             self.next_run[job.name] = now + job.interval
             try:
                 done += job.run_once(cur) or 0
+                self.next_run[job.name] = time.monotonic() + job.interval  # it may have changed
             except psycopg2.Error:
                 raise
             except Exception:  # noqa: BLE001 - one job must not stop the others
@@ -285,3 +292,41 @@ class RepairHeld(Job):
         for source in self.sources:
             source.queue.repair(cur)
         return 0
+
+
+MOVE_BATCH = 5000  # due delayed messages moved into the outbox per statement
+
+
+class MoveDue(Job):
+    """Delayed messages that are due join the outbox (``publish(..., delay=)``). One timer:
+    the job runs again when the next one is due (at most ``poll_interval`` later, a
+    safety net), and when the dispatcher hears of new ones (``Maintainer.poke``)."""
+
+    name = "due"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.interval = settings.poll_interval
+        self.moved = 0  # rows moved by the last run, until ``take_moved``
+
+    def run_once(self, cur: Any) -> int:
+        schema = self.settings.schema
+        left = None
+        while True:
+            cur.execute(render("outbox.next_due", schema))
+            (left,) = cur.fetchone()
+            if left is None or left > 0:
+                break
+            cur.execute(render("outbox.move_due", schema), {"limit": MOVE_BATCH})
+            self.moved += cur.rowcount
+            if cur.rowcount <= 0:  # due, but locked by another dispatcher (a handover)
+                left = 1.0
+                break
+        limit = self.settings.poll_interval
+        self.interval = limit if left is None else min(limit, max(0.0, float(left)))
+        return 0
+
+    def take_moved(self) -> int:
+        """Rows moved since the last call: the outbox has new rows to look at."""
+        moved, self.moved = self.moved, 0
+        return moved

@@ -20,6 +20,39 @@ VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb),
         + CASE WHEN pg_try_advisory_xact_lock_shared(hashtext({outbox_channel} || ' idle'))
                THEN 0 ELSE length(CAST(pg_notify({outbox_channel}, '') AS text)) END)
 
+-- name: insert_scheduled
+-- A delayed message (publish(..., delay=)) waits in its own table until it is due; its
+-- id comes from the outbox's sequence, so a dispatcher that reads the sequence sees it.
+INSERT INTO {scheduled} (message_id, topic, key, value, headers, shard, deliver_at)
+VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb), %s,
+        CAST(%s AS timestamptz))
+
+-- name: insert_scheduled_notify
+-- the same for wake = "notify" (see insert_notify): an idle dispatcher learns of it
+INSERT INTO {scheduled} (message_id, topic, key, value, headers, shard, deliver_at)
+VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb),
+        CAST(%s AS smallint)
+        + CASE WHEN pg_try_advisory_xact_lock_shared(hashtext({outbox_channel} || ' idle'))
+               THEN 0 ELSE length(CAST(pg_notify({outbox_channel}, '') AS text)) END,
+        CAST(%s AS timestamptz))
+
+-- name: next_due
+-- seconds until the next delayed message is due (<= 0: due now; NULL: none waits)
+SELECT extract(epoch FROM min(deliver_at) - clock_timestamp())::float8 FROM {scheduled}
+
+-- name: move_due
+-- Due delayed messages join the outbox, oldest due first: new outbox ids, so each
+-- takes its place in its key's order now, behind what its key has already queued.
+WITH due AS (
+    SELECT id FROM {scheduled} WHERE deliver_at <= clock_timestamp()
+    ORDER BY deliver_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), moved AS (
+    DELETE FROM {scheduled} s USING due WHERE s.id = due.id
+    RETURNING s.id, s.message_id, s.topic, s.key, s.value, s.headers, s.shard, s.deliver_at
+)
+INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)
+SELECT message_id, topic, key, value, headers, shard FROM moved ORDER BY deliver_at, id
+
 -- name: insert_receipt
 INSERT INTO {send_receipts} (message_id) VALUES (%s)
 

@@ -288,6 +288,14 @@ WHERE id = ANY(%(ids)s) AND state = 'retrying' AND claim_token = %(token)s
   AND attempts > %(max_retries)s
 RETURNING {dead_columns}
 
+-- name: expire
+-- messages whose expiry passed before they were sent: dead, with the reason, in a state
+-- of their own that holds no key (their key's later messages go on)
+UPDATE {table} SET state = 'expired', dead_at = now(), claim_token = NULL,
+  last_error = 'expired' || coalesce('; last error: ' || last_error, '')
+WHERE id = ANY(%(ids)s) AND state IN ('pending', 'retrying', 'waiting')
+RETURNING {dead_columns}
+
 -- name: dead_columns
 -- the columns of a row that became dead, in DeadMessage's order after queue
 id, message_id, topic, key, attempts, last_error
@@ -306,6 +314,9 @@ SELECT 'retrying', count(*) FROM (SELECT 1 FROM {table} o WHERE o.state = 'retry
 UNION ALL
 SELECT 'dead', count(*) FROM (SELECT 1 FROM {table} o WHERE o.state = 'dead' {scope_o}
                               LIMIT %(cap)s) x
+UNION ALL
+SELECT 'expired', count(*) FROM (SELECT 1 FROM {table} o WHERE o.state = 'expired' {scope_o}
+                                 LIMIT %(cap)s) x
 
 -- name: done_count
 SELECT count(*) FROM {table} o WHERE o.state = 'done' {scope_o}
