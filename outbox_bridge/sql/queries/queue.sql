@@ -292,7 +292,7 @@ RETURNING {dead_columns}
 -- messages whose expiry passed before they were sent: dead, with the reason, in a state
 -- of their own that holds no key (their key's later messages go on)
 UPDATE {table} SET state = 'expired', dead_at = now(), claim_token = NULL,
-  last_error = 'expired' || coalesce('; last error: ' || last_error, '')
+  last_error = 'expired'
 WHERE id = ANY(%(ids)s) AND state IN ('pending', 'retrying', 'waiting')
 RETURNING {dead_columns}
 
