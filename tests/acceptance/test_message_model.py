@@ -4,7 +4,6 @@
 import json
 import math
 import subprocess
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
