@@ -30,6 +30,10 @@ class InvalidTime(InvalidMessage):
     naive datetime, a time in the past, a negative delay, an expiry before delivery)."""
 
 
+class NoReplyTo(InvalidMessage):
+    """``message.reply()`` on a message that was not published with ``reply_to``."""
+
+
 class DecodeError(OutboxBridgeError, ValueError):
     """A consumed value cannot be decoded by the handler's serializer."""
 

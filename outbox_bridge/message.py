@@ -5,19 +5,29 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 from uuid import UUID
 
-from .errors import DecodeError, InvalidHeaders, InvalidKey, InvalidTopic, NotSerializable
+from .errors import (
+    DecodeError,
+    InvalidHeaders,
+    InvalidKey,
+    InvalidTopic,
+    NoReplyTo,
+    NotSerializable,
+)
 
 # The Kafka header that carries the outbox message id, for deduplication.
 MESSAGE_ID_HEADER = "message_id"
 # The Kafka header that carries a message's expiry (``publish(..., ttl=)``), an ISO 8601
 # UTC time such as 2026-12-04T21:30:00.000Z, so that any consumer can honour it.
 EXPIRES_HEADER = "expires_at"
+# Request/reply: the topic a reply goes to, and a reply's request (its message id).
+REPLY_TO_HEADER = "reply_to"
+CORRELATION_HEADER = "correlation_id"
 # Longest key whose order outbox-bridge keeps: with the topic it must fit a
 # btree index entry (2704 bytes) of the held-keys index.
 MAX_KEY_BYTES = 2000
@@ -52,10 +62,73 @@ class Message:
         return None
 
     @property
+    def reply_to(self) -> str | None:
+        """The topic that replies to this message go to (``publish(..., reply_to=)``)."""
+        return self.header(REPLY_TO_HEADER)
+
+    @property
+    def correlation_id(self) -> UUID | str | None:
+        """For a reply: the message id of the request it answers (its ``correlation_id``
+        header; a UUID when it is one, else the text another producer put there)."""
+        text = self.header(CORRELATION_HEADER)
+        if text is None:
+            return None
+        try:
+            return UUID(text)
+        except ValueError:
+            return text
+
+    def reply(
+        self,
+        tx: Any,
+        value: Any,
+        *,
+        headers: Headers | None = None,
+        serializer: Serializer | None = None,
+        **options: Any,
+    ) -> UUID:
+        """Publish a reply to this message in ``tx`` (the handler's transaction): to its
+        ``reply_to`` topic, with its key (replies keep the requests' per-key order) and
+        a ``correlation_id`` header equal to its message id. ``options`` are
+        :func:`~outbox_bridge.publish`'s (``delay``, ``ttl``, ...). Raises ``NoReplyTo``
+        when the message has no ``reply_to``."""
+        topic = self.reply_to
+        if topic is None:
+            raise NoReplyTo(
+                f"message {self.message_id} on {self.topic!r} has no {REPLY_TO_HEADER!r} header:"
+                " publish the request with reply_to= to reply to it"
+            )
+        pairs = list(headers.items() if isinstance(headers, Mapping) else headers or ())
+        if any(
+            isinstance(p, (tuple, list)) and p[:1] == type(p)([CORRELATION_HEADER]) for p in pairs
+        ):
+            raise InvalidHeaders(f"header {CORRELATION_HEADER!r} is set by reply()")
+        if not _publishers:
+            raise RuntimeError("outbox_bridge.outbox.publish is not imported")
+        return _publishers[0](
+            tx,
+            topic,
+            value,
+            key=self.key,
+            headers=[*pairs, (CORRELATION_HEADER, str(self.message_id))],
+            serializer=serializer,
+            **options,
+        )
+
+    @property
     def expires_at(self) -> datetime | None:
         """When the message expires (its ``expires_at`` header), or None."""
         when = parse_time(self.header(EXPIRES_HEADER))
         return None if when is None else datetime.fromtimestamp(when, timezone.utc)
+
+
+# publish(), registered by the outbox side when it is imported: the core imports no side
+_publishers: list[Callable[..., UUID]] = []
+
+
+def replies_with(publish: Callable[..., UUID]) -> None:
+    """Make ``publish`` the function that ``Message.reply`` calls."""
+    _publishers[:] = [publish]
 
 
 def format_time(when: datetime) -> str:

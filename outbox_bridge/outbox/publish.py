@@ -16,10 +16,11 @@ import psycopg2
 
 from ..config import Settings, get_settings
 from ..db import connect, is_transient
-from ..errors import InvalidHeaders, InvalidTime, MessageTooLarge
+from ..errors import InvalidHeaders, InvalidMessage, InvalidTime, MessageTooLarge
 from ..events import publishing
 from ..message import (
     EXPIRES_HEADER,
+    REPLY_TO_HEADER,
     Headers,
     JSONSerializer,
     Serializer,
@@ -29,6 +30,7 @@ from ..message import (
     format_time,
     parse_time,
     record_size,
+    replies_with,
 )
 from ..queries import render_text
 from ..queue import shard_of
@@ -128,6 +130,18 @@ def _with_expiry(stored: list, expires: datetime | None) -> list:
     return [*stored, [EXPIRES_HEADER, format_time(expires)]]
 
 
+def _with_reply_to(stored: list, reply_to: str | None) -> list:
+    if reply_to is None:
+        return stored
+    try:
+        check_topic(reply_to)
+    except InvalidMessage as exc:
+        raise type(exc)(f"reply_to: {exc}") from None
+    if any(pair[0] == REPLY_TO_HEADER for pair in stored):
+        raise InvalidHeaders(f"header {REPLY_TO_HEADER!r} is set by reply_to=; not both")
+    return [*stored, [REPLY_TO_HEADER, reply_to]]
+
+
 def _row(
     topic: str,
     value: Any,
@@ -137,10 +151,12 @@ def _row(
     settings: Settings,
     message_id: UUID,
     when: Timing = NOW,
+    reply_to: str | None = None,
 ) -> tuple:
     check_topic(topic)
     key_bytes = encode_key(key)
-    stored_headers = publishing(_with_expiry(encode_headers(headers), when.expires))
+    stored = _with_reply_to(_with_expiry(encode_headers(headers), when.expires), reply_to)
+    stored_headers = publishing(stored)
     data = (serializer or _json).dumps(value)
     size = record_size(key_bytes, data, stored_headers)
     if size > settings.max_message_bytes:
@@ -176,6 +192,7 @@ def publish(
     delay: timedelta | float | None = None,
     expires_at: datetime | None = None,
     ttl: timedelta | float | None = None,
+    reply_to: str | None = None,
 ) -> UUID:
     """Write a message to the outbox inside the caller's transaction.
 
@@ -198,6 +215,10 @@ def publish(
     key. The expiry travels as the ``expires_at`` header, and handlers do not get
     a message whose expiry has passed.
 
+    ``reply_to`` names the topic that replies go to (the ``reply_to`` header): a
+    handler answers with ``message.reply(tx, value)``, which carries a
+    ``correlation_id`` header equal to this message's id.
+
     Raises an ``InvalidMessage`` (a ``ValueError``) naming the problem, and
     writes nothing, for an illegal topic, a key or header of the wrong type, an
     unserializable value, a message over ``outbox_bridge_max_message_bytes``, or
@@ -205,7 +226,7 @@ def publish(
     than a minute past, a negative delay, an expiry not after delivery).
     """
     message_id, sql, row = _prepare(
-        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl)
+        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl), reply_to
     )
     adapters.execute(tx, sql, row)
     return message_id
@@ -223,22 +244,25 @@ async def publish_async(
     delay: timedelta | float | None = None,
     expires_at: datetime | None = None,
     ttl: timedelta | float | None = None,
+    reply_to: str | None = None,
 ) -> UUID:
     """:func:`publish` for asynchronous code: ``tx`` is an asyncpg connection, a
     psycopg 3 ``AsyncConnection`` or ``AsyncCursor``, or a SQLAlchemy
     ``AsyncSession`` or ``AsyncConnection``. Same arguments, validation, errors and
     guarantees."""
     message_id, sql, row = _prepare(
-        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl)
+        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl), reply_to
     )
     await adapters.execute_async(tx, sql, row)
     return message_id
 
 
-def _prepare(topic, value, key, headers, serializer, when: Timing) -> tuple[UUID, str, tuple]:
+def _prepare(
+    topic, value, key, headers, serializer, when: Timing, reply_to: str | None
+) -> tuple[UUID, str, tuple]:
     settings = get_settings()
     message_id = uuid.uuid4()
-    row = _row(topic, value, key, headers, serializer, settings, message_id, when)
+    row = _row(topic, value, key, headers, serializer, settings, message_id, when, reply_to)
     return message_id, _insert(settings, row), row
 
 
@@ -263,6 +287,7 @@ def send(
     delay: timedelta | float | None = None,
     expires_at: datetime | None = None,
     ttl: timedelta | float | None = None,
+    reply_to: str | None = None,
 ) -> UUID:
     """Write a message to the outbox in a transaction of its own, and commit it.
 
@@ -275,12 +300,12 @@ def send(
     (Not ``txid_status()`` alone: after a crash that lost the commit,
     PostgreSQL can give the same transaction id to a later transaction.)
     Invalid input raises as in :func:`publish`, before any connection is made;
-    ``deliver_at``, ``delay``, ``expires_at`` and ``ttl`` are as there.
+    ``deliver_at``, ``delay``, ``expires_at``, ``ttl`` and ``reply_to`` are as there.
     """
     settings = get_settings()
     message_id = uuid.uuid4()
     when = timing(deliver_at, delay, expires_at, ttl)
-    row = _row(topic, value, key, headers, serializer, settings, message_id, when)
+    row = _row(topic, value, key, headers, serializer, settings, message_id, when, reply_to)
     attempts = 1 + (settings.send_retries if retries is None else retries)
     unknown: tuple[int, int] | None = None  # (txid, backend pid) of a commit we did not hear
     for attempt in range(1, attempts + 1):
@@ -324,3 +349,6 @@ def send(
             if conn is not None:
                 conn.close()
     raise AssertionError("unreachable")
+
+
+replies_with(publish)  # Message.reply() publishes with it

@@ -1,18 +1,20 @@
-"""Delayed and expiring messages end to end: real PostgreSQL, Kafka, RabbitMQ and
-`celery -A outbox_bridge worker` subprocesses."""
+"""Delayed, expiring and reply messages end to end (the saga example too): real
+PostgreSQL, Kafka, RabbitMQ and `celery -A outbox_bridge worker` subprocesses."""
 
+import importlib
 import json
 import math
 import subprocess
 import uuid
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 import psycopg2
 import pytest
 
 from outbox_bridge import publish
 from outbox_bridge.config import reset_settings
-from tests.conftest import ROOT, query, wait_for, watcher_idle
+from tests.conftest import ROOT, create_topic, query, wait_for, watcher_idle
 from tests.observe_app import DEAD_TABLE
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
@@ -221,3 +223,48 @@ def test_a_delivery_past_its_expiry_is_not_handled_and_holds_no_key(inbox, topic
     assert {e for _h, _s, e in found} == {"expired"}
     listed = json.loads(inbox.cli("dead", "list", "--json").stdout)
     assert {(r["message_id"], r["state"]) for r in listed} == {(str(ids[0]), "expired")}
+
+
+def test_the_saga_example_confirms_a_paid_order_and_cancels_a_declined_one(
+    start_worker, db_url, topic, kafka_admin, kafka_reader, monkeypatch
+):
+    payments, replies = topic + "-payments", topic + "-replies"
+    for name in (payments, replies):
+        create_topic(kafka_admin, name)
+    monkeypatch.setenv("SAGA_PAYMENTS_TOPIC", payments)
+    monkeypatch.setenv("SAGA_REPLIES_TOPIC", replies)
+    from outbox_bridge.inbox import handlers
+
+    # this process only places orders: its handlers registry stays as it was
+    monkeypatch.setattr(handlers, "REGISTRY", dict(handlers.REGISTRY))
+    saga = importlib.reload(importlib.import_module("examples.saga"))
+    query(db_url, saga.SCHEMA)
+    start_worker(
+        2,
+        ("--include", "examples.saga"),
+        SAGA_PAYMENTS_TOPIC=payments,
+        SAGA_REPLIES_TOPIC=replies,
+        OUTBOX_BRIDGE_CONSUMER_GROUP="test-" + uuid.uuid4().hex[:8],
+    )
+    c = psycopg2.connect(db_url)
+    try:
+        paid = saga.place_order(c, Decimal("9.90"))
+        declined = saga.place_order(c, Decimal("250.00"))
+    finally:
+        c.close()
+
+    def states():
+        found = dict(query(db_url, "SELECT id, state FROM saga_orders"))
+        return "awaiting payment" not in found.values() and found
+
+    assert wait_for(states, 60, "both orders settled") == {paid: "confirmed", declined: "cancelled"}
+    assert query(db_url, "SELECT order_id, accepted FROM saga_payments ORDER BY 1") == [
+        (paid, True),
+        (declined, False),
+    ]
+    requests = dict(query(db_url, "SELECT id, request::text FROM saga_orders"))
+    got = kafka_reader(replies).read(2, timeout=30)
+    by_order = {json.loads(m.value())["order"]: m for m in got}
+    for order, m in by_order.items():  # the reply answers its request, with its key
+        assert header(m, "correlation_id") == requests[order]
+        assert m.key() == f"order-{order}".encode()

@@ -1,14 +1,24 @@
-"""Delayed and expiring messages against a real PostgreSQL: what publish() writes, what
-it refuses, and how due messages join the outbox (the dispatcher's ``MoveDue``)."""
+"""Delayed, expiring and reply messages against a real PostgreSQL: what publish() and
+``Message.reply`` write, what they refuse, and how due messages join the outbox (the
+dispatcher's ``MoveDue``)."""
 
 import json
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import psycopg2
 import pytest
 
-from outbox_bridge import InvalidHeaders, InvalidTime, publish, send
+from outbox_bridge import (
+    InvalidHeaders,
+    InvalidTime,
+    InvalidTopic,
+    Message,
+    NoReplyTo,
+    publish,
+    send,
+)
 from outbox_bridge.config import get_settings
 from outbox_bridge.worker.maintenance import MoveDue
 from tests.conftest import query, rows
@@ -144,3 +154,50 @@ def test_due_messages_join_the_outbox_in_due_order_with_new_ids(conn, db_url, mo
     )
     assert [json.loads(v[0])["n"] for v in values] == ["queued", "first", "second", "third"]
     reset_settings()
+
+
+def test_a_request_names_its_reply_topic_in_a_header(conn, db_url):
+    with conn, conn.cursor() as cur:
+        publish(cur, "orders", {"n": 1}, key="k", reply_to="order-replies")
+    (headers,) = query(db_url, "SELECT headers FROM outbox_bridge.outbox")[0]
+    assert headers == [["reply_to", "order-replies"]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"reply_to": "bad topic"}, InvalidTopic, "reply_to: illegal Kafka topic name"),
+        ({"reply_to": ""}, InvalidTopic, "reply_to: topic must be a non-empty string"),
+        ({"reply_to": "r", "headers": {"reply_to": "s"}}, InvalidHeaders, "not both"),
+    ],
+)
+def test_a_reply_topic_it_cannot_use_is_refused(conn, db_url, kwargs, error, words):
+    with conn, conn.cursor() as cur, pytest.raises(error, match=words):
+        publish(cur, "orders", {"n": 1}, **kwargs)
+    assert rows(db_url) == []
+
+
+def test_a_reply_goes_to_the_reply_topic_with_the_key_and_the_correlation_id(conn, db_url):
+    request = Message(uuid.uuid4(), "orders", b"order-7", {}, [("reply_to", b"replies")])
+    with conn, conn.cursor() as cur:
+        reply_id = request.reply(cur, {"ok": True}, headers={"type": "Paid"}, ttl=60)
+    ((message_id, topic, key, headers),) = query(
+        db_url,
+        "SELECT message_id, topic, convert_from(key, 'UTF8'), headers FROM outbox_bridge.outbox",
+    )
+    assert (str(message_id), topic, key) == (str(reply_id), "replies", "order-7")
+    assert headers[:2] == [["type", "Paid"], ["correlation_id", str(request.message_id)]]
+    assert headers[2][0] == "expires_at"  # publish()'s own options apply
+
+
+def test_a_reply_to_a_message_without_reply_to_is_a_clear_error(conn, db_url):
+    request = Message(uuid.uuid4(), "orders", None, {})
+    with conn, conn.cursor() as cur:
+        with pytest.raises(NoReplyTo, match="has no 'reply_to' header"):
+            request.reply(cur, {"ok": True})
+        with pytest.raises(InvalidHeaders, match="set by reply"):
+            Message(uuid.uuid4(), "o", None, {}, [("reply_to", b"r")]).reply(
+                cur, {}, headers=[("correlation_id", "x")]
+            )
+        cur.execute("SELECT 1")  # the transaction is still usable
+    assert rows(db_url) == []
