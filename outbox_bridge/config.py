@@ -78,6 +78,9 @@ class Settings:
     send_retries: int = 3
     # librdkafka settings on top of outbox-bridge's producer defaults
     producer_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    # CloudEvents: set to the events' source (a URI reference such as "/orders") and every
+    # message publish() writes is a CloudEvent in Kafka's binary content mode (ce_* headers)
+    cloudevents_source: str = ""
     # dotted path of a callable(row) run before each row is produced; raising fails the row
     before_produce: str | None = None
     # dotted path of a callable(DeadMessage) called once per message that becomes dead

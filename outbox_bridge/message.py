@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from .errors import (
     DecodeError,
@@ -28,6 +28,13 @@ EXPIRES_HEADER = "expires_at"
 # Request/reply: the topic a reply goes to, and a reply's request (its message id).
 REPLY_TO_HEADER = "reply_to"
 CORRELATION_HEADER = "correlation_id"
+# CloudEvents' Kafka binding, binary content mode: attributes as ce_* headers, the
+# data's media type as content-type
+CE_PREFIX = "ce_"
+CONTENT_TYPE_HEADER = "content-type"
+TYPE_HEADER = "type"
+# ids of CloudEvents whose ce_id is not a UUID: uuid5 of this and "source\0id"
+CLOUDEVENT_NAMESPACE = UUID("0b6f3b4c-2b8e-4f7a-9d55-5c6c1c3e7a21")
 # Longest key whose order outbox-bridge keeps: with the topic it must fit a
 # btree index entry (2704 bytes) of the held-keys index.
 MAX_KEY_BYTES = 2000
@@ -116,6 +123,22 @@ class Message:
         )
 
     @property
+    def cloudevent(self) -> dict[str, str] | None:
+        """The CloudEvents attributes of a message in binary content mode (``ce_*``
+        headers; ``datacontenttype`` from content-type), or None if it is not one."""
+        attributes = {}
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered.startswith(CE_PREFIX) and value is not None:
+                attributes[lowered[len(CE_PREFIX) :]] = value.decode("utf-8", errors="replace")
+        if "specversion" not in attributes:
+            return None
+        content_type = self.header(CONTENT_TYPE_HEADER)
+        if content_type is not None:
+            attributes["datacontenttype"] = content_type
+        return attributes
+
+    @property
     def expires_at(self) -> datetime | None:
         """When the message expires (its ``expires_at`` header), or None."""
         when = parse_time(self.header(EXPIRES_HEADER))
@@ -129,6 +152,16 @@ _publishers: list[Callable[..., UUID]] = []
 def replies_with(publish: Callable[..., UUID]) -> None:
     """Make ``publish`` the function that ``Message.reply`` calls."""
     _publishers[:] = [publish]
+
+
+def cloudevent_id(source: str | None, event_id: str) -> UUID:
+    """The inbox's message id of a CloudEvent with no ``message_id`` header: its
+    ``ce_id`` when that is a UUID, else a UUID derived from ``ce_source`` and ``ce_id``
+    (which CloudEvents makes unique together), so copies of one event dedupe."""
+    try:
+        return UUID(event_id)
+    except ValueError:
+        return uuid5(CLOUDEVENT_NAMESPACE, f"{source or ''}\0{event_id}")
 
 
 def format_time(when: datetime) -> str:

@@ -71,6 +71,13 @@ def record(message, tx):
     """Records every message. ``fail``: fails the first time a process sees it;
     ``fail_first``: fails the delivery's first attempt (noted in ``failures``)."""
     value = message.value
+    if value.get("cloudevent"):  # what the handler sees of a CloudEvent: its type as k
+        event = message.cloudevent or {}
+        tx.execute(
+            "INSERT INTO effects (handler, message_id, k, seq) VALUES ('record', %s, %s, %s)",
+            (message.message_id, event.get("type"), value.get("seq")),
+        )
+        return
     if value.get("poison"):
         raise RuntimeError("poison: fails every time")
     if value.get("fail") and message.message_id not in _failed_here:

@@ -30,7 +30,7 @@ from ..config import Settings, kafka_client, kafka_connection
 from ..db import channel, connect, is_transient, work
 from ..events import emit
 from ..loops import Heartbeat, run_forever
-from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER, as_stored
+from ..message import MAX_KEY_BYTES, MESSAGE_ID_HEADER, as_stored, cloudevent_id
 from ..queries import render
 from ..queue import DEAD_COLUMNS, DeadMessage, dead_messages, fire_dead, shard_of
 
@@ -84,10 +84,19 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
 
 
 def message_identity(msg: Any) -> tuple[uuid.UUID, str | None]:
-    """The message id (from the header, else derived from its position) and any problem."""
+    """The message id and any problem: the ``message_id`` header, else a CloudEvent's
+    id (``message.cloudevent_id``), else one derived from its position in Kafka."""
     derived = uuid.uuid5(_NAMESPACE, f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
-    raw = [v for k, v in (msg.headers() or []) if k == MESSAGE_ID_HEADER]
+    headers = msg.headers() or []
+    raw = [v for k, v in headers if k == MESSAGE_ID_HEADER]
     if not raw:
+        event = {k.lower(): v for k, v in headers if k.lower() in ("ce_id", "ce_source")}
+        try:
+            if event.get("ce_id"):
+                source = event.get("ce_source")
+                return cloudevent_id(source and source.decode(), event["ce_id"].decode()), None
+        except UnicodeDecodeError:
+            return derived, f"broken headers: ce_id or ce_source is not UTF-8: {event!r:.80}"
         return derived, None
     try:
         return uuid.UUID(raw[-1].decode("ascii")), None

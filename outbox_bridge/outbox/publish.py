@@ -19,8 +19,11 @@ from ..db import connect, is_transient
 from ..errors import InvalidHeaders, InvalidMessage, InvalidTime, MessageTooLarge
 from ..events import publishing
 from ..message import (
+    CE_PREFIX,
+    CONTENT_TYPE_HEADER,
     EXPIRES_HEADER,
     REPLY_TO_HEADER,
+    TYPE_HEADER,
     Headers,
     JSONSerializer,
     Serializer,
@@ -142,6 +145,52 @@ def _with_reply_to(stored: list, reply_to: str | None) -> list:
     return [*stored, [REPLY_TO_HEADER, reply_to]]
 
 
+def _with_type(stored: list, type_: str | None) -> list:
+    if type_ is None:
+        return stored
+    if not isinstance(type_, str) or not type_:
+        raise InvalidHeaders(f"type must be a non-empty string, got {type_!r}")
+    if any(pair[0] == TYPE_HEADER for pair in stored):
+        raise InvalidHeaders(f"give type= or a {TYPE_HEADER!r} header, not both")
+    return [*stored, [TYPE_HEADER, type_]]
+
+
+# the attributes outbox-bridge sets as CloudEvents headers (a producer's own ce_* go as given)
+CE_OWN = ("specversion", "id", "source", "type", "time")
+
+
+def _as_cloudevent(stored: list, source: str, message_id: UUID, value: Any, serializer) -> list:
+    """Stored headers with the CloudEvents attributes (binary content mode): ``type``
+    from type= or the ``type`` header, which stays a header of its own only if given so."""
+    own = [n for n, _ in stored if n.lower() in {CE_PREFIX + a for a in CE_OWN}]
+    if own:
+        raise InvalidHeaders(f"header {own[0]!r} is set by outbox-bridge in CloudEvents mode")
+    types = [v for n, v in stored if n == TYPE_HEADER]
+    if not types or not isinstance(types[0], str) or not types[0]:
+        raise InvalidHeaders(
+            "CloudEvents mode (outbox_bridge_cloudevents_source) needs each message's type:"
+            f" give type= or a {TYPE_HEADER!r} header"
+        )
+    attributes = [
+        ["ce_specversion", "1.0"],
+        ["ce_id", str(message_id)],
+        ["ce_source", source],
+        ["ce_type", types[0]],
+        ["ce_time", format_time(datetime.now(timezone.utc))],
+    ]
+    if not any(n.lower() == CONTENT_TYPE_HEADER for n, _ in stored):
+        content_type = getattr(serializer, "content_type", None)
+        if serializer is None:
+            content_type = "application/octet-stream" if _is_bytes(value) else "application/json"
+        if content_type:
+            attributes.append([CONTENT_TYPE_HEADER, content_type])
+    return [*stored, *attributes]
+
+
+def _is_bytes(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview))
+
+
 def _row(
     topic: str,
     value: Any,
@@ -152,10 +201,18 @@ def _row(
     message_id: UUID,
     when: Timing = NOW,
     reply_to: str | None = None,
+    type_: str | None = None,
 ) -> tuple:
     check_topic(topic)
     key_bytes = encode_key(key)
     stored = _with_reply_to(_with_expiry(encode_headers(headers), when.expires), reply_to)
+    if settings.cloudevents_source:
+        given = _with_type(stored, type_)
+        stored = _as_cloudevent(given, settings.cloudevents_source, message_id, value, serializer)
+        if type_ is not None:  # carried as ce_type only
+            stored = [pair for pair in stored if pair is not given[-1]]
+    else:
+        stored = _with_type(stored, type_)
     stored_headers = publishing(stored)
     data = (serializer or _json).dumps(value)
     size = record_size(key_bytes, data, stored_headers)
@@ -193,6 +250,7 @@ def publish(
     expires_at: datetime | None = None,
     ttl: timedelta | float | None = None,
     reply_to: str | None = None,
+    type: str | None = None,  # noqa: A002 - the CloudEvents attribute's name
 ) -> UUID:
     """Write a message to the outbox inside the caller's transaction.
 
@@ -219,6 +277,11 @@ def publish(
     handler answers with ``message.reply(tx, value)``, which carries a
     ``correlation_id`` header equal to this message's id.
 
+    ``type`` is the message's type: the ``type`` header, or with the setting
+    ``cloudevents_source`` (CloudEvents mode: every message a CloudEvent in Kafka's
+    binary content mode) its ``ce_type``, which a message then needs (``type=`` or
+    a ``type`` header).
+
     Raises an ``InvalidMessage`` (a ``ValueError``) naming the problem, and
     writes nothing, for an illegal topic, a key or header of the wrong type, an
     unserializable value, a message over ``outbox_bridge_max_message_bytes``, or
@@ -226,7 +289,14 @@ def publish(
     than a minute past, a negative delay, an expiry not after delivery).
     """
     message_id, sql, row = _prepare(
-        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl), reply_to
+        topic,
+        value,
+        key,
+        headers,
+        serializer,
+        timing(deliver_at, delay, expires_at, ttl),
+        reply_to,
+        type,
     )
     adapters.execute(tx, sql, row)
     return message_id
@@ -245,24 +315,32 @@ async def publish_async(
     expires_at: datetime | None = None,
     ttl: timedelta | float | None = None,
     reply_to: str | None = None,
+    type: str | None = None,  # noqa: A002 - the CloudEvents attribute's name
 ) -> UUID:
     """:func:`publish` for asynchronous code: ``tx`` is an asyncpg connection, a
     psycopg 3 ``AsyncConnection`` or ``AsyncCursor``, or a SQLAlchemy
     ``AsyncSession`` or ``AsyncConnection``. Same arguments, validation, errors and
     guarantees."""
     message_id, sql, row = _prepare(
-        topic, value, key, headers, serializer, timing(deliver_at, delay, expires_at, ttl), reply_to
+        topic,
+        value,
+        key,
+        headers,
+        serializer,
+        timing(deliver_at, delay, expires_at, ttl),
+        reply_to,
+        type,
     )
     await adapters.execute_async(tx, sql, row)
     return message_id
 
 
 def _prepare(
-    topic, value, key, headers, serializer, when: Timing, reply_to: str | None
+    topic, value, key, headers, serializer, when: Timing, reply_to: str | None, type_
 ) -> tuple[UUID, str, tuple]:
     settings = get_settings()
     message_id = uuid.uuid4()
-    row = _row(topic, value, key, headers, serializer, settings, message_id, when, reply_to)
+    row = _row(topic, value, key, headers, serializer, settings, message_id, when, reply_to, type_)
     return message_id, _insert(settings, row), row
 
 
@@ -288,6 +366,7 @@ def send(
     expires_at: datetime | None = None,
     ttl: timedelta | float | None = None,
     reply_to: str | None = None,
+    type: str | None = None,  # noqa: A002 - the CloudEvents attribute's name
 ) -> UUID:
     """Write a message to the outbox in a transaction of its own, and commit it.
 
@@ -300,12 +379,13 @@ def send(
     (Not ``txid_status()`` alone: after a crash that lost the commit,
     PostgreSQL can give the same transaction id to a later transaction.)
     Invalid input raises as in :func:`publish`, before any connection is made;
-    ``deliver_at``, ``delay``, ``expires_at``, ``ttl`` and ``reply_to`` are as there.
+    ``deliver_at``, ``delay``, ``expires_at``, ``ttl``, ``reply_to`` and ``type`` are
+    as there.
     """
     settings = get_settings()
     message_id = uuid.uuid4()
     when = timing(deliver_at, delay, expires_at, ttl)
-    row = _row(topic, value, key, headers, serializer, settings, message_id, when, reply_to)
+    row = _row(topic, value, key, headers, serializer, settings, message_id, when, reply_to, type)
     attempts = 1 + (settings.send_retries if retries is None else retries)
     unknown: tuple[int, int] | None = None  # (txid, backend pid) of a commit we did not hear
     for attempt in range(1, attempts + 1):

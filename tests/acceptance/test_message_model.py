@@ -268,3 +268,64 @@ def test_the_saga_example_confirms_a_paid_order_and_cancels_a_declined_one(
     for order, m in by_order.items():  # the reply answers its request, with its key
         assert header(m, "correlation_id") == requests[order]
         assert m.key() == f"order-{order}".encode()
+
+
+def _sdk_message(m):
+    from cloudevents.core.bindings.kafka import KafkaMessage
+
+    return KafkaMessage(headers=dict(m.headers() or []), key=m.key(), value=m.value())
+
+
+def test_in_cloudevents_mode_kafka_has_cloudevents_the_sdk_reads(
+    start_worker, db_url, topic, kafka_reader, monkeypatch
+):
+    from cloudevents.core.bindings.kafka import from_binary
+    from cloudevents.core.formats.json import JSONFormat
+
+    monkeypatch.setenv("OUTBOX_BRIDGE_CLOUDEVENTS_SOURCE", "/shop/orders")  # publish() reads it
+    reset_settings()
+    start_worker()
+    (message_id,) = in_tx(db_url, (topic, {"n": 7}, {"key": "order-7", "type": "OrderCreated"}))
+    (m,) = kafka_reader(topic).read(1, timeout=60)
+    event = from_binary(_sdk_message(m), JSONFormat())
+    attributes = event.get_attributes()
+    assert {k: attributes[k] for k in ("specversion", "id", "source", "type")} == {
+        "specversion": "1.0",
+        "id": str(message_id),
+        "source": "/shop/orders",
+        "type": "OrderCreated",
+    }
+    assert attributes["datacontenttype"] == "application/json"
+    assert abs((attributes["time"] - datetime.now(UTC)).total_seconds()) < 120
+    assert event.get_data() == {"n": 7}
+    assert header(m, "message_id") == str(message_id)  # still deduplicable the usual way
+
+
+def test_cloudevents_from_another_producer_are_handled_once(inbox, topic):
+    from cloudevents.core.bindings.kafka import to_binary
+    from cloudevents.core.formats.json import JSONFormat
+    from cloudevents.core.v1.event import CloudEvent
+
+    from outbox_bridge.message import cloudevent_id
+
+    inbox.start()
+    event = CloudEvent(
+        attributes={"type": "com.example.OrderCreated", "source": "/other", "id": "evt-42"},
+        data={"cloudevent": True, "seq": 1},
+    )
+    sent = to_binary(event, JSONFormat())
+    copy = (b"order-42", sent.value, list(sent.headers.items()))
+    assert "message_id" not in sent.headers
+    inbox.produce([copy, copy])  # the same event twice, as a producer's retry would
+
+    def both_read():  # the consumer committed past both copies
+        lag = json.loads(inbox.cli("status", "--json").stdout)["inbox"]["consumer_lag"]
+        mine = [p for p in lag if p["topic"] == topic]
+        return sum(p["end"] for p in mine) == 2 and sum(p["lag"] for p in mine) == 0
+
+    wait_for(lambda: len(inbox.effects()) >= 1, 60, "the handler to handle the event")
+    wait_for(both_read, 60, "the consumer to read both copies")
+    assert inbox.effects() == [
+        (str(cloudevent_id("/other", "evt-42")), "com.example.OrderCreated", 1)
+    ]
+    assert inbox.query("SELECT count(*) FROM outbox_bridge.inbox") == [(1,)]

@@ -201,3 +201,105 @@ def test_a_reply_to_a_message_without_reply_to_is_a_clear_error(conn, db_url):
             )
         cur.execute("SELECT 1")  # the transaction is still usable
     assert rows(db_url) == []
+
+
+@pytest.fixture
+def cloudevents_mode(monkeypatch):
+    monkeypatch.setenv("OUTBOX_BRIDGE_CLOUDEVENTS_SOURCE", "/shop/orders")
+    from outbox_bridge.config import reset_settings
+
+    reset_settings()
+    yield
+    monkeypatch.delenv("OUTBOX_BRIDGE_CLOUDEVENTS_SOURCE")
+    reset_settings()
+
+
+def _headers(url: str) -> list:
+    return [r[0] for r in query(url, "SELECT headers FROM outbox_bridge.outbox ORDER BY id")]
+
+
+def test_in_cloudevents_mode_every_message_carries_the_attributes(conn, db_url, cloudevents_mode):
+    with conn, conn.cursor() as cur:
+        first = publish(cur, "orders", {"n": 1}, type="OrderCreated", headers={"x": "y"})
+        publish(cur, "orders", b"\x00", headers={"type": "Raw", "ce_subject": "order-7"})
+        publish(cur, "orders", {"n": 3}, type="T", headers={"content-type": "application/x+json"})
+    one, two, three = _headers(db_url)
+    attributes = {n: v for n, v in one}
+    assert attributes["x"] == "y" and "type" not in attributes  # type= is ce_type only
+    assert {k: v for k, v in attributes.items() if k != "ce_time"} == {
+        "x": "y",
+        "ce_specversion": "1.0",
+        "ce_id": str(first),
+        "ce_source": "/shop/orders",
+        "ce_type": "OrderCreated",
+        "content-type": "application/json",
+    }
+    assert datetime.fromisoformat(attributes["ce_time"].replace("Z", "+00:00")).tzinfo
+    two = dict((n, v) for n, v in two)
+    assert (two["type"], two["ce_type"], two["ce_subject"]) == ("Raw", "Raw", "order-7")
+    assert two["content-type"] == "application/octet-stream"
+    assert [v for n, v in three if n == "content-type"] == ["application/x+json"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({}, "needs each message's type"),
+        ({"type": "A", "headers": {"ce_id": "mine"}}, "'ce_id' is set by outbox-bridge"),
+        ({"type": "A", "headers": {"type": "B"}}, "not both"),
+        ({"type": ""}, "non-empty string"),
+    ],
+)
+def test_a_cloudevent_it_cannot_make_is_refused(conn, db_url, cloudevents_mode, kwargs, words):
+    with conn, conn.cursor() as cur, pytest.raises(InvalidHeaders, match=words):
+        publish(cur, "orders", {"n": 1}, **kwargs)
+    assert rows(db_url) == []
+
+
+def test_outside_cloudevents_mode_type_is_a_header(conn, db_url):
+    with conn, conn.cursor() as cur:
+        publish(cur, "orders", {"n": 1}, type="OrderCreated")
+    assert _headers(db_url) == [[["type", "OrderCreated"]]]
+
+
+def test_the_sdk_reads_what_the_relay_would_send_as_a_cloudevent(conn, db_url, cloudevents_mode):
+    from cloudevents.core.bindings.kafka import KafkaMessage, from_binary
+    from cloudevents.core.formats.json import JSONFormat
+
+    from outbox_bridge.message import kafka_headers
+
+    with conn, conn.cursor() as cur:
+        message_id = publish(cur, "orders", {"n": 1}, key="order-7", type="OrderCreated")
+    (stored,) = _headers(db_url)
+    sent = KafkaMessage(
+        headers=dict(kafka_headers(stored, message_id)), key=b"order-7", value=b'{"n":1}'
+    )
+    event = from_binary(sent, JSONFormat())
+    assert (event.get_id(), event.get_source(), event.get_type()) == (
+        str(message_id),
+        "/shop/orders",
+        "OrderCreated",
+    )
+    assert event.get_data() == {"n": 1}
+
+
+def test_a_cloudevent_id_is_the_message_id_when_it_is_a_uuid_else_derived():
+    from outbox_bridge.message import cloudevent_id
+
+    same = uuid.uuid4()
+    assert cloudevent_id("/a", str(same)) == same
+    assert cloudevent_id("/a", "evt-1") == cloudevent_id("/a", "evt-1")
+    assert cloudevent_id("/a", "evt-1") != cloudevent_id("/b", "evt-1")
+    message = Message(
+        same,
+        "t",
+        None,
+        {},
+        [("ce_specversion", b"1.0"), ("ce_type", b"T"), ("content-type", b"application/json")],
+    )
+    assert message.cloudevent == {
+        "specversion": "1.0",
+        "type": "T",
+        "datacontenttype": "application/json",
+    }
+    assert Message(same, "t", None, {}).cloudevent is None
