@@ -298,6 +298,12 @@ def consume() -> None:
 @click.option("--seconds", default=20.0, show_default=True, help="Steady-state duration.")
 @click.option("--e2e-count", default=50_000, show_default=True, help="Messages end to end.")
 @click.option(
+    "--delayed-count",
+    default=10_000,
+    show_default=True,
+    help="Delayed messages due within one second (their lateness).",
+)
+@click.option(
     "--scale",
     default="10000,1000000",
     show_default=True,
@@ -312,7 +318,18 @@ def consume() -> None:
 )
 @click.option("--concurrency", default=2, show_default=True, help="-c of the bench worker.")
 def bench(
-    json_path, count, size, keys, rate, seconds, e2e_count, scale, only, repeat, concurrency
+    json_path,
+    count,
+    size,
+    keys,
+    rate,
+    seconds,
+    e2e_count,
+    delayed_count,
+    scale,
+    only,
+    repeat,
+    concurrency,
 ) -> None:
     """Measure the relay beside the raw Kafka producer (see docs/benchmarks.md)."""
     from .tools.bench import Bench, Options, table
@@ -324,6 +341,7 @@ def bench(
         rate=rate,
         seconds=seconds,
         e2e_count=e2e_count,
+        delayed_count=delayed_count,
         scale_rows=tuple(int(n) for n in scale.split(",") if n),
         repeat=repeat,
         concurrency=concurrency,

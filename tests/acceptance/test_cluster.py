@@ -144,7 +144,7 @@ def test_the_relay_loses_nothing_and_keeps_key_order_through_broker_and_controll
     assert sorted(i for i in ids if i in sent_before) == sorted(before_freeze)
     by_key: dict[bytes, list[str]] = defaultdict(list)
     seen: set[str] = set()
-    for _partition, _offset, key, _value, message_id in sorted(records, key=lambda r: r[:2]):
+    for _partition, _offset, key, _value, message_id, *_ in sorted(records, key=lambda r: r[:2]):
         if message_id not in seen:  # the key's order: of first copies
             seen.add(message_id)
             by_key[key].append(message_id)

@@ -3,8 +3,8 @@
 Everything runs against the same services, in one run, with the same message
 size and keys: the raw producer (the limit), a one-row-at-a-time relay (the
 naive outbox), the relay draining a backlog, the relay at a steady offered
-rate, end to end into a handler, the cost of the NOTIFY wake-up for writers,
-and the drain rate at two table sizes.
+rate, end to end into a handler, the lateness of delayed messages due together,
+the cost of the NOTIFY wake-up for writers, and the drain rate at two table sizes.
 
 The harness is ``harness``; each family of figures is a module (``relay``,
 ``inbox``, ``costs``); ``report`` renders them.
@@ -38,6 +38,7 @@ class Bench(RelayFigures, InboxFigures, CostFigures, FleetFigures):
             ("relay_steady", self.steady),
             ("handler_steady", self.handler_steady),
             ("end_to_end", self.end_to_end),
+            ("delayed", self.delayed),
         ]
         for rows in self.opts.scale_rows:
             repeated.append(

@@ -52,6 +52,7 @@ class Options:
     repeat: int = 3
     wake_pairs: int = 7
     wake_seconds: int = 8
+    delayed_count: int = 10_000  # delayed messages due within the same second
 
 
 def say(text: str) -> None:

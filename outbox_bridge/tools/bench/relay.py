@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -208,4 +209,61 @@ class RelayFigures(Harness):
             "rate": round(len(latencies) / elapsed),
             **percentiles(appended),
             **arrival,
+        }
+
+    def delayed(self) -> dict[str, Any]:
+        """Lateness of ``delayed_count`` delayed messages due within the same second:
+        Kafka's append time (LogAppendTime) less each one's ``deliver_at``."""
+        count = self.opts.delayed_count
+        say(f"delayed: {count} messages due within one second, then how late each goes")
+        topic, consumer, assigned = self.timing_consumer("delayed")
+        late: list[float] = []
+        stop = threading.Event()
+
+        def consume() -> None:
+            while not stop.is_set():
+                for msg in consume_batch(consumer, 1000, 0.1):
+                    if msg.error() is None:
+                        due = json.loads(msg.value()[:40].split(b",")[0][5:])
+                        late.append(msg.timestamp()[1] / 1000 - due)
+
+        with self.worker("--without-inbox-consumer"):
+            reader = threading.Thread(target=consume)
+            reader.start()
+            if not assigned.wait(60):
+                raise click.ClickException("delayed: the measuring consumer got no partitions")
+            first_due = time.time() + 10.0  # publishing 10,000 takes a few seconds
+            conn = connect(self.settings)
+            try:
+                for start in range(0, count, 1000):
+                    with conn, conn.cursor() as cur:
+                        for i in range(start, min(count, start + 1000)):
+                            due = first_due + i / count  # spread over one second
+                            publish(
+                                cur,
+                                topic,
+                                message_value(self.opts.size, t=due),
+                                key=f"key-{i % self.opts.keys}",
+                                deliver_at=datetime.fromtimestamp(due, timezone.utc),
+                            )
+            finally:
+                conn.close()
+            if time.time() > first_due - 1.0:
+                raise click.ClickException("delayed: publishing took past the due time")
+            deadline = first_due + 120
+            while len(late) < count and time.time() < deadline:
+                time.sleep(0.1)
+            stop.set()
+            reader.join()
+        consumer.close()
+        if len(late) < count:
+            raise click.ClickException(f"delayed: {len(late)} of {count} in Kafka after 120 s")
+        early = sum(1 for x in late if x < -0.001)  # ms timestamps: within a millisecond
+        span = max(late) + 1.0  # from the first due time to the last append
+        return {
+            "messages": count,
+            "rate": round(count / span),
+            "early": early,
+            **percentiles([max(0.0, x) for x in late]),
+            "max_ms": round(max(late) * 1000, 1),
         }

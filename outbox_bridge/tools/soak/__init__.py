@@ -48,10 +48,17 @@ from .writers import ADAPTERS, Writer
 # from the handlers' own effects, not the inbox: with a short dedupe window (a long
 # run's) retention forgets handled messages while the run goes on
 _DRAINED = """
-SELECT (SELECT count(*) FROM outbox_bridge.outbox),
+SELECT (SELECT count(*) FROM outbox_bridge.outbox WHERE state <> 'expired')
+         + (SELECT count(*) FROM outbox_bridge.scheduled),
        (SELECT count(DISTINCT message_id) FROM soak_effects WHERE handler = 'soak.effect'),
-       (SELECT count(*) FROM outbox_bridge.deliveries WHERE state NOT IN ('done', 'dead')),
-       (SELECT count(DISTINCT message_id) FROM soak_effects WHERE handler = 'soak.flaky')
+       (SELECT count(*) FROM outbox_bridge.deliveries
+        WHERE state NOT IN ('done', 'dead', 'expired')),
+       (SELECT count(DISTINCT message_id) FROM soak_effects WHERE handler = 'soak.flaky'),
+       (SELECT count(*) FROM outbox_bridge.outbox WHERE state = 'expired'),
+       (SELECT count(*) FROM outbox_bridge.deliveries
+        WHERE state = 'expired' AND handler = 'soak.effect'),
+       (SELECT count(*) FROM outbox_bridge.deliveries
+        WHERE state = 'expired' AND handler = 'soak.flaky')
 """
 _SCHEMA = """
 CREATE TABLE soak_effects (seq bigserial PRIMARY KEY, message_id uuid NOT NULL,
@@ -80,6 +87,15 @@ class Options:
     keyless_rate: float = 0.1
     fail_rate: float = 0.2
     poison: int = 2
+    # the message model: shares of delayed (up to delay_max s), expiring (a ttl up to
+    # ttl_max s: some expire in a fault) and reply-asking messages; a delayed message
+    # counts as on time when it reaches Kafka within on_time s of its deliver_at
+    delayed_rate: float = 0.05
+    delay_max: float = 10.0
+    expiring_rate: float = 0.05
+    ttl_max: float = 20.0
+    reply_rate: float = 0.05
+    on_time: float = 5.0
     max_tail: float = 120.0  # seconds from the last write or fault to drained, at most
     silence: float = 60.0  # of a blackhole fault
     sample_every: float = 60.0  # seconds between samples of sizes and resources
@@ -133,6 +149,7 @@ class Soak:
         self.url = psycopg2.extensions.make_dsn(**{**dsn, "dbname": self.db})
         self.settings = replace(settings, database_url=self.url)
         self.topic, self.chained = f"soak-{self.run_id}", f"soak-{self.run_id}-chained"
+        self.replies = f"soak-{self.run_id}-replies"
         opts.logdir.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
         self.ledger = Ledger(opts.logdir / f"ledger-{self.run_id}.jsonl", self.started)
@@ -151,7 +168,7 @@ class Soak:
         conn.close()
         kafka = AdminClient(kafka_client(self.settings))
         replicas = 3 if self.opts.cluster else 1
-        topics = [NewTopic(t, 3, replicas) for t in (self.topic, self.chained)]
+        topics = [NewTopic(t, 3, replicas) for t in (self.topic, self.chained, self.replies)]
         futures = kafka.create_topics(topics)
         for future in futures.values():
             future.result(30)
@@ -231,7 +248,7 @@ class Soak:
             if result and not result["violations"]:  # else they are evidence: kept
                 # fewer partitions: Kafka's next restart recovers faster
                 kafka = AdminClient(kafka_client(self.settings))
-                kafka.delete_topics([self.topic, self.chained])
+                kafka.delete_topics([self.topic, self.chained, self.replies])
 
     def _traffic(self, workers: list[Worker], spare: Worker) -> dict[str, Any]:
         """Writers run for ``seconds`` and until the last fault is over, so that
@@ -239,7 +256,10 @@ class Soak:
         o = self.opts
         t0 = time.monotonic()
         stop = threading.Event()
-        writers = [Writer(i, self.url, self.topic, self.ledger, stop, o) for i in range(o.writers)]
+        writers = [
+            Writer(i, self.url, self.topic, self.ledger, stop, o, self.replies)
+            for i in range(o.writers)
+        ]
         for w in writers:
             w.start()
         plan = self.plan = schedule(o.seed, o.faults, o.kinds, 0.1 * o.seconds, 0.85 * o.seconds)
@@ -373,12 +393,12 @@ class Soak:
         poison = sum(1 for e in self.ledger.entries if e.poison and e.outcome == COMMITTED)
         self._progress = time.monotonic()
         while True:
-            ((outbox, stored, unsettled, flaky),) = self._query(_DRAINED)
+            ((outbox, stored, unsettled, flaky, expired, gone, gone_flaky),) = self._query(_DRAINED)
             if (
                 outbox == 0
-                and stored >= len(committed)
+                and stored + expired + gone >= len(committed)
                 and not unsettled
-                and flaky + poison >= len(committed)
+                and flaky + poison + expired + gone_flaky >= len(committed)
             ):
                 return round(self.now() - since, 1)
             if time.monotonic() - self._progress > 10:
@@ -400,6 +420,7 @@ class Soak:
     ) -> dict[str, Any]:
         events = read_topic(self.settings, self.topic)
         chained = read_topic(self.settings, self.chained)
+        replies = read_topic(self.settings, self.replies)
         outbox = dict(self._query("SELECT state, count(*) FROM outbox_bridge.outbox GROUP BY 1"))
         deliveries: dict[str, dict[str, int]] = {}
         for handler, state, n in self._query(
@@ -421,13 +442,27 @@ class Soak:
                     "SELECT message_id, handler FROM outbox_bridge.deliveries WHERE state = 'dead'"
                 )
             ],
+            "expired_outbox": {
+                str(m)
+                for (m,) in self._query(
+                    "SELECT message_id FROM outbox_bridge.outbox WHERE state = 'expired'"
+                )
+            },
+            "expired_deliveries": {
+                (str(m), h)
+                for m, h in self._query(
+                    "SELECT message_id, handler FROM outbox_bridge.deliveries"
+                    " WHERE state = 'expired'"
+                )
+            },
+            "on_time": self.opts.on_time,
             "retried": self._query(
                 "SELECT count(*) FROM outbox_bridge.deliveries"
                 " WHERE handler = 'soak.flaky' AND attempts > 0"
             )[0][0],
             "fail_rate": self.opts.fail_rate,
         }
-        result = reconcile(self.ledger.entries, events, chained, db)
+        result = reconcile(self.ledger.entries, events, chained, db, replies)
         counts = {
             k: sum(1 for e in self.ledger.entries if e.outcome == k)
             for k in (COMMITTED, ROLLED_BACK, UNKNOWN)
@@ -516,6 +551,18 @@ def summary(r: dict[str, Any]) -> str:
         f"flaky deliveries retried {fig['flaky_deliveries_retried']}; dead on purpose"
         f" {fig['dead_deliveries_injected']}; outbox left {fig['outbox_left']}"
     )
+    model = fig.get("model")
+    if model:
+        d, x, y = model["delayed"], model["expiring"], model["replies"]
+        lines.append(
+            f"delayed {d['count']}: on time {d['on_time']}, late {d['late']}, early"
+            f" {d['early']}, lateness p50 {d['lateness_p50_s']}s p99 {d['lateness_p99_s']}s"
+            f" max {d['lateness_max_s']}s; expiring {x['count']}: sent {x['sent']}, expired"
+            f" {x['expired']} (after an unacknowledged send {x['sent_then_expired']}), sent"
+            f" late {x['sent_late']}, deliveries expired {x['deliveries_expired']}; replies"
+            f" {y['expected']} expected, {y['answered']} answered, {y['missing']} missing,"
+            f" {y['stray']} stray, {y['wrong']} wrong"
+        )
     lines.append(
         f"drained {r['drained_after_s']}s after the last write or fault"
         f" (last write {r['last_write_s']}s, last fault {r['last_fault_s']}s)"

@@ -1,6 +1,7 @@
 """The soak's handlers, loaded by its workers (``--include outbox_bridge.tools.soak.handlers``).
 
-``soak.effect`` writes an effect row and chains a message; ``soak.flaky`` fails
+``soak.effect`` writes an effect row, chains a message, and replies to a message that
+asks for one (``reply_to``); ``soak.flaky`` fails
 at random (and always on a poison message) before it writes its effect row.
 """
 
@@ -28,6 +29,8 @@ def _effect(tx, handler: str, message) -> None:
 def effect(message, tx) -> None:
     _effect(tx, "soak.effect", message)
     publish(tx, CHAINED, {"from": str(message.message_id)}, key=message.key)
+    if message.reply_to:
+        message.reply(tx, {"from": str(message.message_id)})
 
 
 @outbox_handler(TOPIC, name="soak.flaky", **RETRIES)

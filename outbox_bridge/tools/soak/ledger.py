@@ -24,6 +24,10 @@ class Entry:
     poison: bool
     outcome: str
     at: float  # seconds since the soak began
+    # the message model: delayed until, expiring at (epoch seconds), asking for a reply
+    deliver_at: float | None = None
+    expires_at: float | None = None
+    reply: bool = False
 
 
 class Ledger:
@@ -38,11 +42,12 @@ class Ledger:
         self,
         writer: int,
         txid: str | None,
-        messages: list[tuple[str, str | None, bool]],
+        messages: list[tuple],
         outcome: str,
     ) -> None:
+        """``messages``: (message id, key, poison, deliver_at, expires_at, reply)."""
         at = round(time.monotonic() - self.started, 3)
-        new = [Entry(m, writer, txid, k, p, outcome, at) for m, k, p in messages]
+        new = [Entry(m, writer, txid, k, p, outcome, at, d, x, r) for m, k, p, d, x, r in messages]
         with self._lock:
             self.entries += new
             self._file.writelines(json.dumps(asdict(e)) + "\n" for e in new)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import uuid
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -15,8 +17,18 @@ from .ledger import COMMITTED, ROLLED_BACK, Entry
 HANDLERS = ("soak.effect", "soak.flaky")
 
 
-def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, bytes | None, dict, str]]:
-    """Every record of ``topic`` up to its end now: (partition, offset, key, value, id)."""
+class Record(NamedTuple):
+    partition: int
+    offset: int
+    key: bytes | None
+    value: Any
+    message_id: str
+    timestamp_ms: int  # the producer's (CreateTime): when the relay produced it
+    headers: dict[str, bytes | None]
+
+
+def read_topic(settings: Settings, topic: str) -> list[Record]:
+    """Every record of ``topic`` up to its end now."""
     consumer = Consumer(
         kafka_client(settings, **{"group.id": f"soak-{uuid.uuid4()}", "enable.auto.commit": False})
     )
@@ -34,12 +46,14 @@ def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, bytes | N
                 continue
             headers = dict(msg.headers() or [])
             out.append(
-                (
+                Record(
                     msg.partition(),
                     msg.offset(),
                     msg.key(),
                     json.loads(msg.value()),
                     headers["message_id"].decode(),
+                    msg.timestamp()[1],
+                    headers,
                 )
             )
             if msg.offset() + 1 >= ends[msg.partition()]:
@@ -51,14 +65,17 @@ def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, bytes | N
 
 def _first(records: list) -> dict[str, tuple[int, int]]:
     first: dict[str, tuple[int, int]] = {}
-    for partition, offset, _key, _value, message_id in sorted(records, key=lambda r: r[:2]):
-        first.setdefault(message_id, (partition, offset))
+    for r in sorted(records, key=lambda r: r[:2]):
+        first.setdefault(r.message_id, (r.partition, r.offset))
     return first
 
 
-def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, Any]) -> dict:
+def reconcile(
+    entries: list[Entry], events: list, chained: list, db: dict[str, Any], replies: list = ()
+) -> dict:
     """Figures and violations. ``db``: effects (handler, key, id in order), outbox states,
-    delivery states per handler, dead deliveries, retried flaky deliveries."""
+    delivery states per handler, dead deliveries, retried flaky deliveries, expired
+    outbox rows and deliveries, the on-time window of delayed messages."""
     committed = [e for e in entries if e.outcome == COMMITTED]
     rolled_back = {e.message_id for e in entries if e.outcome == ROLLED_BACK}
     committed_ids = {e.message_id for e in committed}
@@ -66,8 +83,10 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
     first = _first(events)
     seen = Counter(r[4] for r in events)
     violations: list[str] = []
+    expired = set(db.get("expired_outbox", ())) & committed_ids
+    gone = set(db.get("expired_deliveries", ()))  # (message id, handler)
 
-    lost = committed_ids - first.keys()
+    lost = committed_ids - first.keys() - expired
     phantom = rolled_back & first.keys()
     if lost:
         violations.append(f"{len(lost)} committed messages not in Kafka, e.g. {sorted(lost)[:3]}")
@@ -76,9 +95,11 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
             f"{len(phantom)} rolled-back messages in Kafka, e.g. {sorted(phantom)[:3]}"
         )
 
+    model = _model(committed, events, first, replies, db, violations)
+
     by_key: dict[str, list[str]] = defaultdict(list)
     for e in committed:
-        if e.key is not None:
+        if e.key is not None and e.deliver_at is None:  # a delayed one: outside its key's order
             by_key[e.key].append(e.message_id)
     bad_keys = []
     for key, ids in by_key.items():
@@ -96,7 +117,8 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
             handled[(handler, key)].append(message_id)
     figures: dict[str, Any] = {}
     for handler in HANDLERS:
-        expect = committed_ids - (poison if handler == "soak.flaky" else set())
+        expect = committed_ids - (poison if handler == "soak.flaky" else set()) - expired
+        expect -= {m for m, h in gone if h == handler}  # expired before this handler ran
         got = effects[handler]
         missing = expect - got.keys()
         doubled = [m for m, n in got.items() if n > 1]
@@ -130,10 +152,10 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
             " messages never handled"
         )
 
-    outbox_left = sum(db["outbox"].values())
+    outbox_left = sum(n for state, n in db["outbox"].items() if state != "expired")
     if outbox_left:
         violations.append(f"outbox not drained: {dict(db['outbox'])}")
-    unsettled = {h: s for h, s in db["deliveries"].items() if set(s) - {"done", "dead"}}
+    unsettled = {h: s for h, s in db["deliveries"].items() if set(s) - {"done", "dead", "expired"}}
     if unsettled:
         violations.append(f"deliveries not settled: {unsettled}")
     dead = {(m, h) for m, h in db["dead"]}
@@ -157,6 +179,96 @@ def reconcile(entries: list[Entry], events: list, chained: list, db: dict[str, A
             "outbox_left": outbox_left,
             "dead_deliveries_injected": len(dead) - len(unexpected_dead),
             "flaky_deliveries_retried": db["retried"],
+            "model": model,
         }
     )
     return {"figures": figures, "violations": violations}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
+
+
+def _model(committed, events, first, replies, db, violations: list[str]) -> dict[str, Any]:
+    """Delayed, expiring and reply messages: each where the message model says it must be."""
+    stamp = {r.message_id: r.timestamp_ms for r in sorted(events, key=lambda r: r[:2])[::-1]}
+    window = db.get("on_time", 5.0)
+    delayed = [e for e in committed if e.deliver_at is not None]
+    early, lateness = [], []
+    for e in delayed:
+        if e.message_id not in stamp:
+            continue  # lost: counted above
+        if stamp[e.message_id] < math.floor(e.deliver_at * 1000):
+            early.append(e.message_id)
+        lateness.append(max(0.0, stamp[e.message_id] / 1000 - e.deliver_at))
+    if early:
+        violations.append(f"{len(early)} delayed messages reached Kafka early: {early[:3]}")
+
+    expiring = [e for e in committed if e.expires_at is not None]
+    expired = set(db.get("expired_outbox", ()))
+    late_sends, sent_then_expired = [], 0
+    for e in expiring:
+        if e.message_id in stamp:
+            # produced (CreateTime) after its expiry: the relay sent an expired message
+            if stamp[e.message_id] > e.expires_at * 1000 + 1000:
+                late_sends.append(e.message_id)
+            sent_then_expired += e.message_id in expired
+    if late_sends:
+        violations.append(f"{len(late_sends)} messages sent after their expiry: {late_sends[:3]}")
+    wrongly_expired = expired - {e.message_id for e in expiring}
+    if wrongly_expired:
+        violations.append(f"{len(wrongly_expired)} messages without an expiry are expired")
+    gone = {(m, h) for m, h in db.get("expired_deliveries", ())}
+    no_expiry = {m for m, _h in gone} - {e.message_id for e in expiring}
+    if no_expiry:
+        violations.append(f"{len(no_expiry)} deliveries expired without an expiry")
+
+    asked = {e.message_id: e.key for e in committed if e.reply}
+    handled = {m for h, _k, m in db["effects"] if h == "soak.effect"}
+    answers: dict[str, set[str]] = defaultdict(set)
+    wrong = 0
+    for r in replies:
+        request = r.value.get("from")
+        correlation = (r.headers.get("correlation_id") or b"").decode()
+        key = None if r.key is None else r.key.decode()
+        if correlation != request or request not in asked or key != asked.get(request):
+            wrong += 1
+        answers[request].add(r.message_id)
+    missing = [m for m in asked if m in handled and len(answers.get(m, ())) != 1]
+    stray = [m for m in answers if m not in asked or m not in handled]
+    if missing or stray or wrong:
+        violations.append(
+            f"replies: {len(missing)} requests without exactly one reply, {len(stray)} replies"
+            f" to no handled request, {wrong} with the wrong correlation id or key"
+        )
+    return {
+        "delayed": {
+            "count": len(delayed),
+            "on_time": sum(1 for late in lateness if late <= window),
+            "late": sum(1 for late in lateness if late > window),
+            "early": len(early),
+            "lateness_p50_s": _quantile(lateness, 0.5),
+            "lateness_p99_s": _quantile(lateness, 0.99),
+            "lateness_max_s": _quantile(lateness, 1.0),
+            "lateness_mean_s": round(statistics.fmean(lateness), 3) if lateness else None,
+        },
+        "expiring": {
+            "count": len(expiring),
+            "sent": sum(1 for e in expiring if e.message_id in stamp),
+            "expired": len(expired & {e.message_id for e in expiring}),
+            "sent_then_expired": sent_then_expired,
+            "sent_late": len(late_sends),
+            "deliveries_expired": len(gone),
+        },
+        "replies": {
+            "expected": sum(1 for m in asked if m in handled),
+            "answered": sum(1 for m in asked if len(answers.get(m, ())) == 1),
+            "missing": len(missing),
+            "stray": len(stray),
+            "wrong": wrong,
+            "records": len(replies),
+        },
+    }

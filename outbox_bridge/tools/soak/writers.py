@@ -16,6 +16,7 @@ import contextlib
 import random
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ...outbox.publish import publish, publish_async
@@ -227,10 +228,18 @@ class Writer(threading.Thread):
     """Publishes about ``rate / writers`` messages/s until ``stop`` is set."""
 
     def __init__(
-        self, index: int, url: str, topic: str, ledger: Ledger, stop: threading.Event, options: Any
+        self,
+        index: int,
+        url: str,
+        topic: str,
+        ledger: Ledger,
+        stop: threading.Event,
+        options: Any,
+        replies: str | None = None,
     ) -> None:
         super().__init__(name=f"soak-writer-{index}", daemon=True)
         self.index, self.url, self.topic, self.ledger = index, url, topic, ledger
+        self.replies = replies
         self.make = _SESSIONS[options.adapter]
         writers = options.writers
         self.interval = writers / options.rate
@@ -248,6 +257,22 @@ class Writer(threading.Thread):
         hot = self.rng.random() < 0.3
         return f"w{self.index}-k{self.rng.randrange(3) if hot else self.rng.randrange(3, 50)}"
 
+    def _model(self, poison: bool) -> dict[str, Any]:
+        """publish() options of one message: delayed, expiring, asking for a reply, or none."""
+        if poison:
+            return {}
+        opts, roll = self.opts, self.rng.random()
+        now = datetime.now(timezone.utc)
+        if roll < opts.delayed_rate:
+            return {"deliver_at": now + timedelta(seconds=self.rng.uniform(0.5, opts.delay_max))}
+        roll -= opts.delayed_rate
+        if roll < opts.expiring_rate:
+            return {"expires_at": now + timedelta(seconds=self.rng.uniform(2.0, opts.ttl_max))}
+        roll -= opts.expiring_rate
+        if roll < opts.reply_rate and self.replies:
+            return {"reply_to": self.replies}
+        return {}
+
     def run(self) -> None:
         session = None
         next_at = time.monotonic()
@@ -256,7 +281,7 @@ class Writer(threading.Thread):
             next_at += count * self.interval
             plan = [self._key() for _ in range(count)]
             rollback = self.rng.random() < self.opts.rollback_rate
-            written: list[tuple[str, str | None, bool]] = []
+            written: list[tuple] = []
             txid = None
             try:
                 session = session or self.make(self.url)
@@ -265,7 +290,18 @@ class Writer(threading.Thread):
                     poison = key is None and self.poison_left > 0 and not rollback
                     self.seq += 1
                     value = {"w": self.index, "n": self.seq, **({"poison": True} if poison else {})}
-                    written.append((str(session.publish(self.topic, value, key=key)), key, poison))
+                    model = self._model(poison)
+                    message_id = session.publish(self.topic, value, key=key, **model)
+                    written.append(
+                        (
+                            str(message_id),
+                            key,
+                            poison,
+                            model["deliver_at"].timestamp() if "deliver_at" in model else None,
+                            model["expires_at"].timestamp() if "expires_at" in model else None,
+                            "reply_to" in model,
+                        )
+                    )
                     self.poison_left -= poison
             except Exception as exc:  # noqa: BLE001 - before the commit: it never committed
                 self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"
