@@ -170,21 +170,25 @@ def _match(topic, key, ids, handler, states=DEAD_STATES) -> dict[str, Any]:
 _DEAD_MATCH = {"dead_match": "ops.dead_match"}
 
 
-def _tables(handler: str | None) -> list[str]:
-    """The outbox unless a handler is named; the deliveries always."""
-    return (["outbox"] if not handler else []) + ["deliveries"]
+def _tables(handler: str | None, table: str | None = None) -> list[str]:
+    """The outbox unless a handler is named; the deliveries always (``table``: that one
+    alone, "outbox" or "deliveries")."""
+    found = (["outbox"] if not handler else []) + ["deliveries"]
+    if table is not None and table not in ("outbox", "deliveries"):
+        raise ValueError(f"table must be 'outbox' or 'deliveries', got {table!r}")
+    return [t for t in found if table in (None, t)]
 
 
 def dead_list(
-    settings: Settings, topic=None, key=None, ids=(), handler=None, limit: int = 1000
+    settings: Settings, topic=None, key=None, ids=(), handler=None, limit: int = 1000, table=None
 ) -> list[dict]:
     """Dead outbox rows and dead deliveries (``queue`` says which), oldest first;
     ``state`` is "dead" (failed) or "expired" (past its ``expires_at``)."""
     found: list[dict] = []
     params = {**_match(topic, key, ids, handler), "limit": limit}
     with transaction(settings, "outbox-bridge dead") as cur:
-        for table in _tables(handler):
-            cur.execute(render(f"ops.dead_{table}", settings.schema, _DEAD_MATCH), params)
+        for name in _tables(handler, table):
+            cur.execute(render(f"ops.dead_{name}", settings.schema, _DEAD_MATCH), params)
             cols = [d.name for d in cur.description]
             for r in cur.fetchall():
                 entry = dict(zip(cols, r, strict=True))
@@ -193,23 +197,23 @@ def dead_list(
     return found
 
 
-def dead_retry(settings: Settings, topic=None, key=None, ids=(), handler=None) -> int:
+def dead_retry(settings: Settings, topic=None, key=None, ids=(), handler=None, table=None) -> int:
     """Dead rows become pending again, keeping their ids, so per-key order holds.
     Expired ones stay as they are: their time has passed (purge them, or publish
     them again)."""
-    return _change(settings, topic, key, ids, handler, retry=True)
+    return _change(settings, topic, key, ids, handler, True, table)
 
 
-def dead_purge(settings: Settings, topic=None, key=None, ids=(), handler=None) -> int:
+def dead_purge(settings: Settings, topic=None, key=None, ids=(), handler=None, table=None) -> int:
     """Delete dead (and expired) rows for good; their keys flow again."""
-    return _change(settings, topic, key, ids, handler, retry=False)
+    return _change(settings, topic, key, ids, handler, False, table)
 
 
-def _change(settings: Settings, topic, key, ids, handler, retry: bool) -> int:
+def _change(settings: Settings, topic, key, ids, handler, retry: bool, only=None) -> int:
     total = 0
     params = _match(topic, key, ids, handler, RETRY_STATES if retry else DEAD_STATES)
     with transaction(settings, "outbox-bridge dead") as cur:
-        for table in _tables(handler):
+        for table in _tables(handler, only):
             statement = ("ops.retry_" if retry else "ops.purge_") + table
             cur.execute(render(statement, settings.schema, _DEAD_MATCH), params)
             freed: dict[str, set[tuple]] = {}

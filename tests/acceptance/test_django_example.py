@@ -40,7 +40,7 @@ def test_the_django_example_passes_djangos_test_runner(services, driver):
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert "Ran 6 tests" in output and "\nOK" in output, output
+    assert "Ran 14 tests" in output and "\nOK" in output, output
     assert "Applying outbox_bridge.0001_initial... OK" in output, output
     backend = "psycopg" if driver == "psycopg" else "psycopg2"
     assert _django_driver(env, driver) == backend
