@@ -176,6 +176,23 @@ class PublishContract:
         ]
         wait_for(lambda: not env.outbox_ids() & {str(i) for i in ids}, 30, "rows deleted")
 
+    def test_a_delayed_expiring_request_goes_at_its_time_with_its_headers(self, env: Env):
+        note = f"{self.name}-{uuid.uuid4().hex[:6]}"
+        with self.transaction(env.url) as tx:
+            tx.write(note)
+            (message_id,) = [
+                tx.publish(env.topic, {"n": 1}, key=note, delay=1.0, ttl=600, reply_to="replies")
+            ]
+        ((due,),) = env.query(  # written by this driver's statement, waiting for its time
+            "SELECT deliver_at FROM outbox_bridge.scheduled WHERE message_id = %s",
+            (str(message_id),),
+        )
+        env.reader.read_message_ids({str(message_id)}, 60)
+        (m,) = [m for m in env.reader.messages if m.key() == note.encode()]
+        headers = dict(m.headers())
+        assert headers["reply_to"] == b"replies" and b"T" in headers["expires_at"]
+        assert m.timestamp()[1] >= int(due.timestamp() * 1000)  # no earlier than its time
+
     def test_a_rolled_back_transaction_writes_nothing(self, env: Env):
         note = f"{self.name}-{uuid.uuid4().hex[:6]}"
         topic = "never-" + note  # a row left would stay: nobody creates this topic

@@ -25,7 +25,7 @@ VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb),
 -- id comes from the outbox's sequence, so a dispatcher that reads the sequence sees it.
 INSERT INTO {scheduled} (message_id, topic, key, value, headers, shard, deliver_at)
 VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb), %s,
-        CAST(%s AS timestamptz))
+        CAST(CAST(%s AS text) AS timestamptz))
 
 -- name: insert_scheduled_notify
 -- the same for wake = "notify" (see insert_notify): an idle dispatcher learns of it
@@ -34,7 +34,7 @@ VALUES (CAST(%s AS uuid), %s, %s, %s, CAST(CAST(%s AS text) AS jsonb),
         CAST(%s AS smallint)
         + CASE WHEN pg_try_advisory_xact_lock_shared(hashtext({outbox_channel} || ' idle'))
                THEN 0 ELSE length(CAST(pg_notify({outbox_channel}, '') AS text)) END,
-        CAST(%s AS timestamptz))
+        CAST(CAST(%s AS text) AS timestamptz))
 
 -- name: next_due
 -- seconds until the next delayed message is due (<= 0: due now; NULL: none waits)
