@@ -79,7 +79,9 @@ def shop(db_url, services, tmp_path):
         "DJANGO_SUPERUSER_PASSWORD": "admin-pw",
     }
     _manage(env, "migrate", "--noinput")
-    _manage(env, "createsuperuser", "--noinput", "--username", "admin", "--email", "a@b.c")
+    _manage(
+        env, "createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com"
+    )
     port = _free_port()
     log = open(tmp_path / "runserver.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
