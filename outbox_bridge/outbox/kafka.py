@@ -241,13 +241,11 @@ class Relay:
                 self._classify(outcome, row, err)
 
         hook = self.before_produce
-        now = time.time()
         for row in rows:
-            if row.headers is not None:
-                expires = expiry_of(row.headers)
-                if expires is not None and expires <= now:
-                    outcome.expired.append(row.id)  # holds no key: the later rows go on
-                    continue
+            expires = expiry_of(row.headers) if row.headers is not None else None
+            if expires is not None and expires <= time.time():
+                outcome.expired.append(row.id)  # holds no key: the later rows go on
+                continue
             if held.holds(row.topic, row.key):
                 outcome.skipped.append(row.id)
                 continue
@@ -262,6 +260,10 @@ class Relay:
                     raise _Refused(refused)
                 if hook is not None:
                     hook(row)
+                # asked again: a topic's limits may have taken seconds to read (Kafka away)
+                if expires is not None and expires <= time.time():
+                    outcome.expired.append(row.id)
+                    continue
                 self._produce(row, functools.partial(report, row))
                 pending += 1
             except Exception as exc:  # a message that cannot even be queued
