@@ -456,6 +456,7 @@ class Soak:
                 )
             },
             "on_time": self.opts.on_time,
+            "ledger_wall": self.ledger.wall,
             "retried": self._query(
                 "SELECT count(*) FROM outbox_bridge.deliveries"
                 " WHERE handler = 'soak.flaky' AND attempts > 0"
@@ -557,7 +558,8 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(
             f"delayed {d['count']}: on time {d['on_time']}, late {d['late']}, early"
             f" {d['early']}, lateness p50 {d['lateness_p50_s']}s p99 {d['lateness_p99_s']}s"
-            f" max {d['lateness_max_s']}s; expiring {x['count']}: sent {x['sent']}, expired"
+            f" max {d['lateness_max_s']}s (plain messages, commit to Kafka: p50"
+            f" {d['plain_latency_p50_s']}s p99 {d['plain_latency_p99_s']}s); expiring {x['count']}: sent {x['sent']}, expired"
             f" {x['expired']} (after an unacknowledged send {x['sent_then_expired']}), sent"
             f" late {x['sent_late']}, deliveries expired {x['deliveries_expired']}; replies"
             f" {y['expected']} expected, {y['answered']} answered, {y['missing']} missing,"

@@ -34,6 +34,8 @@ class Ledger:
     def __init__(self, path: Path, started: float) -> None:
         self.path = path
         self.started = started
+        # the wall clock at ``started``: an entry's ``at`` against Kafka's timestamps
+        self.wall = time.time() - (time.monotonic() - started)
         self.entries: list[Entry] = []
         self._lock = threading.Lock()
         self._file = open(path, "a")  # noqa: SIM115 - kept open for the run
