@@ -403,6 +403,19 @@ def bench(
 )
 @click.option("--seed", default=1, show_default=True, help="Same seed, same schedule.")
 @click.option("--poison", default=2, show_default=True, help="Messages a handler always fails.")
+@click.option("--delayed-rate", default=0.05, show_default=True, help="Share of delayed messages.")
+@click.option(
+    "--expiring-rate", default=0.05, show_default=True, help="Share of expiring messages."
+)
+@click.option(
+    "--reply-rate", default=0.05, show_default=True, help="Share of messages asking a reply."
+)
+@click.option(
+    "--on-time",
+    default=5.0,
+    show_default=True,
+    help="Seconds after deliver_at within which a delayed message counts as on time.",
+)
 @click.option(
     "--fail-rate",
     default=0.2,
