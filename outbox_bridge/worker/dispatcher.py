@@ -42,7 +42,7 @@ from ..queries import render
 from ..shardtask import Source, served_sources, sources
 from ..watchdog import guard
 from .election import Fleet, fleet_capacity
-from .maintenance import Maintainer, MoveDue, RedriveRetries, RepairHeld
+from .maintenance import DUE_LOOK_GAP, Maintainer, MoveDue, RedriveRetries, RepairHeld
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Dispatcher:
                         moved = reading and sequence.moved(cur)
                         self.since = sequence.since() if sequence is not None else None
                         if notified or moved:  # a delayed message may be due sooner
-                            self.maintenance.poke(self.due.name)
+                            self.maintenance.poke(self.due.name, DUE_LOOK_GAP)
                     look = "all" if notified else "outbox" if moved or due_moved else None
         finally:
             conn.close()

@@ -154,15 +154,18 @@ class Maintainer:
         self.jobs = jobs
         now = time.monotonic()
         self.next_run = {job.name: now + job.start_after for job in jobs}
+        self.last_run: dict[str, float] = {}
 
     def next_due(self) -> float:
         """When (``time.monotonic()``) the next job is due."""
         return min(self.next_run.values(), default=float("inf"))
 
-    def poke(self, name: str) -> None:
-        """Run job ``name`` at the next ``run_due``: something it waits for may be there."""
+    def poke(self, name: str, gap: float = 0.0) -> None:
+        """Run job ``name`` soon: something it waits for may be there. Not sooner than
+        ``gap`` seconds after its last run (a busy loop pokes it at every look)."""
         if name in self.next_run:
-            self.next_run[name] = 0.0
+            soon = self.last_run.get(name, float("-inf")) + gap
+            self.next_run[name] = min(self.next_run[name], soon)
 
     def run_due(self, cur: Any) -> int:
         """Run every job whose time has come; the work they did, summed."""
@@ -172,6 +175,7 @@ class Maintainer:
             if now < self.next_run[job.name]:
                 continue
             self.next_run[job.name] = now + job.interval
+            self.last_run[job.name] = now
             try:
                 done += job.run_once(cur) or 0
                 self.next_run[job.name] = time.monotonic() + job.interval  # it may have changed
@@ -295,6 +299,9 @@ class RepairHeld(Job):
 
 
 MOVE_BATCH = 5000  # due delayed messages moved into the outbox per statement
+# while busy, the dispatcher asks for the next due time at most this often: a delayed
+# message due sooner than the timer is seen this much later at most
+DUE_LOOK_GAP = 0.2
 
 
 class MoveDue(Job):

@@ -320,3 +320,30 @@ def test_a_database_error_in_a_job_goes_to_its_loop(monkeypatch):
 
     with pytest.raises(psycopg2.OperationalError):
         maintenance.Maintainer([Lost()]).run_due(None)
+
+
+def test_a_poked_job_runs_soon_but_not_sooner_than_its_gap_after_its_last_run():
+    import time
+
+    from outbox_bridge.worker.maintenance import Job, Maintainer
+
+    class Count(Job):
+        name, interval = "count", 60.0
+        runs = 0
+
+        def run_once(self, cur):
+            Count.runs += 1
+            return 0
+
+    jobs = Maintainer([Count()])
+    jobs.run_due(None)
+    assert Count.runs == 1 and jobs.next_due() > time.monotonic() + 50
+    jobs.poke("count", gap=0.2)  # busy: not before 0.2 s after the last run
+    assert abs(jobs.next_due() - (jobs.last_run["count"] + 0.2)) < 1e-9
+    jobs.run_due(None)
+    assert Count.runs == 1  # too soon
+    time.sleep(0.21)
+    jobs.run_due(None)
+    assert Count.runs == 2
+    jobs.poke("count")  # no gap: at the next look
+    assert jobs.next_due() <= time.monotonic()
