@@ -28,7 +28,10 @@ class Clean(TransactionTestCase):
     """Django flushes its own tables between these tests; outbox-bridge's are emptied here."""
 
     def tearDown(self):
-        sql("TRUNCATE outbox_bridge.outbox, outbox_bridge.inbox, outbox_bridge.deliveries")
+        sql(
+            "TRUNCATE outbox_bridge.outbox, outbox_bridge.inbox, outbox_bridge.deliveries,"
+            " outbox_bridge.handlers"
+        )
 
 
 class Admin(Clean):
@@ -126,6 +129,9 @@ class InboxAdmin(Clean):
         )
         for handler, state in (("shop.ship", "dead"), ("shop.bill", "done")):
             sql(
+                "INSERT INTO outbox_bridge.handlers (name, topic) VALUES (%s, 'orders')", (handler,)
+            )
+            sql(
                 "INSERT INTO outbox_bridge.deliveries (message_id, handler, topic, key, shard,"
                 " state, attempts, last_error) VALUES (%s, %s, 'orders', 'order-7', 3, %s, 4,"
                 " CASE WHEN %s = 'dead' THEN 'RuntimeError: no stock' END)",
@@ -134,7 +140,11 @@ class InboxAdmin(Clean):
 
     def test_deliveries_filter_by_handler_and_retry_per_handler(self):
         self.client.force_login(self.admin)
-        page = self.client.get(DELIVERIES, {"handler__exact": "shop.ship"}).content.decode()
+        everything = self.client.get(DELIVERIES).content.decode()
+        # the filter's choices: the registered handlers and their topics
+        self.assertIn("?handler=shop.ship", everything)
+        self.assertIn("?topic=orders", everything)
+        page = self.client.get(DELIVERIES, {"handler": "shop.ship"}).content.decode()
         self.assertIn("no stock", page)
         self.assertNotIn("shop.bill", page.split("changelist-form")[1])
         ((dead,),) = sql("SELECT id FROM outbox_bridge.deliveries WHERE state = 'dead'")

@@ -16,6 +16,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Q
 from django.utils.html import format_html, format_html_join
@@ -35,12 +36,10 @@ def readable(data: bytes | memoryview | None) -> str:
         return json.dumps(json.loads(raw), indent=2, ensure_ascii=False, sort_keys=True)
     except (UnicodeDecodeError, ValueError):
         pass
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         text = raw.decode()
-        if text.isprintable():
+        if all(c.isprintable() or c in "\n\r\t" for c in text):
             return text
-    except UnicodeDecodeError:
-        pass
     return "hex: " + raw.hex(" ")
 
 
@@ -62,6 +61,7 @@ class ReadOnly(admin.ModelAdmin):
     """Nothing is added, edited or deleted here but by the actions."""
 
     list_per_page = 50
+    show_full_result_count = False  # no count(*) of the whole table beside a filtered one
     search_help_text = "a key (text, or hex:ff00) or a message id"
 
     def has_add_permission(self, request, obj=None) -> bool:
@@ -142,6 +142,40 @@ class ReadOnly(admin.ModelAdmin):
         self._dead_action(request, queryset, False)
 
 
+class _Registered(admin.SimpleListFilter):
+    """Choices from the handlers outbox-bridge registered, not a scan of a table that
+    may hold millions of rows (``DISTINCT`` over the inbox or the deliveries)."""
+
+    column = "name"
+
+    def lookups(self, request, model_admin):
+        from django.db import connections
+
+        from ...queries import render_text
+
+        alias = getattr(settings, "OUTBOX_BRIDGE_DATABASE", "default")
+        with connections[alias].cursor() as cur:
+            cur.execute(render_text("ops.handler_names", get_settings().schema))
+            names = [r[0] for r in cur.fetchall()]
+            cur.execute(render_text("ops.handler_topics", get_settings().schema))
+            topics = sorted(r[0] for r in cur.fetchall())
+        found = names if self.column == "name" else topics
+        return [(v, v) for v in found]
+
+    def queryset(self, request, queryset):
+        if self.value() is None:
+            return queryset
+        return queryset.filter(**{self.parameter_name: self.value()})
+
+
+class HandlerFilter(_Registered):
+    title, parameter_name, column = "handler", "handler", "name"
+
+
+class TopicFilter(_Registered):
+    title, parameter_name, column = "topic", "topic", "topic"
+
+
 @admin.register(OutboxMessage)
 class OutboxMessageAdmin(ReadOnly):
     list_display = ("id", "state", "topic", "key_text", "attempts", "error", "age")
@@ -154,7 +188,7 @@ class OutboxMessageAdmin(ReadOnly):
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnly):
     list_display = ("id", "handler", "state", "topic", "key_text", "attempts", "error", "age")
-    list_filter = ("state", "handler", "topic")
+    list_filter = ("state", HandlerFilter, TopicFilter)
     search_fields = ("topic",)
     actions = ["retry_dead", "purge_dead"]
 
@@ -170,7 +204,7 @@ class DeliveryAdmin(ReadOnly):
 @admin.register(InboxMessage)
 class InboxMessageAdmin(ReadOnly):
     list_display = ("id", "topic", "key_text", "partition", "offset", "received")
-    list_filter = ("topic",)
+    list_filter = (TopicFilter,)
     search_fields = ("topic",)
     readonly_fields = ("value_text", "headers_text", "deliveries")
     actions = None
