@@ -3,7 +3,6 @@
 dispatcher's ``MoveDue``)."""
 
 import json
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -21,7 +20,7 @@ from outbox_bridge import (
 )
 from outbox_bridge.config import get_settings
 from outbox_bridge.worker.maintenance import MoveDue
-from tests.conftest import query, rows
+from tests.conftest import query, rows, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -140,7 +139,7 @@ def test_due_messages_join_the_outbox_in_due_order_with_new_ids(conn, db_url, mo
             job.run_once(cur)
             assert job.take_moved() == 0
             assert 0 < job.interval <= 1.0  # its timer: the next due message
-            time.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.05)
+            wait_for(lambda: datetime.now(UTC) > soon, 5, "the first due time")
             job.run_once(cur)
             assert job.take_moved() == 3
             assert job.interval == 30  # the next is due in an hour: poll_interval, at most
