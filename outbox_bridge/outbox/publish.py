@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -16,179 +14,26 @@ import psycopg2
 
 from ..config import Settings, get_settings
 from ..db import connect, is_transient
-from ..errors import InvalidHeaders, InvalidMessage, InvalidTime, MessageTooLarge
+from ..errors import MessageTooLarge
 from ..events import publishing
 from ..message import (
-    CE_PREFIX,
-    CONTENT_TYPE_HEADER,
-    EXPIRES_HEADER,
-    REPLY_TO_HEADER,
-    TYPE_HEADER,
     Headers,
     JSONSerializer,
     Serializer,
     check_topic,
     encode_headers,
     encode_key,
-    format_time,
-    parse_time,
     record_size,
     replies_with,
 )
 from ..queries import render_text
 from ..queue import shard_of
 from . import adapters
+from .model import NOW, Timing, model_headers, timing
 
 log = logging.getLogger(__name__)
 
 _json = JSONSerializer()
-
-
-# A deliver_at this far in the past (clocks of two hosts disagree) is sent at once;
-# further back it is refused: a time computed wrongly should not go unnoticed.
-PAST_TOLERANCE = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class Timing:
-    """When a message may go (``due``: None, now) and until when (``expires``)."""
-
-    due: datetime | None = None
-    expires: datetime | None = None
-
-
-NOW = Timing()
-
-
-def _seconds(value: Any, name: str) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise InvalidTime(f"{name} must be a timedelta or seconds, got {type(value).__name__}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidTime(f"{name} must be zero or more seconds, got {value!r}")
-    return seconds
-
-
-def _aware(value: Any, name: str) -> datetime:
-    if not isinstance(value, datetime):
-        raise InvalidTime(f"{name} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidTime(
-            f"{name} {value.isoformat()} has no time zone: give an aware datetime"
-            " (datetime.now(timezone.utc) + ...)"
-        )
-    return value.astimezone(timezone.utc)
-
-
-def timing(deliver_at: Any, delay: Any, expires_at: Any, ttl: Any) -> Timing:
-    """The checked times of a message; InvalidTime names what is wrong."""
-    if deliver_at is None and delay is None and expires_at is None and ttl is None:
-        return NOW
-    now = datetime.now(timezone.utc)
-    if deliver_at is not None and delay is not None:
-        raise InvalidTime("give deliver_at or delay, not both")
-    if expires_at is not None and ttl is not None:
-        raise InvalidTime("give expires_at or ttl, not both")
-    due = None
-    if delay is not None:
-        due = now + timedelta(seconds=_seconds(delay, "delay"))
-    elif deliver_at is not None:
-        due = _aware(deliver_at, "deliver_at")
-        if due < now - PAST_TOLERANCE:
-            raise InvalidTime(
-                f"deliver_at {format_time(due)} is {(now - due).total_seconds():.0f}s in the"
-                f" past (more than {PAST_TOLERANCE.total_seconds():.0f}s): not sent"
-            )
-    start = max(now, due) if due is not None else now
-    expires = None
-    if ttl is not None:
-        seconds = _seconds(ttl, "ttl")
-        if seconds == 0:
-            raise InvalidTime("ttl must be more than zero seconds")
-        expires = start + timedelta(seconds=seconds)
-    elif expires_at is not None:
-        expires = _aware(expires_at, "expires_at")
-        if expires <= start:
-            raise InvalidTime(
-                f"expires_at {format_time(expires)} is not after "
-                + (f"deliver_at {format_time(start)}" if due is not None else "now")
-            )
-    return Timing(due if due is not None and due > now else None, expires)
-
-
-def _with_expiry(stored: list, expires: datetime | None) -> list:
-    given = [pair for pair in stored if pair[0] == EXPIRES_HEADER]
-    if given and expires is not None:
-        raise InvalidHeaders(f"header {EXPIRES_HEADER!r} is set by expires_at= or ttl=; not both")
-    for _name, value in given:
-        if not isinstance(value, str) or parse_time(value) is None:
-            raise InvalidHeaders(
-                f"header {EXPIRES_HEADER!r} must be an ISO 8601 time with a zone, got {value!r}"
-            )
-    if expires is None:
-        return stored
-    return [*stored, [EXPIRES_HEADER, format_time(expires)]]
-
-
-def _with_reply_to(stored: list, reply_to: str | None) -> list:
-    if reply_to is None:
-        return stored
-    try:
-        check_topic(reply_to)
-    except InvalidMessage as exc:
-        raise type(exc)(f"reply_to: {exc}") from None
-    if any(pair[0] == REPLY_TO_HEADER for pair in stored):
-        raise InvalidHeaders(f"header {REPLY_TO_HEADER!r} is set by reply_to=; not both")
-    return [*stored, [REPLY_TO_HEADER, reply_to]]
-
-
-def _with_type(stored: list, type_: str | None) -> list:
-    if type_ is None:
-        return stored
-    if not isinstance(type_, str) or not type_:
-        raise InvalidHeaders(f"type must be a non-empty string, got {type_!r}")
-    if any(pair[0] == TYPE_HEADER for pair in stored):
-        raise InvalidHeaders(f"give type= or a {TYPE_HEADER!r} header, not both")
-    return [*stored, [TYPE_HEADER, type_]]
-
-
-# the attributes outbox-bridge sets as CloudEvents headers (a producer's own ce_* go as given)
-CE_OWN = ("specversion", "id", "source", "type", "time")
-
-
-def _as_cloudevent(stored: list, source: str, message_id: UUID, value: Any, serializer) -> list:
-    """Stored headers with the CloudEvents attributes (binary content mode): ``type``
-    from type= or the ``type`` header, which stays a header of its own only if given so."""
-    own = [n for n, _ in stored if n.lower() in {CE_PREFIX + a for a in CE_OWN}]
-    if own:
-        raise InvalidHeaders(f"header {own[0]!r} is set by outbox-bridge in CloudEvents mode")
-    types = [v for n, v in stored if n == TYPE_HEADER]
-    if not types or not isinstance(types[0], str) or not types[0]:
-        raise InvalidHeaders(
-            "CloudEvents mode (outbox_bridge_cloudevents_source) needs each message's type:"
-            f" give type= or a {TYPE_HEADER!r} header"
-        )
-    attributes = [
-        ["ce_specversion", "1.0"],
-        ["ce_id", str(message_id)],
-        ["ce_source", source],
-        ["ce_type", types[0]],
-        ["ce_time", format_time(datetime.now(timezone.utc))],
-    ]
-    if not any(n.lower() == CONTENT_TYPE_HEADER for n, _ in stored):
-        content_type = getattr(serializer, "content_type", None)
-        if serializer is None:
-            content_type = "application/octet-stream" if _is_bytes(value) else "application/json"
-        if content_type:
-            attributes.append([CONTENT_TYPE_HEADER, content_type])
-    return [*stored, *attributes]
-
-
-def _is_bytes(value: Any) -> bool:
-    return isinstance(value, (bytes, bytearray, memoryview))
 
 
 def _row(
@@ -205,14 +50,16 @@ def _row(
 ) -> tuple:
     check_topic(topic)
     key_bytes = encode_key(key)
-    stored = _with_reply_to(_with_expiry(encode_headers(headers), when.expires), reply_to)
-    if settings.cloudevents_source:
-        given = _with_type(stored, type_)
-        stored = _as_cloudevent(given, settings.cloudevents_source, message_id, value, serializer)
-        if type_ is not None:  # carried as ce_type only
-            stored = [pair for pair in stored if pair is not given[-1]]
-    else:
-        stored = _with_type(stored, type_)
+    stored = model_headers(
+        encode_headers(headers),
+        when,
+        reply_to,
+        type_,
+        settings.cloudevents_source,
+        message_id,
+        value,
+        serializer,
+    )
     stored_headers = publishing(stored)
     data = (serializer or _json).dumps(value)
     size = record_size(key_bytes, data, stored_headers)
