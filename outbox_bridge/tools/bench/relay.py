@@ -29,6 +29,11 @@ from .harness import (
 )
 
 
+def stamped(msg) -> float:
+    """The time a bench value starts with (``message_value(size, t=...)``), read cheaply."""
+    return json.loads(msg.value()[:40].split(b",")[0][5:])
+
+
 class RelayFigures(Harness):
     # -- the measurements ----------------------------------------------------
     def limit(self) -> dict[str, Any]:
@@ -180,7 +185,7 @@ class RelayFigures(Harness):
                 for msg in consume_batch(consumer, 1000, 0.1):
                     if msg.error() is None:
                         now = time.time()
-                        t = json.loads(msg.value()[:40].split(b",")[0][5:])
+                        t = stamped(msg)
                         latencies.append(now - t)
                         # the broker's append time (LogAppendTime): the ack follows it
                         appended.append(msg.timestamp()[1] / 1000 - t)
@@ -224,7 +229,7 @@ class RelayFigures(Harness):
             while not stop.is_set():
                 for msg in consume_batch(consumer, 1000, 0.1):
                     if msg.error() is None:
-                        due = json.loads(msg.value()[:40].split(b",")[0][5:])
+                        due = stamped(msg)
                         late.append(msg.timestamp()[1] / 1000 - due)
 
         with self.worker("--without-inbox-consumer"):
