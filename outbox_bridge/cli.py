@@ -298,6 +298,12 @@ def consume() -> None:
 @click.option("--seconds", default=20.0, show_default=True, help="Steady-state duration.")
 @click.option("--e2e-count", default=50_000, show_default=True, help="Messages end to end.")
 @click.option(
+    "--e2e-batch-count",
+    default=200_000,
+    show_default=True,
+    help="Messages end to end into the batch handler.",
+)
+@click.option(
     "--delayed-count",
     default=10_000,
     show_default=True,
@@ -325,6 +331,7 @@ def bench(
     rate,
     seconds,
     e2e_count,
+    e2e_batch_count,
     delayed_count,
     scale,
     only,
@@ -341,6 +348,7 @@ def bench(
         rate=rate,
         seconds=seconds,
         e2e_count=e2e_count,
+        e2e_batch_count=e2e_batch_count,
         delayed_count=delayed_count,
         scale_rows=tuple(int(n) for n in scale.split(",") if n),
         repeat=repeat,

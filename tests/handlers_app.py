@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS failures (
 CREATE TABLE IF NOT EXISTS spans (
     message_id uuid, pid int, started timestamptz, ended timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS calls (attempt int, at timestamptz DEFAULT clock_timestamp());
+CREATE TABLE IF NOT EXISTS batch_calls (
+    ids uuid[], at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS orm_effects (message_id uuid PRIMARY KEY, k text, seq int);
 CREATE TABLE IF NOT EXISTS poison_calls (
     message_id uuid, attempts int, at timestamptz DEFAULT clock_timestamp());
@@ -245,3 +247,32 @@ if os.environ.get("TEST_POISON_TOPIC"):
         if value.get("pause"):  # slow, but well within the time limit
             time.sleep(value["pause"])
         _effect(tx, "poison", message)
+
+
+if os.environ.get("TEST_BATCH"):
+    # a batch handler of the test topic: a round's messages, written with one INSERT
+
+    @outbox_handler(
+        TOPIC, name="outbox.tests.batch", batch=True, max_retries=2, retry_backoff_max=1
+    )
+    def batch(messages, tx):
+        """Notes each call's messages (outside its transaction); ``poison`` fails every
+        time, ``fail_first`` fails its delivery's first attempt."""
+        ids = [str(m.message_id) for m in messages]
+        _side("INSERT INTO batch_calls (ids) VALUES (%s::uuid[])", (ids,))
+        tx.execute(
+            "SELECT message_id, attempts FROM outbox_bridge.deliveries"
+            " WHERE handler = 'outbox.tests.batch' AND message_id = ANY(%s::uuid[])",
+            (ids,),
+        )
+        attempts = dict(tx.fetchall())
+        for m in messages:
+            if m.value.get("poison"):
+                raise RuntimeError(f"poison: fails every time (seq {m.value['seq']})")
+            if m.value.get("fail_first") and attempts[m.message_id] == 0:
+                raise RuntimeError(f"injected first-attempt failure (seq {m.value['seq']})")
+        tx.execute(
+            "INSERT INTO effects (handler, message_id, k, seq) SELECT 'batch', *"
+            " FROM unnest(%s::uuid[], %s::text[], %s::int[])",
+            (ids, [m.value["k"] for m in messages], [m.value["seq"] for m in messages]),
+        )

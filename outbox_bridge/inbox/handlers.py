@@ -62,37 +62,45 @@ class HandlerFailed(OutboxBridgeError):
 class HandlerSpec:
     topic: str
     task: Task
-    func: Callable[[Message, Any], None]
+    func: Callable[[Any, Any], None]
     serializer: Serializer
     # a SQLAlchemy sessionmaker or Session class: the handler gets a Session, not a cursor
     session: Callable[..., Any] | None = None
+    # the function takes a list of messages (``@outbox_handler(topic, batch=True)``)
+    batch: bool = False
 
 
-def _call(spec: HandlerSpec, message: Message, cur: Any) -> None:
+def _call(spec: HandlerSpec, messages: list[Message], cur: Any) -> None:
     # the handler's own statements may take as long as they need (its time limit)
+    payload: Any = messages if spec.batch else messages[0]
     with paused():
         if spec.session is None:
-            spec.func(message, cur)
+            spec.func(payload, cur)
             return
         from ..contrib.sqlalchemy import session_for
 
         with session_for(spec.session, cur.connection) as session:
-            spec.func(message, session)
+            spec.func(payload, session)
             session.flush()  # the ORM's pending writes join "done" in this transaction
 
 
-def _handle(spec: HandlerSpec, message: Message, cur: Any, queue: str) -> None:
-    """One handler call, inside the middleware's ``processing`` (a trace span) and
-    timed, when some middleware is active."""
+def _handle(spec: HandlerSpec, messages: list[Message], cur: Any, queue: str) -> None:
+    """One handler call (of one message, or of a batch handler's list), inside the
+    middleware's ``processing`` of each message (a trace span each) and timed, when
+    some middleware is active: each message of a batch gets its share of the time."""
     if not active():
-        _call(spec, message, cur)
+        _call(spec, messages, cur)
         return
     started = time.perf_counter()
     try:
-        with around("processing", message, queue):
-            _call(spec, message, cur)
+        with contextlib.ExitStack() as stack:
+            for message in messages:
+                stack.enter_context(around("processing", message, queue))
+            _call(spec, messages, cur)
     finally:
-        emit("handled_in", queue, time.perf_counter() - started)
+        share = (time.perf_counter() - started) / max(1, len(messages))
+        for _message in messages:
+            emit("handled_in", queue, share)
 
 
 # topic -> handlers, filled as handler modules are imported
@@ -385,6 +393,7 @@ def _run_handlers(
         render("inbox.load", settings.schema), {"ids": list(ids), "fresh": owned is not None}
     )
     held = HeldKeys()
+    batch: list[tuple[int, Message]] = []  # a batch handler's messages, called at the end
     for row in cur.fetchall():
         delivery_id, row_shard, _attempts, message_id, topic, key = row[:6]
         key = None if key is None else bytes(key)
@@ -417,23 +426,57 @@ def _run_handlers(
             offset=row[9],
             timestamp=row[10],
         )
+        if spec.batch:
+            batch.append((delivery_id, message))
+            continue
         if not careful:
             try:
-                _handle(spec, message, cur, task.name)
+                _handle(spec, [message], cur, task.name)
             except Exception as exc:
                 raise _NeedsSavepoints() from exc
             out.done.append(delivery_id)
             continue
-        cur.execute(render("inbox.before_handler", settings.schema))
+        _in_savepoint(cur, task, spec, [(delivery_id, message)], out, held)
+    if not batch:
+        return out
+    if not careful:
         try:
-            _handle(spec, message, cur, task.name)
-            cur.execute(render("inbox.after_handler", settings.schema))
-            out.done.append(delivery_id)
-        except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
-            cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
-            out.failed[delivery_id] = f"{type(exc).__name__}: {exc}"
-            held.add(topic, key)
+            _handle(spec, [m for _i, m in batch], cur, task.name)
+        except Exception as exc:
+            raise _NeedsSavepoints() from exc
+        out.done += [i for i, _m in batch]
+        return out
+    _in_savepoint(cur, task, spec, batch, out, held)
     return out
+
+
+def _in_savepoint(
+    cur, task: Task, spec: HandlerSpec, items: list[tuple[int, Message]], out: _Handled, held
+) -> None:
+    """The careful path: ``items`` (delivery id, message) in one savepoint; if the
+    handler raises, that savepoint is rolled back and the list is halved, each half in
+    a savepoint of its own, in order, until the failing messages stand alone (a batch
+    of n with one failure: about 2 log2 n calls). A failed message holds back its key:
+    the later ones of that key in the list wait behind it."""
+    items = [(i, m) for i, m in items if not held.holds(m.topic, m.key)]
+    if not items:
+        return
+    cur.execute(render("inbox.before_handler", get_settings().schema))
+    try:
+        _handle(spec, [m for _i, m in items], cur, task.name)
+        cur.execute(render("inbox.after_handler", get_settings().schema))
+        out.done += [i for i, _m in items]
+        return
+    except Exception as exc:  # noqa: BLE001 - the handler's failure, retried
+        cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_delivery")
+        if len(items) == 1:
+            ((delivery_id, message),) = items
+            out.failed[delivery_id] = f"{type(exc).__name__}: {exc}"
+            held.add(message.topic, message.key)
+            return
+    half = len(items) // 2
+    _in_savepoint(cur, task, spec, items[:half], out, held)
+    _in_savepoint(cur, task, spec, items[half:], out, held)
 
 
 @contextlib.contextmanager
@@ -545,8 +588,9 @@ def outbox_handler(
     name: str | None = None,
     serializer: Serializer | None = None,
     session: Callable[..., Any] | None = None,
+    batch: bool = False,
     **task_options: Any,
-) -> Callable[[Callable[[Message, Any], None]], Task]:
+) -> Callable[[Callable[[Any, Any], None]], Task]:
     """Declare ``func(message, tx)`` as the handler of every message on ``topic``.
 
     Returns a real Celery task named ``outbox.<topic>.<function>`` (or
@@ -562,9 +606,20 @@ def outbox_handler(
     work as for any task (defaults: ``max_retries=outbox_bridge_max_retries``,
     ``retry_backoff=True``). Values are decoded as JSON unless ``serializer``
     says otherwise; a value that cannot be decoded makes the delivery dead.
+
+    With ``batch=True`` the function is ``func(messages, tx)``: ``messages`` is a
+    list of the messages of one round of the handler's shards (up to
+    ``outbox_bridge_batch_size``), in delivery order, so each key's messages come in
+    their order, and the function can write them all with one statement. If it
+    raises, its writes are rolled back and the list is halved, each half in a
+    savepoint of its own, until the failing message stands alone: only that message
+    is retried (and dead after ``max_retries``), only its key waits, and the others
+    are done once. The function may therefore see a message more than once; its
+    database writes still commit once. Retries, dead messages, the dead hook,
+    metrics and traces are per message, as for a single handler.
     """
 
-    def decorate(func: Callable[[Message, Any], None]) -> Task:
+    def decorate(func: Callable[[Any, Any], None]) -> Task:
         task_name = name or f"outbox.{topic}.{func.__name__}"
         settings = get_settings()
         options = {
@@ -594,7 +649,7 @@ def outbox_handler(
             autoretry_for=(HandlerFailed,),
             **options,
         )(run)
-        spec = HandlerSpec(topic, task, func, serializer or JSONSerializer(), session)
+        spec = HandlerSpec(topic, task, func, serializer or JSONSerializer(), session, batch)
         spec_box.append(spec)
         REGISTRY.setdefault(topic, [])
         REGISTRY[topic] = [s for s in REGISTRY[topic] if s.task.name != task_name] + [spec]

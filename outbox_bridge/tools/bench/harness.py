@@ -46,6 +46,7 @@ class Options:
     rate: int = 1_000
     seconds: float = 20.0
     e2e_count: int = 50_000
+    e2e_batch_count: int = 200_000  # into the batch handler
     writers: int = 32
     scale_rows: tuple[int, ...] = (10_000, 1_000_000)
     concurrency: int = 2
@@ -215,6 +216,7 @@ class Harness:
             "OUTBOX_BRIDGE_CELERY_QUEUE": f"bench-{self.run_id}",
             "OUTBOX_BRIDGE_CONSUMER_GROUP": f"bench-{self.run_id}",
             "OUTBOX_BRIDGE_BENCH_TOPIC": self.topic("e2e"),
+            "OUTBOX_BRIDGE_BENCH_BATCH_TOPIC": self.topic("e2e-batch"),
             "OUTBOX_BRIDGE_BENCH_WAIT_TOPIC": self.topic("waits"),
         }
 
@@ -318,10 +320,10 @@ class Harness:
             consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts
         )
 
-    def _consumer_ready(self) -> None:
+    def _consumer_ready(self, topic: str = "e2e") -> None:
         """The worker's inbox consumer has its partitions: a marker message is handled."""
         self.sql("TRUNCATE bench_done")
-        self.publish_many(self.topic("e2e"), 1, lambda: message_value(64, t=time.time()))
+        self.publish_many(self.topic(topic), 1, lambda: message_value(64, t=time.time()))
         self.wait_count(
             "SELECT count(*) FROM bench_done",
             lambda n: n >= 1,

@@ -40,19 +40,24 @@ class InboxFigures(Harness):
             **percentiles(lat),
         }
 
-    def end_to_end(self, *args: str, env: dict | None = None) -> dict[str, Any]:
+    def end_to_end(
+        self, *args: str, env: dict | None = None, topic: str = "e2e", count: int | None = None
+    ) -> dict[str, Any]:
         """The pipeline's throughput: a backlog committed in one transaction while the
         worker runs, through the relay, Kafka, the inbox and a handler that inserts
-        one row per message; from the commit to the last handled message. (Through
-        publish() the writer is the limit: one round trip per message, 4-5k/s.)"""
-        count = self.opts.e2e_count
-        say(f"end to end: {count} messages through Kafka, the inbox and a handler")
+        one row per message (``topic`` "e2e-batch": a batch handler, one INSERT per
+        batch); from the commit to the last handled message (``insert_seconds``: how
+        long the backlog's INSERT took before it, not counted). (Through publish()
+        the writer is the limit: one round trip per message, 4-5k/s.)"""
+        count = count or self.opts.e2e_count
+        say(f"end to end: {count} messages through Kafka, the inbox and a handler ({topic})")
         out: dict[str, Any] = {}
         with self.worker("--include", "outbox_bridge.tools.bench.handlers", *args, env=env) as proc:
-            self._consumer_ready()
-            profile = self._statements_reset() and "db_profile_end_to_end" not in self.results
+            self._consumer_ready(topic)
+            key = "db_profile_end_to_end" + ("_batch" if topic == "e2e-batch" else "")
+            profile = self._statements_reset() and key not in self.results
             with rss_peaks(proc.pid, out):
-                t0 = time.monotonic()
+                started = time.monotonic()
                 self.sql(
                     "INSERT INTO {outbox} (message_id, topic, key, value, headers, shard)"
                     " SELECT gen_random_uuid(), %(topic)s, convert_to('key-' || (g %% %(keys)s),"
@@ -61,13 +66,14 @@ class InboxFigures(Harness):
                     " abs(hashtext('key-' || (g %% %(keys)s))) %% %(shards)s"
                     " FROM generate_series(1, %(count)s) g",
                     {
-                        "topic": self.topic("e2e"),
+                        "topic": self.topic(topic),
                         "keys": self.opts.keys,
                         "count": count,
                         "pad": max(0, self.opts.size - 40),
                         "shards": self.settings.shards,
                     },
                 )
+                t0 = time.monotonic()  # committed
                 self.wait_count(
                     "SELECT count(*) FROM bench_done",
                     lambda n: n >= count,
@@ -77,9 +83,10 @@ class InboxFigures(Harness):
                 elapsed = time.monotonic() - t0
             done = self.sql("SELECT count(*) FROM bench_done")[0][0]
         if profile:
-            self.results["db_profile_end_to_end"] = self._statements_top()
+            self.results[key] = self._statements_top()
         return {
             "messages": done,
+            "insert_seconds": round(t0 - started, 2),
             "seconds": round(elapsed, 2),
             "rate": round(done / elapsed),
             **out,

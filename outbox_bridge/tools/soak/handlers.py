@@ -1,8 +1,8 @@
 """The soak's handlers, loaded by its workers (``--include outbox_bridge.tools.soak.handlers``).
 
 ``soak.effect`` writes an effect row, chains a message, and replies to a message that
-asks for one (``reply_to``); ``soak.flaky`` fails
-at random (and always on a poison message) before it writes its effect row.
+asks for one (``reply_to``); ``soak.flaky``, a batch handler, fails at random (and
+always on a poison message) before it writes its batch's effect rows in one statement.
 """
 
 from __future__ import annotations
@@ -33,10 +33,17 @@ def effect(message, tx) -> None:
         message.reply(tx, {"from": str(message.message_id)})
 
 
-@outbox_handler(TOPIC, name="soak.flaky", **RETRIES)
-def flaky(message, tx) -> None:
-    if message.value.get("poison"):
-        raise RuntimeError("poison: fails on purpose, every time")
-    if random.random() < FAIL_RATE:
-        raise RuntimeError("injected handler failure")
-    _effect(tx, "soak.flaky", message)
+@outbox_handler(TOPIC, name="soak.flaky", batch=True, **RETRIES)
+def flaky(messages, tx) -> None:
+    # each message of a call fails at random: a failed call is halved until the
+    # failing ones stand alone, so each message ends up failing at about FAIL_RATE
+    for message in messages:
+        if message.value.get("poison"):
+            raise RuntimeError("poison: fails on purpose, every time")
+        if random.random() < FAIL_RATE:
+            raise RuntimeError("injected handler failure")
+    tx.execute(
+        "INSERT INTO soak_effects (message_id, handler, key)"
+        " SELECT m, 'soak.flaky', k FROM unnest(%s::uuid[], %s::bytea[]) AS x(m, k)",
+        ([str(m.message_id) for m in messages], [m.key for m in messages]),
+    )
