@@ -38,7 +38,7 @@ class Bench(RelayFigures, InboxFigures, CostFigures, FleetFigures):
             ("relay_steady", self.steady),
             ("handler_steady", self.handler_steady),
             ("end_to_end", self.end_to_end),
-            ("end_to_end_batch", lambda: self.end_to_end(topic="e2e-batch", count=self.opts.e2e_batch_count)),
+            ("end_to_end_batch", self.end_to_end_batch),
             ("delayed", self.delayed),
         ]
         for rows in self.opts.scale_rows:

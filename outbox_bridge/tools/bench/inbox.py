@@ -91,3 +91,8 @@ class InboxFigures(Harness):
             "rate": round(done / elapsed),
             **out,
         }
+
+    def end_to_end_batch(self) -> dict[str, Any]:
+        """``end_to_end`` into a batch handler that writes each call's rows with one
+        INSERT (``--e2e-batch-count`` messages)."""
+        return self.end_to_end(topic="e2e-batch", count=self.opts.e2e_batch_count)
