@@ -96,6 +96,9 @@ class Queue:
     done: str = "delete"
     # the column whose bytes bound a fetch (None: rows only)
     size_column: str | None = "value"
+    # the fetch plans for a table in memory (queue.in_memory); only where no user code
+    # shares the fetch's transaction
+    in_memory: bool = False
 
     def _run(self, cur, name: str, pieces: dict[str, Any] | None = None, **params: Any) -> None:
         """Execute statement ``queue.<name>`` (or one named in full, ``area.name``) on
@@ -242,7 +245,11 @@ class Queue:
     ):
         per_shard = max(1, -(-limit // max(1, len(shards))))
         bytes_per_shard = max(1, max_bytes // max(1, len(shards)))
-        pieces = {"columns": columns, "region": "queue.region" if region else "queue.nothing"}
+        pieces = {
+            "columns": columns,
+            "region": "queue.region" if region else "queue.nothing",
+            "plan": "queue.in_memory" if self.in_memory else "queue.nothing",
+        }
         self._run(
             cur,
             "fetch",

@@ -79,4 +79,4 @@ class OutboxQueue(Queue):
 
 
 def outbox_queue(settings: Settings) -> OutboxQueue:
-    return OutboxQueue(name="outbox", table="outbox", schema=settings.schema)
+    return OutboxQueue(name="outbox", table="outbox", schema=settings.schema, in_memory=True)

@@ -26,6 +26,7 @@ o.id
 -- (retrying/dead) head; each shard contributes at most %(limit)s rows and,
 -- past its first row, at most %(bytes)s bytes of values. ``upto``: the bytes up
 -- to and including the row (octet_length reads no TOASTed value).
+{plan}
 SELECT {columns}, o.shard, o.upto
 FROM unnest(%(shards)s::int[]) AS s(shard)
 CROSS JOIN LATERAL (
@@ -46,6 +47,13 @@ CROSS JOIN LATERAL (
     WHERE w.upto - w.row_bytes < %(bytes)s
 ) o
 ORDER BY o.id
+
+-- name: in_memory
+-- For this transaction: random heap reads cost little. With the default (4, for
+-- spinning disks) and a table of pending rows, PostgreSQL reads a shard's rows by
+-- walking the primary key of every shard and filtering: 16 rows visited per row
+-- returned (issue 22: 13 ms against 5 ms per fetch of 2,000 rows).
+SET LOCAL random_page_cost = 1.1;
 
 -- name: region
 -- The rows a dead owner may have had in hand: a prefix in id order of its shard, up to

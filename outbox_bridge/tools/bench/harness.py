@@ -297,8 +297,11 @@ class Harness:
         finally:
             conn.close()
 
-    def wait_count(self, query: str, done, label: str, timeout: float = 1800) -> float:
-        """Seconds until ``done(count)`` holds for the count ``query`` returns, with progress."""
+    def wait_count(
+        self, query: str, done, label: str, timeout: float = 1800, every: float = 0.05
+    ) -> float:
+        """Seconds until ``done(count)`` holds for the count ``query`` returns (asked
+        every ``every`` seconds), with progress."""
         t0 = time.monotonic()
         last = 0.0
         while True:
@@ -311,7 +314,7 @@ class Harness:
                 return now - t0
             if now - t0 > timeout:
                 raise click.ClickException(f"{label}: still {count} after {timeout}s")
-            time.sleep(0.05)
+            time.sleep(every)
 
     @staticmethod
     def _end_offsets(consumer: Consumer, topic: str) -> int:
