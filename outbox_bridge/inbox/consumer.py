@@ -9,11 +9,13 @@ loop never stops on bad input.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import struct
 import threading
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timezone
 from typing import Any
 
 import psycopg2
@@ -24,7 +26,6 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from psycopg2.extras import Json
 
 from ..config import Settings, kafka_client, kafka_connection
 from ..db import channel, connect, is_transient, work
@@ -86,22 +87,26 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
 def message_identity(msg: Any) -> tuple[uuid.UUID, str | None]:
     """The message id and any problem: the ``message_id`` header, else a CloudEvent's
     id (``message.cloudevent_id``), else one derived from its position in Kafka."""
-    derived = uuid.uuid5(_NAMESPACE, f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
     headers = msg.headers() or []
     raw = [v for k, v in headers if k == MESSAGE_ID_HEADER]
-    if not raw:
-        event = {k.lower(): v for k, v in headers if k.lower() in ("ce_id", "ce_source")}
+    if raw:
         try:
-            if event.get("ce_id"):
-                source = event.get("ce_source")
-                return cloudevent_id(source and source.decode(), event["ce_id"].decode()), None
-        except UnicodeDecodeError:
-            return derived, f"broken headers: ce_id or ce_source is not UTF-8: {event!r:.80}"
-        return derived, None
+            return uuid.UUID(raw[-1].decode("ascii")), None
+        except (AttributeError, UnicodeDecodeError, ValueError):
+            problem = f"broken headers: {MESSAGE_ID_HEADER} is not a UUID: {raw[-1]!r:.80}"
+            return _derived_id(msg), problem
+    event = {k.lower(): v for k, v in headers if k.lower() in ("ce_id", "ce_source")}
     try:
-        return uuid.UUID(raw[-1].decode("ascii")), None
-    except (AttributeError, UnicodeDecodeError, ValueError):
-        return derived, f"broken headers: {MESSAGE_ID_HEADER} is not a UUID: {raw[-1]!r:.80}"
+        if event.get("ce_id"):
+            source = event.get("ce_source")
+            return cloudevent_id(source and source.decode(), event["ce_id"].decode()), None
+    except UnicodeDecodeError:
+        return _derived_id(msg), f"broken headers: ce_id or ce_source is not UTF-8: {event!r:.80}"
+    return _derived_id(msg), None
+
+
+def _derived_id(msg: Any) -> uuid.UUID:
+    return uuid.uuid5(_NAMESPACE, f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
 
 
 def stored_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> list[list[Any]]:
@@ -109,14 +114,63 @@ def stored_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> list[l
     return [[name, as_stored(value)] for name, value in headers or []]
 
 
-def _timestamp(msg: Any) -> datetime | None:
+# the milliseconds a timestamptz of the inbox takes: years 1 to 9999, as Python's datetime
+_MILLIS = range(-62_135_596_800_000, 253_402_300_800_000)
+_MILLIS_2000 = 946_684_800_000  # PostgreSQL's binary timestamps count from 2000-01-01
+
+
+def _timestamp_micros(msg: Any) -> int | None:
+    """The message's timestamp as PostgreSQL's binary timestamptz (microseconds since
+    2000), None when Kafka has none or a producer's is absurd (no reason to refuse it)."""
     kind, millis = msg.timestamp()
-    if kind == TIMESTAMP_NOT_AVAILABLE:
+    if kind == TIMESTAMP_NOT_AVAILABLE or millis not in _MILLIS:
         return None
-    try:
-        return datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
-    except (ValueError, OverflowError, OSError):
-        return None  # a producer's absurd timestamp is no reason to refuse the message
+    return (millis - _MILLIS_2000) * 1000
+
+
+# COPY's binary format (https://www.postgresql.org/docs/current/sql-copy.html)
+_COPY_HEAD = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TAIL = struct.pack("!h", -1)
+_NULL = struct.pack("!i", -1)
+_ROW = struct.Struct("!hiii")  # field count; n: length, value; the message id's length
+_INT4 = struct.Struct("!ii")
+_INT8 = struct.Struct("!iq")
+_LENGTH = struct.Struct("!i")
+_FIELDS = 13  # the columns of inbox.batch_table
+
+
+def _bytes(value: bytes | None) -> bytes:
+    return _NULL if value is None else _LENGTH.pack(len(value)) + value
+
+
+def _batch_row(
+    n: int,
+    message_id: uuid.UUID,
+    msg: Any,
+    headers: str,
+    shard: int,
+    key: bytes | None,
+    problem: str | None,
+) -> bytes:
+    """One row of the batch table in COPY's binary format."""
+    micros = _timestamp_micros(msg)
+    return b"".join(
+        (
+            _ROW.pack(_FIELDS, 4, n, 16),
+            message_id.bytes,
+            _bytes(msg.topic().encode()),
+            _INT4.pack(4, msg.partition()),
+            _INT8.pack(8, msg.offset()),
+            _bytes(msg.key()),
+            _bytes(msg.value()),
+            _bytes(b"\x01" + headers.encode()),  # jsonb: its format version, then the text
+            _NULL if micros is None else _INT8.pack(8, micros),
+            _bytes(key),
+            _INT4.pack(4, shard),
+            _bytes(b"dead" if problem else b"pending"),
+            _bytes(None if problem is None else problem.encode()),
+        )
+    )
 
 
 def store(
@@ -129,82 +183,43 @@ def store(
     """Write a batch to the inbox, with one delivery per registered handler of each
     message's topic; returns how many messages were new.
 
+    The batch goes to a temporary table with one binary ``COPY`` (values as they
+    came, never escaped into SQL text), and one statement moves it into the inbox
+    and makes the deliveries of what was new (``inbox.store_batch``).
+
     ``broken``: the messages could not be stored as they are; store them
     without headers, with dead deliveries that give this reason. ``dead``
     collects the deliveries that are dead from the start (for ``fire_dead``
     after the commit).
     """
-    ids, problems = {}, {}  # by (topic, message id): the inbox deduplicates per topic
-    cols: list[list[Any]] = [[] for _ in range(8)]
+    seen: set[tuple[str, uuid.UUID]] = set()  # the inbox deduplicates per topic
+    rows = [_COPY_HEAD]
     for msg in messages:
         message_id, problem = message_identity(msg)
-        if (msg.topic(), message_id) in ids:
+        if (msg.topic(), message_id) in seen:
             continue  # the same message twice in one batch
-        ids[msg.topic(), message_id] = msg
+        seen.add((msg.topic(), message_id))
         key = msg.key()
         if key is not None and len(key) > MAX_KEY_BYTES:
             problem = (
                 f"key of {len(key)} bytes is longer than the {MAX_KEY_BYTES} bytes whose order"
                 " outbox-bridge keeps" + (f"; {problem}" if problem else "")
             )
-        if problem or broken:
-            problems[msg.topic(), message_id] = broken or problem
-        headers = [] if broken else stored_headers(msg.headers())
-        for col, value in zip(
-            cols,
-            (
-                message_id,
-                msg.topic(),
-                msg.partition(),
-                msg.offset(),
-                msg.key(),
-                msg.value(),
-                Json(headers),
-                _timestamp(msg),
-            ),
-            strict=True,
-        ):
-            col.append(value)
-    cur.execute(render("inbox.insert_messages", settings.schema), cols)
-    new = [(r[0], r[1]) for r in cur.fetchall()]
-    rows: list[list[Any]] = [[] for _ in range(6)]
-    for topic, message_id in new:
-        msg = ids[topic, message_id]
-        problem = problems.get((topic, message_id))
-        key = msg.key()
-        if key is not None and len(key) > MAX_KEY_BYTES:
             key = None  # dead, and too long for the held-keys index: it holds nothing
-        for col, value in zip(
-            rows,
-            (
-                message_id,
-                msg.topic(),
-                key,
-                shard_of(msg.topic(), key, settings.shards),
-                "dead" if problem else "pending",
-                problem,
-            ),
-            strict=True,
-        ):
-            col.append(value)
-    if rows[0]:
-        if problems and dead is not None:  # rare: the deliveries that are dead from the start
-            cur.execute(
-                render(
-                    "inbox.insert_deliveries_returning_dead",
-                    settings.schema,
-                    {"insert_deliveries": "inbox.insert_deliveries", "dead_columns": DEAD_COLUMNS},
-                ),
-                rows,
-            )
-            for handler, state, *found in cur.fetchall():
-                if state == "dead":
-                    dead += dead_messages(handler, [found])
-        else:
-            cur.execute(render("inbox.insert_deliveries", settings.schema), rows)
-        if cur.rowcount:
-            cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
-    return len(new)
+        headers = "[]" if broken else json.dumps(stored_headers(msg.headers()))
+        shard = shard_of(msg.topic(), key, settings.shards)
+        rows.append(_batch_row(len(rows), message_id, msg, headers, shard, key, broken or problem))
+    rows.append(_COPY_TAIL)
+    cur.execute(render("inbox.batch_table", settings.schema))
+    cur.copy_expert(render("inbox.copy_batch", settings.schema), io.BytesIO(b"".join(rows)))
+    cur.execute(render("inbox.store_batch", settings.schema, {"dead_columns": DEAD_COLUMNS}))
+    found = cur.fetchall()
+    new, delivered = found[0][-2:]
+    if dead is not None:  # rare: the deliveries that are dead from the start
+        dead += [d for r in found if r[0] is not None for d in dead_messages(r[0], [r[1:-2]])]
+    if delivered:
+        cur.execute("SELECT pg_notify(%s, 'new')", (channel(settings.schema, "inbox"),))
+    return new
 
 
 def store_each(

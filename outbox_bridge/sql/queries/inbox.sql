@@ -1,25 +1,48 @@
 -- The inbox side (outbox_bridge/inbox/).
 
--- name: insert_messages
-INSERT INTO {inbox} (message_id, topic, "partition", "offset", key, value, headers, "timestamp")
-SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::bigint[], %s::bytea[], %s::bytea[],
-                     %s::jsonb[], %s::timestamptz[])
-ON CONFLICT (topic, message_id) DO NOTHING
-RETURNING topic, message_id
+-- name: batch_table
+-- A polled batch on its way in (inbox.store_batch), this session's, emptied at commit;
+-- made in every transaction, so that a pooler that changes sessions still finds it.
+-- ``dkey``: the deliveries' key (none for a key too long to order by); ``n``: Kafka order.
+CREATE TEMP TABLE IF NOT EXISTS outbox_bridge_inbox_batch (
+    n int, message_id uuid, topic text, "partition" int, "offset" bigint, key bytea,
+    value bytea, headers jsonb, "timestamp" timestamptz, dkey bytea, shard int,
+    state text, problem text
+) ON COMMIT DELETE ROWS
 
--- name: insert_deliveries
--- One delivery per handler of the topic registered in the database now: the
--- handlers are a fact in PostgreSQL, not of the worker that consumed the message.
-INSERT INTO {deliveries} (message_id, handler, topic, key, shard, state, last_error, dead_at)
-SELECT x.m, h.name, x.t, x.k, x.s, x.st, x.e, CASE WHEN x.st = 'dead' THEN now() END
-FROM unnest(%s::uuid[], %s::text[], %s::bytea[], %s::int[], %s::text[], %s::text[])
-     WITH ORDINALITY AS x(m, t, k, s, st, e, n)
-JOIN {handlers} h ON h.topic = x.t
-ORDER BY x.n, h.name  -- delivery ids in Kafka order: handlers run them in id order
-ON CONFLICT (message_id, handler) DO NOTHING
+-- name: copy_batch
+COPY pg_temp.outbox_bridge_inbox_batch FROM STDIN (FORMAT binary)
 
--- name: insert_deliveries_returning_dead
-{insert_deliveries} RETURNING handler, state, {dead_columns}
+-- name: store_batch
+-- The batch into the inbox (what it has already is ignored) and, for what was new, one
+-- delivery per handler of the topic registered in the database now: the handlers are
+-- a fact in PostgreSQL, not of the worker that consumed the message. Delivery ids in
+-- Kafka order: handlers run them in id order. Returns the deliveries dead from the
+-- start (handler, then the dead columns; none: one row of NULLs) and, on every row,
+-- how many messages were new and how many deliveries were made.
+WITH new AS (
+    INSERT INTO {inbox} (message_id, topic, "partition", "offset", key, value, headers,
+                         "timestamp")
+    SELECT message_id, topic, "partition", "offset", key, value, headers, "timestamp"
+    FROM pg_temp.outbox_bridge_inbox_batch ORDER BY n
+    ON CONFLICT (topic, message_id) DO NOTHING
+    RETURNING topic, message_id
+), made AS (
+    INSERT INTO {deliveries} (message_id, handler, topic, key, shard, state, last_error,
+                              dead_at)
+    SELECT b.message_id, h.name, b.topic, b.dkey, b.shard, b.state, b.problem,
+           CASE WHEN b.state = 'dead' THEN now() END
+    FROM new
+    JOIN pg_temp.outbox_bridge_inbox_batch b ON b.topic = new.topic
+                                             AND b.message_id = new.message_id
+    JOIN {handlers} h ON h.topic = b.topic
+    ORDER BY b.n, h.name
+    ON CONFLICT (message_id, handler) DO NOTHING
+    RETURNING handler, state, {dead_columns}
+)
+SELECT d.handler, d.id, d.message_id, d.topic, d.key, d.attempts, d.last_error,
+       (SELECT count(*) FROM new), (SELECT count(*) FROM made)
+FROM (SELECT 1) one LEFT JOIN made d ON d.state = 'dead'
 
 -- name: register_handlers
 INSERT INTO {handlers} (name, topic, max_retries, queue)
