@@ -67,12 +67,14 @@ def fire_dead(dead: Iterable[DeadMessage]) -> None:
 
 
 class Renewed(NamedTuple):
-    """A renewed claim: the shards still ours, those of them recovering, and each
-    one's round limit (see ``renew``; None: unknown)."""
+    """A renewed claim: the shards still ours, those of them recovering, each one's
+    round limit (see ``renew``; None: unknown), and whether the queue has more tasks
+    at work than its share of the pool (``crowded``: another queue waits)."""
 
     owned: list[int]
     recovering: list[int]
     limits: dict[int, int | None]
+    crowded: bool = False
 
     def region_limit(self, shards: Sequence[int], default: int) -> int:
         """The most rows a round of the dead owners of ``shards`` fetched."""
@@ -161,10 +163,16 @@ class Queue:
             claimed.setdefault(token, []).append(shard)
         return [(sorted(group), token) for token, group in claimed.items()]
 
-    def set_share(self, cur, per_task: int) -> None:
-        """The most shards one task of this queue keeps; a lingering task gives the
-        rest back at its next round (``renew``)."""
-        self._run(cur, "set_share", per_task=max(1, per_task))
+    def set_share(self, cur, per_task: int, tasks: int | None = None) -> None:
+        """The most shards one task of this queue keeps (a lingering task gives the
+        rest back at its next round, ``renew``), and the queue's share of the pool
+        in ``tasks`` (more at work: they are ``crowded``)."""
+        self._run(
+            cur,
+            "set_share",
+            per_task=max(1, per_task),
+            tasks=None if tasks is None else max(0, tasks),
+        )
 
     def add_claims(self, cur, shards: Sequence[int]) -> None:
         """The claim rows of these shards, free, where missing (a lingering task can
@@ -212,7 +220,7 @@ class Queue:
         """``renew``, and which of the shards are recovering: their previous owner
         died with a batch in hand (see ``start_held``)."""
         params = {"shards": list(shards), "token": token, "lease": lease, "limit": limit}
-        pieces = {"round_limit": "queue.round_limit"}
+        pieces = {"round_limit": "queue.round_limit", "crowded": "queue.crowded"}
         self._run(cur, "renew_adopt" if adopt else "renew", pieces, **params)
         found = cur.fetchall()
         if found and found[0][2]:  # shards over the queue's share went back: claim them
@@ -221,6 +229,7 @@ class Queue:
             sorted(r[0] for r in found),
             sorted(r[0] for r in found if r[1]),
             {r[0]: r[3] for r in found},
+            any(r[4] for r in found),
         )
 
     def recovered(self, cur, shards: Sequence[int], token: Any, limit: int | None = None) -> None:

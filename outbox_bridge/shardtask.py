@@ -7,7 +7,9 @@ in id order, and lingers while rows keep coming, so that a busy period costs one
 round trip dispatcher -> broker -> task -> release, not one per batch. It gives
 its shards back after ``linger_seconds`` without rows, after
 ``linger_max_seconds`` (so that tasks of other queues waiting for a pool
-process get their turn), or, while a backlog lasts, after a third of the lease.
+process get their turn), or, while a backlog lasts, after a third of the lease,
+or after ``linger_max_seconds`` when its queue has more tasks at work than its
+share of the pool (``crowded``).
 """
 
 from __future__ import annotations
@@ -123,13 +125,16 @@ class Linger:
     def wait(self) -> None:
         time.sleep(self.poll)
 
-    def over(self, full: bool) -> bool:
-        """After a batch: whether to give the shards back now (``full``: more rows wait)."""
+    def over(self, full: bool, crowded: bool = False) -> bool:
+        """After a batch: whether to give the shards back now (``full``: more rows wait;
+        ``crowded``: the queue has more tasks at work than its share, so another
+        queue's task waits for a pool process: it gets it after ``linger_max_seconds``
+        even during a backlog)."""
         now = time.monotonic()
         if now > self.deadline:
             return True
         if full:
-            return False
+            return crowded and now - self.started >= self.budget
         return not self.idle_for or now - self.started >= self.budget
 
 
@@ -202,6 +207,7 @@ class Round:
     idle: bool = False
     released: bool = False
     stale: bool = False
+    crowded: bool = False  # more tasks of the queue at work than its share (Linger.over)
 
 
 class RoundSize:
@@ -274,7 +280,7 @@ def next_round(
     batch, full = fetch(cur, owned, list(skip), limit)
     if batch:
         clock.busy()
-        return Round(owned, batch, full)
+        return Round(owned, batch, full, crowded=renewed.crowded)
     if clock.idle():
         return Round(owned, idle=True)
     # every pending row is held back by its key, or its topic is paused: look

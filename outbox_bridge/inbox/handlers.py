@@ -541,7 +541,7 @@ def _run_round(
         queue.hold(cur, {**handled.failed, **handled.dead}, retry_token, lease)
         buried = queue.bury(cur, list(handled.dead), retry_token, None)
         buried += queue.expire(cur, handled.expired)
-        if clock.over(handled.cut or found.full):
+        if clock.over(handled.cut or found.full, found.crowded):
             queue.release(cur, owned, token)
             result["released"] = True
         handled_flag[0] = True

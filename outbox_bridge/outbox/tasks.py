@@ -171,7 +171,7 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                     more = found.full or bool(outcome.paused_topics)  # behind paused topics
                     if outcome.fatal or heads is None:
                         queue.release(cur, owned, token, settings.pause_seconds)
-                    elif clock.over(more):
+                    elif clock.over(more, found.crowded):
                         queue.release(cur, owned, token)
                     else:
                         done = False  # more rows, or linger for the next ones

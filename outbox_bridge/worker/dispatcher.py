@@ -181,7 +181,7 @@ class Dispatcher:
         self._flipped = False  # it took the lock at this look
         self._quiet_since: float | None = None
         self._busy_until: dict[str, float] = {}  # queue -> until when it counts as busy
-        self._per_task: dict[str, int] = {}  # queue -> shares.per_task as written
+        self._per_task: dict[str, tuple[int, int]] = {}  # queue -> shares as written
         self._capacity = (0.0, 0)  # (counted at, pool processes of the fleet)
         self.heartbeat = Heartbeat(settings, "watcher")
         self.since: int | None = None  # SequenceWatch.since(), for the outbox's ready shards
@@ -321,6 +321,14 @@ class Dispatcher:
             queue = source.queue
             busy = {n for n, until in self._busy_until.items() if until > now} | {queue.name}
             share = max(1, capacity // len(busy))
+            # every shard of the queue over its share of tasks: a lingering task may
+            # take on shards that are not ready now, up to its part of them all; with
+            # more tasks at work than the share, they are crowded (Linger.over)
+            # (0 tasks: more busy queues than pool processes, so each takes turns)
+            per_task, tasks = -(-self.settings.shards // share), capacity // len(busy)
+            if self._per_task.get(queue.name) != (per_task, tasks):
+                queue.set_share(cur, per_task, tasks)
+                self._per_task[queue.name] = (per_task, tasks)
             free = free_tasks(capacity, len(busy), active.get(queue.name, 0))
             if free <= 0:
                 if queue is self.outbox:
@@ -335,12 +343,6 @@ class Dispatcher:
                     shards = queue.ready_shards(cur, since)
             if shards:
                 self._busy_until[queue.name] = now + BUSY_MEMORY
-                # every shard of the queue over its share of tasks: a lingering task may
-                # take on shards that are not ready now, up to its part of them all
-                per_task = -(-self.settings.shards // share)
-                if self._per_task.get(queue.name) != per_task:
-                    queue.set_share(cur, per_task)
-                    self._per_task[queue.name] = per_task
                 sent += self._send(cur, source, shards, free, per_task)
                 if queue is self.outbox:  # after the send: the first row goes out sooner
                     self._outbox_idle(cur, True, now)

@@ -147,6 +147,7 @@ def test_migrate_is_idempotent_and_quotes_the_schema(db_url):
         "0012_idle_lock",
         "0013_round_limit",
         "0014_message_model",
+        "0015_share_tasks",
     ]
     assert migrate(odd) == []
     c = psycopg2.connect(db_url)

@@ -410,7 +410,7 @@ def test_after_a_takeover_only_the_rows_the_dead_owner_may_have_had_are_suspects
             publish(cur, "t", 100 + n, key="a")
     with conn, conn.cursor() as cur:
         ((_shards, new_owner),) = queue.claim(cur, [shard], 30)
-        owned, recovering, _limits = queue.renew_round(cur, [shard], new_owner, 30)
+        owned, recovering, _limits, _crowded = queue.renew_round(cur, [shard], new_owner, 30)
         assert new_owner != dead_owner and owned == recovering == [shard]
         suspects = queue.suspects(cur, recovering, 2000)
         every, _ = queue.fetch_ids(cur, recovering, 2000)
@@ -471,3 +471,26 @@ def _row_message(db_url: str, row_id: int) -> str:
     return str(
         query(db_url, "SELECT message_id FROM outbox_bridge.outbox WHERE id = %s", (row_id,))[0][0]
     )
+
+
+def test_a_queue_with_more_tasks_at_work_than_its_share_is_crowded(conn):
+    """Two tasks at work on the outbox: crowded when its share is one task (another queue
+    waits for a pool process), not when it is two, nor before the dispatcher set one."""
+    queue = outbox_queue(get_settings())
+    with conn, conn.cursor() as cur:
+        for key in ("a", "b", "c", "d", "e", "f"):
+            publish(cur, "t", 1, key=key)
+        shards = queue.ready_shards(cur)
+        assert len(shards) >= 2
+        claims = queue.claim(cur, shards, 30, groups=2)
+        assert len(claims) == 2
+    (mine, token), _other = claims
+    with conn, conn.cursor() as cur:
+        assert queue.renew_round(cur, mine, token, 30).crowded is False  # no share yet
+        queue.set_share(cur, 16, 2)
+        assert queue.renew_round(cur, mine, token, 30, adopt=True).crowded is False
+        queue.set_share(cur, 16, 1)
+        assert queue.renew_round(cur, mine, token, 30).crowded is True
+        assert queue.renew_round(cur, mine, token, 30, adopt=True).crowded is True
+        queue.set_share(cur, 16, 0)  # more busy queues than pool processes: turns
+        assert queue.renew_round(cur, mine, token, 30).crowded is True

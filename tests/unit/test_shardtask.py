@@ -349,3 +349,14 @@ def test_a_poked_job_runs_soon_but_not_sooner_than_its_gap_after_its_last_run():
     assert Count.runs == 2
     jobs.poke("count")  # no gap: at the next look
     assert jobs.next_due() <= time.monotonic()
+
+
+def test_a_crowded_task_gives_its_shards_back_after_linger_max_even_in_a_backlog():
+    settings = Settings(linger_seconds=0.1, linger_max_seconds=0.5, lease_seconds=30)
+    clock = shardtask.Linger(settings)
+    assert clock.over(True, crowded=True) is False  # before linger_max_seconds: goes on
+    clock.started -= 0.6
+    assert clock.over(True, crowded=True) is True
+    assert clock.over(True, crowded=False) is False  # alone in a backlog: until lease / 3
+    clock.deadline -= 10.1
+    assert clock.over(True, crowded=False) is True

@@ -170,12 +170,12 @@ WITH cap AS (
 ), woken AS (
     DELETE FROM {wakes} w USING free WHERE w.queue = %(queue)s AND w.shard = free.shard
 )
-SELECT shard, recovering, (SELECT count(*) FROM surplus), round_limit FROM mine
+SELECT shard, recovering, (SELECT count(*) FROM surplus), round_limit, {crowded} FROM mine
 
 -- name: renew
 UPDATE {claims} c SET lease_until = now() + %(lease)s * interval '1s', round_limit = {round_limit}
 WHERE queue = %(queue)s AND shard = ANY(%(shards)s) AND token = %(token)s
-RETURNING shard, recovering, 0, round_limit
+RETURNING shard, recovering, 0, round_limit, {crowded}
 
 -- name: round_limit
 -- what this round's renewal records (%(limit)s NULL: keep): not over a recovering
@@ -183,11 +183,20 @@ RETURNING shard, recovering, 0, round_limit
 CASE WHEN c.recovering OR coalesce(c.token <> %(token)s, false) THEN c.round_limit
      ELSE coalesce(%(limit)s::int, c.round_limit) END
 
+-- name: crowded
+-- more tasks of the queue at work (renewed in the last 2 s) than its share in tasks
+(SELECT count(DISTINCT t.token) FROM {claims} t
+ WHERE t.queue = %(queue)s AND t.token IS NOT NULL
+   AND t.lease_until > now() + (%(lease)s - 2) * interval '1s')
+> coalesce((SELECT s.tasks FROM {shares} s WHERE s.queue = %(queue)s), 2147483647)
+
 -- name: set_share
--- the most shards one task of the queue keeps (renew_adopt), as the dispatcher sees it
-INSERT INTO {shares} AS s (queue, per_task) VALUES (%(queue)s, %(per_task)s)
-ON CONFLICT (queue) DO UPDATE SET per_task = excluded.per_task
-WHERE s.per_task <> excluded.per_task
+-- the most shards one task of the queue keeps (renew_adopt), and its share of the
+-- fleet's pool processes in tasks (crowded), as the dispatcher sees them
+INSERT INTO {shares} AS s (queue, per_task, tasks)
+VALUES (%(queue)s, %(per_task)s, %(tasks)s)
+ON CONFLICT (queue) DO UPDATE SET per_task = excluded.per_task, tasks = excluded.tasks
+WHERE s.per_task <> excluded.per_task OR s.tasks IS DISTINCT FROM excluded.tasks
 
 -- name: add_claims
 -- NOT EXISTS first: a task's open transaction has a new version of its claim
