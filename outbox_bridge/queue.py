@@ -251,7 +251,6 @@ class Queue:
         max_bytes: int,
         skip_topics=(),
         region: bool = False,
-        exclude: Sequence[int] = (),
     ):
         per_shard = max(1, -(-limit // max(1, len(shards))))
         bytes_per_shard = max(1, max_bytes // max(1, len(shards)))
@@ -259,7 +258,6 @@ class Queue:
             "columns": columns,
             "region": "queue.region" if region else "queue.nothing",
             "plan": "queue.in_memory" if self.in_memory else "queue.nothing",
-            "exclude": "queue.exclude" if exclude else "queue.nothing",
         }
         self._run(
             cur,
@@ -269,7 +267,6 @@ class Queue:
             limit=per_shard,
             bytes=bytes_per_shard,
             skip=list(skip_topics),
-            exclude=list(exclude),
         )
         rows = cur.fetchall()
         counts: dict[int, int] = {}

@@ -113,21 +113,6 @@ def paused() -> Iterator[None]:
         entry.since, entry.paused = time.monotonic(), False
 
 
-@contextmanager
-def resumed() -> Iterator[None]:
-    """Inside ``paused()``: this part counts again (our own statement in a Kafka wait)."""
-    stack = _stack()
-    entry = stack[-1] if stack else None
-    if entry is None or not entry.paused:
-        yield
-        return
-    entry.since, entry.paused = time.monotonic(), False
-    try:
-        yield
-    finally:
-        entry.paused = True
-
-
 def _stack() -> list[_Watched]:
     stack = getattr(_local, "stack", None)
     if stack is None:

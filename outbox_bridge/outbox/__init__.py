@@ -51,14 +51,11 @@ class OutboxQueue(Queue):
         limit: int,
         max_bytes: int = 2**62,
         skip_topics: Sequence[str] = (),
-        exclude: Sequence[int] = (),
     ) -> tuple[list[Row], set[int]]:
         """The next rows of the shards, oldest first, at most ``limit`` rows and about
-        ``max_bytes`` of values, skipping keys held by a failed head, the
-        ``skip_topics`` and the rows ``exclude``; and the shards that may have more."""
-        rows, full = self._fetch(
-            cur, "outbox.row_columns", shards, limit, max_bytes, skip_topics, exclude=exclude
-        )
+        ``max_bytes`` of values, skipping keys held by a failed head and the
+        ``skip_topics``; and the shards that may have more."""
+        rows, full = self._fetch(cur, "outbox.row_columns", shards, limit, max_bytes, skip_topics)
         return [_row(r[:-2]) for r in rows], full
 
     def fetch_held(self, cur, ids: Sequence[int], token: uuid.UUID) -> list[tuple[Row, int]]:

@@ -216,16 +216,10 @@ class Relay:
         )
         self.broken = False
 
-    def deliver(
-        self,
-        rows: Sequence[Row],
-        until: float | None = None,
-        meanwhile: Callable[[], None] | None = None,
-    ) -> Outcome:
+    def deliver(self, rows: Sequence[Row], until: float | None = None) -> Outcome:
         """Produce ``rows`` in order and wait for every delivery report, at most
         ``message.timeout.ms`` and never past ``until`` (a ``time.monotonic()``
-        value: the caller's lease on the rows, less a margin). ``meanwhile()`` runs
-        once all is produced, while the reports come in (it must not raise).
+        value: the caller's lease on the rows, less a margin).
 
         A row that fails before it is sent holds back the later rows of its key
         in this batch (they are ``skipped``), so per-key order is kept; rows of
@@ -282,8 +276,6 @@ class Relay:
                     )
                 if row.id not in outcome.later:
                     held.add(row.topic, row.key)
-        if meanwhile is not None and pending:
-            meanwhile()
         deadline = time.monotonic() + self.timeout
         if until is not None:
             deadline = min(deadline, until)

@@ -41,7 +41,7 @@ from ..shardtask import (
     reraise_database_error,
     transient_countdown,
 )
-from ..watchdog import paused, resumed
+from ..watchdog import paused
 from ..worker.app import app
 from . import outbox_queue
 from .kafka import Outcome, get_relay, reset_relay
@@ -133,19 +133,13 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
     # a task message delivered again: its first run may have died inside a batch
     suspect = bool((self.request.delivery_info or {}).get("redelivered"))
 
-    ahead: Ahead | None = None  # this round's rows, fetched during the last one's reports
+    def fetch(cur, owned: list[int], skip: list[str], limit: int) -> tuple[list, bool]:
+        rows, full = queue.fetch(cur, owned, limit, settings.batch_bytes, skip)
+        return rows, bool(full)
 
     try:
         conn = task_connection(settings)
         while True:
-            taken, ahead = ahead, None
-
-            def fetch(cur, owned: list[int], skip: list[str], limit: int, taken=taken):
-                if taken is not None and taken.fits(owned, skip, limit):
-                    return taken.rows, taken.full
-                rows, full = queue.fetch(cur, owned, limit, settings.batch_bytes, skip)
-                return rows, bool(full)
-
             relay = get_relay(settings)  # a new producer after a fatal error
             retry_ids: list[int] = []
             retry_token = uuid.uuid4()
@@ -161,10 +155,9 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                 if found.batch:
                     rows = found.batch
                     stats["batches"] += 1
-                    next_rows = Ahead(cur, queue, settings, owned, list(skip), rows)
                     # Kafka has its own timeout
                     with around("sending", rows), paused():
-                        outcome: Outcome = relay.deliver(rows, until, next_rows)
+                        outcome: Outcome = relay.deliver(rows, until)
                     sent = (rows, outcome, time.time())
                     queue.complete(cur, outcome.delivered)
                     expired = queue.expire(cur, outcome.expired)
@@ -182,8 +175,6 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
                         queue.release(cur, owned, token)
                     else:
                         done = False  # more rows, or linger for the next ones
-                        if next_rows.usable(outcome, heads):
-                            ahead = next_rows
             if found.stale:
                 stats["stale"] = True
                 return stats
@@ -217,61 +208,6 @@ def publish(self: Task, shards: list[int], token: str) -> dict:
         # a bug must not hold the shards for a whole lease; the error still shows in Flower
         _release_quietly(queue, owned, token, settings)
         raise
-
-
-class Ahead:
-    """The next round's rows, fetched while this round's acknowledgements come in (the
-    database is idle then, and the claim makes this task the only reader of its
-    shards), in a savepoint: a failure here costs only the overlap. Used only after a
-    round that Kafka took whole (nothing failed, paused or held back: no key of it
-    waits) and by a next round that owns the same shards and skips the same topics;
-    otherwise the next round fetches as before."""
-
-    def __init__(self, cur, queue, settings: Settings, owned: list[int], skip: list[str], rows):
-        self.cur, self.queue, self.settings = cur, queue, settings
-        self.owned, self.skip, self.sent = list(owned), set(skip), [r.id for r in rows]
-        self.rows: list = []
-        self.full = False
-        self.fetched = False
-
-    def __call__(self) -> None:
-        cur = self.cur
-        try:
-            with resumed():  # our own statement: the watchdog counts it, Kafka's wait not
-                cur.execute("SAVEPOINT outbox_bridge_ahead")
-                try:
-                    rows, full = self.queue.fetch(
-                        cur,
-                        self.owned,
-                        self.settings.batch_size,
-                        self.settings.batch_bytes,
-                        sorted(self.skip),
-                        exclude=self.sent,
-                    )
-                except psycopg2.Error:
-                    cur.execute("ROLLBACK TO SAVEPOINT outbox_bridge_ahead")
-                    raise
-                cur.execute("RELEASE SAVEPOINT outbox_bridge_ahead")
-            self.rows, self.full, self.fetched = rows, bool(full), True
-        except Exception:  # noqa: BLE001 - the next round fetches as usual
-            log.warning("outbox: the next round's fetch during this one failed", exc_info=True)
-
-    def usable(self, outcome: Outcome, heads: dict | None) -> bool:
-        """Whether the next round may take these rows: Kafka took this round whole."""
-        whole = len(outcome.delivered) + len(outcome.expired) == len(self.sent)
-        return (
-            self.fetched
-            and bool(self.rows)
-            and whole
-            and not heads
-            and heads is not None
-            and not outcome.paused_topics
-            and not outcome.fatal
-        )
-
-    def fits(self, owned: list[int], skip: list[str], limit: int) -> bool:
-        same = owned == self.owned and set(skip) == self.skip
-        return same and limit == self.settings.batch_size  # what it was fetched with
 
 
 def _book(cur, settings, queue, owned, rows, outcome, known, retry_token, lease):

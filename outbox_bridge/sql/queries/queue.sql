@@ -35,7 +35,7 @@ CROSS JOIN LATERAL (
         FROM (
             SELECT o.* FROM {table} o
             WHERE o.shard = s.shard AND o.state = 'pending' {scope_o}
-              AND o.topic <> ALL(%(skip)s::text[]) {region} {exclude}
+              AND o.topic <> ALL(%(skip)s::text[]) {region}
               AND NOT EXISTS (
                   SELECT 1 FROM {table} h
                   WHERE h.shard = s.shard AND h.state IN ('retrying', 'dead') {scope_h}
@@ -47,11 +47,6 @@ CROSS JOIN LATERAL (
     WHERE w.upto - w.row_bytes < %(bytes)s
 ) o
 ORDER BY o.id
-
--- name: exclude
--- the rows of the round whose acknowledgements are still coming (the relay fetches its
--- next round meanwhile)
-AND o.id <> ALL(%(exclude)s::bigint[])
 
 -- name: in_memory
 -- For this transaction: random heap reads cost little. With the default (4, for
