@@ -8,6 +8,7 @@ every finished span to that file, one JSON object per line.
 
 import json
 import os
+from pathlib import Path
 
 import psycopg2
 
@@ -40,6 +41,12 @@ def _record(message, via: str) -> None:
             )
     finally:
         conn.close()
+
+
+def finished_spans(path) -> list[dict]:
+    """The spans a worker with ``TEST_TRACE_FILE=path`` has finished so far."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def record_dead(message) -> None:

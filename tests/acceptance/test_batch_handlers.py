@@ -9,7 +9,7 @@ import pytest
 
 from tests.acceptance.test_observability import free_port, sample, scrape
 from tests.conftest import query, wait_for
-from tests.observe_app import DEAD_TABLE
+from tests.observe_app import DEAD_TABLE, finished_spans
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -133,12 +133,9 @@ def test_a_failed_message_retries_alone_with_metrics_and_a_span_per_message(inbo
     assert sample(s, "outbox_bridge_handler_seconds_count", queue=BATCH) >= 45
 
     def spans():
-        if not trace_file.exists():
-            return None
-        found = [json.loads(line) for line in trace_file.read_text().splitlines()]
         mine = [
             s
-            for s in found
+            for s in finished_spans(trace_file)
             if s["name"].startswith("process ")
             and s["attributes"].get("outbox_bridge.handler") == BATCH
         ]

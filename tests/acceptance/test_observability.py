@@ -17,7 +17,7 @@ import pytest
 
 from tests.acceptance.test_outbox import cli, commit
 from tests.conftest import query, wait_for
-from tests.observe_app import DEAD_TABLE
+from tests.observe_app import DEAD_TABLE, finished_spans
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -245,9 +245,7 @@ def test_a_trace_runs_from_the_publishing_span_to_the_handler(
     assert "traceparent" not in read[[k for k in read if k != str(message_id)][0]]
 
     def spans():
-        if not trace_file.exists():
-            return None
-        found = [json.loads(line) for line in trace_file.read_text().splitlines()]
+        found = finished_spans(trace_file)
         done = [
             s
             for s in found

@@ -38,31 +38,51 @@ class _Producer:
             self.reports.pop(0)(None, None)
 
 
-class _SlowTopics:
-    """A topic's limits that take a while to read (Kafka away)."""
+class _Clock:
+    """The relay's wall clock, moved by hand (its monotonic clock stays real)."""
 
-    def get(self, topic, fresh=False):
+    def __init__(self):
         import time
 
+        self.now = time.time()
+        self.monotonic = time.monotonic
+
+    def time(self) -> float:
+        return self.now
+
+
+class _SlowTopics:
+    """A topic's limits that take a while to read (Kafka away): each look moves the
+    clock on by 0.3 s."""
+
+    def __init__(self, clock: _Clock):
+        self.clock = clock
+
+    def get(self, topic, fresh=False):
         from outbox_bridge.outbox.kafka import TopicInfo
 
-        time.sleep(0.3)
+        self.clock.now += 0.3
         return TopicInfo()
 
 
-def test_a_row_past_its_expiry_is_not_produced_even_if_it_expired_while_the_relay_waited():
-    import time
+def test_a_row_past_its_expiry_is_not_produced_even_if_it_expired_while_the_relay_waited(
+    monkeypatch,
+):
     from datetime import datetime, timezone
 
     from outbox_bridge.message import format_time
+    from outbox_bridge.outbox import kafka
     from outbox_bridge.outbox.kafka import Relay
 
+    clock = _Clock()
+    monkeypatch.setattr(kafka, "time", clock)
+
     def expiring(i: int, seconds: float) -> Row:
-        at = datetime.fromtimestamp(time.time() + seconds, timezone.utc)
+        at = datetime.fromtimestamp(clock.now + seconds, timezone.utc)
         return Row(i, f"m{i}", "t", b"a", b"v", [["expires_at", format_time(at)]])
 
     relay = Relay.__new__(Relay)
-    relay.producer, relay.topics, relay.before_produce = _Producer(), _SlowTopics(), None
+    relay.producer, relay.topics, relay.before_produce = _Producer(), _SlowTopics(clock), None
     relay.timeout, relay.broken = 30.0, False
     rows = [expiring(1, -1), expiring(2, 0.15), _row(3, b"a"), expiring(4, 60)]
     outcome = relay.deliver(rows)
